@@ -1,0 +1,73 @@
+"""The ``orthopatch`` command: parse options, call the library, map known errors to one line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .apply import ApplyOptions, apply, dry_run_text
+from .errors import OrthopatchError
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    if debug:
+        raise exc
+    click.echo(f"orthopatch: error: {exc}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="orthopatch")
+def main() -> None:
+    """Project a refusal direction out of a safetensors checkpoint, streaming it tensor by tensor."""
+
+
+@main.command("apply")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("direction", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder [default: MODEL-abliterated].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, shards, bytes) and write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace an output folder that holds anything else.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
+@click.option("--debug", is_flag=True, help="Show a traceback on errors.")
+def apply_command(model: Path, direction: Path, out: Path | None, device: str, dry_run: bool,
+                  overwrite: bool, quiet: bool, debug: bool) -> None:
+    """Write the abliterated copy of MODEL, with DIRECTION projected out of every residual writer."""
+    options = ApplyOptions(model=model, direction=direction, out=out, device=device, dry_run=dry_run,
+                           overwrite=overwrite, quiet=quiet)
+    try:
+        result = apply(options)
+    except OrthopatchError as exc:
+        _fail(exc, debug)
+        return
+    except KeyboardInterrupt:
+        click.echo("orthopatch: interrupted; rerun the same command to continue", err=True)
+        sys.exit(130)
+    if result.state == "dry-run":
+        click.echo(dry_run_text(result))
+        return
+    n = sum(1 for _ in result.plan.targets())
+    if result.state == "already complete":
+        click.echo(f"{result.out}: already complete, nothing to do")
+    else:
+        click.echo(f"{result.out}: {n} tensors patched, {result.plan.total_bytes:,} bytes in "
+                   f"{result.seconds:.1f} s ({result.state})")
+
+
+@main.command("demo")
+@click.argument("folder", type=click.Path(path_type=Path), default=Path("demo"))
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def demo_command(folder: Path, quiet: bool) -> None:
+    """Build a small Llama-shaped checkpoint in FOLDER, convert it, and verify the result."""
+    from .demo import run_demo
+
+    try:
+        lines = run_demo(folder, quiet=quiet)
+    except (OrthopatchError, AssertionError) as exc:
+        _fail(exc, False)
+        return
+    click.echo("\n".join(lines))

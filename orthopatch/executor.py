@@ -1,0 +1,110 @@
+"""Execute a plan shard by shard: unchanged byte runs copied in the kernel, targets streamed.
+
+An output shard has exactly the source's header bytes and offsets (a patch changes no name, dtype
+or shape), so it is laid out before any data is read: runs of unchanged bytes become copy segments
+and every patched tensor its own segment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .direction import Direction
+from .errors import OrthopatchError
+from .filecopy import RangeCopier
+from .plan import PatchPlan, PatchTarget, ShardPlan
+from .projection import unit_direction
+from .stream import TensorPatcher, as_tensor, read_small_tensor
+from .writer import ShardWriter
+
+Progress = Callable[[int], None]
+
+
+def shard_segments(shard: ShardPlan) -> list[tuple[int, int, PatchTarget | None]]:
+    """The file as ``(begin, end, target)`` segments: ``target`` None for a run of copied bytes."""
+    patched = {t.entry.begin: t for t in shard.targets}
+    segments: list[tuple[int, int, PatchTarget | None]] = []
+    run_start = 0
+    for entry in shard.header.tensors:
+        target = patched.get(entry.begin) if entry.nbytes else None
+        if target is None:
+            continue
+        if run_start < entry.begin:
+            segments.append((run_start, entry.begin, None))
+        segments.append((entry.begin, entry.end, target))
+        run_start = entry.end
+    if run_start < shard.header.file_size:
+        segments.append((run_start, shard.header.file_size, None))
+    return segments
+
+
+@contextmanager
+def open_source(path: Path) -> Iterator[int]:
+    """A read-only descriptor on a source file, hinted for sequential reading."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OrthopatchError(f"cannot open ({exc.strerror})", path=path) from None
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def target_directions(plan: PatchPlan, direction: Direction) -> dict[str, torch.Tensor]:
+    """The unit vector each target is projected against: its layer's row, weighted by its norm gain."""
+    gains: dict[str, torch.Tensor] = {}
+    for name in plan.gain_names():
+        shard = plan.checkpoint.weight_map[name]
+        with open_source(plan.checkpoint.root / shard) as fd:
+            gains[name] = read_small_tensor(fd, plan.checkpoint.entry(name))
+    out = {}
+    for target in plan.targets():
+        r = as_tensor(direction.for_layer(target.layer))
+        try:
+            out[target.name] = unit_direction(r, gains.get(target.gain) if target.gain else None, target.gain_offset)
+        except ValueError as exc:
+            raise OrthopatchError(str(exc), tensor=target.name) from None
+    return out
+
+
+def write_shard(shard: ShardPlan, src: Path, out: Path, directions: dict[str, torch.Tensor],
+                patcher: TensorPatcher, on_progress: Progress | None = None) -> None:
+    """Write ``out/shard.name`` (atomically) from ``src/shard.name``.
+
+    Unchanged runs are copied on a second thread while this one streams the patched tensors; the
+    kernel copy and the projection overlap, and both release the GIL.
+    """
+    segments = shard_segments(shard)
+    src_path = src / shard.name
+    with open_source(src_path) as fd, ShardWriter(out / shard.name, shard.header.file_size,
+                                                   [(b, e) for b, e, _ in segments]) as writer:
+        copier = RangeCopier()
+
+        def copy_unchanged() -> None:
+            for begin, end, target in segments:
+                if target is None:
+                    writer.copy_from(copier, fd, begin, end, on_progress)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="orthopatch-copy") as pool:
+            copies = pool.submit(copy_unchanged)
+            try:
+                for _, _, target in segments:
+                    if target is not None:
+                        patcher.patch(fd, target, directions[target.name], writer, on_progress)
+            finally:
+                error = copies.exception()
+            if error is not None:
+                if isinstance(error, EOFError):
+                    raise OrthopatchError(f"source changed or truncated while reading ({error})",
+                                          path=src_path) from None
+                raise error
+        writer.finish()

@@ -1,0 +1,161 @@
+"""The output folder: its lock, its state (new, partial, complete, foreign) and its small files.
+
+Order of writing, so that an interrupted run never looks finished: a hidden partial marker holding
+the run's fingerprint, the shards (each published by rename), the other model files, the index,
+then the record ``orthopatch.json`` (the completion marker), then the partial marker is removed.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import OrthopatchError
+from .writer import TMP_SUFFIX, fsync_dir, io_error, temp_path
+
+RECORD_NAME = "orthopatch.json"
+PARTIAL_NAME = ".orthopatch-partial.json"
+#: Weight files of other formats, never copied: the output is a safetensors model.
+SKIPPED_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf", ".safetensors")
+SKIPPED_DIRS = ("original",)
+
+
+class OutputState(enum.Enum):
+    NEW = "new"  # missing or empty
+    PARTIAL = "partial"  # an interrupted run with the same fingerprint
+    COMPLETE = "complete"  # a finished run with the same fingerprint
+    OTHER = "other"  # anything else: another run's output or a foreign folder
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a small file under a temporary name, fsync it, and rename it into place."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise io_error(exc, path, "write") from None
+
+
+def write_json(path: Path, doc: Any) -> None:
+    write_atomic(path, (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class OutputFolder:
+    """``OUT``, locked for the lifetime of the object against a second concurrent writer."""
+
+    def __init__(self, root: Path, src: Path):
+        self.root = root
+        if root.resolve() == src.resolve() or src.resolve() in root.resolve().parents:
+            raise OrthopatchError("output folder must not be the source folder or inside it", path=root)
+        if root.resolve() in src.resolve().parents:
+            raise OrthopatchError("output folder must not contain the source folder", path=root)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(root, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise io_error(exc, root, "create output folder") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise OrthopatchError("another orthopatch run is writing to this folder", path=root) from None
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __enter__(self) -> OutputFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def record_path(self) -> Path:
+        return self.root / RECORD_NAME
+
+    @property
+    def partial_path(self) -> Path:
+        return self.root / PARTIAL_NAME
+
+    def state(self, fingerprint: dict[str, Any]) -> OutputState:
+        entries = [p for p in self.root.iterdir()]
+        if not entries:
+            return OutputState.NEW
+        if self.partial_path.exists():
+            partial = _read_json(self.partial_path)
+            return OutputState.PARTIAL if partial == fingerprint else OutputState.OTHER
+        record = _read_json(self.record_path)
+        if isinstance(record, dict) and record.get("fingerprint") == fingerprint:
+            return OutputState.COMPLETE
+        return OutputState.OTHER
+
+    def describe_other(self) -> str:
+        if self.partial_path.exists() or self.record_path.exists():
+            return "holds an orthopatch output made with another direction, source or options"
+        return "is not empty and holds no orthopatch output"
+
+    def clear(self) -> None:
+        """Remove everything in the folder (``--overwrite``)."""
+        for entry in self.root.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        fsync_dir(self.root)
+
+    def remove_temporaries(self) -> None:
+        for entry in self.root.iterdir():
+            if entry.name.endswith(TMP_SUFFIX):
+                entry.unlink(missing_ok=True)
+
+    def begin(self, fingerprint: dict[str, Any]) -> None:
+        write_json(self.partial_path, fingerprint)
+
+    def complete(self, record: dict[str, Any]) -> None:
+        write_json(self.record_path, record)
+        self.partial_path.unlink(missing_ok=True)
+        fsync_dir(self.root)
+
+
+def model_files(src: Path) -> list[Path]:
+    """Files of the model folder besides the weights: config, tokenizer, templates, licence, card."""
+    found = []
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if any(part.startswith(".") for part in rel.parts) or rel.parts[0] in SKIPPED_DIRS:
+            continue
+        if path.is_file() and not path.name.endswith(SKIPPED_SUFFIXES) and path.name != "model.safetensors.index.json":
+            found.append(rel)
+    return found
+
+
+def copy_model_file(src: Path, out: Path, rel: Path) -> None:
+    target = out / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(target)
+    try:
+        shutil.copyfile(src / rel, tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise io_error(exc, target, "copy") from None

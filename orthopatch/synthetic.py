@@ -1,0 +1,123 @@
+"""Synthetic Llama-shaped checkpoints, written tensor by tensor (for the demo and the benchmark).
+
+The tensors are random but the files are real: sharded safetensors with an index, a
+``config.json`` that transformers reads, and a direction file with a known direction.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import INDEX_NAME
+
+_DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden: int
+    intermediate: int
+    vocab: int
+    layers: int
+    heads: int
+    kv_heads: int
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Names and shapes in the order Hugging Face Llama checkpoints list them."""
+        h, i, kv = self.hidden, self.intermediate, self.hidden // self.heads * self.kv_heads
+        out = [("model.embed_tokens.weight", (self.vocab, h))]
+        for n in range(self.layers):
+            p = f"model.layers.{n}"
+            out += [
+                (f"{p}.input_layernorm.weight", (h,)),
+                (f"{p}.self_attn.q_proj.weight", (h, h)),
+                (f"{p}.self_attn.k_proj.weight", (kv, h)),
+                (f"{p}.self_attn.v_proj.weight", (kv, h)),
+                (f"{p}.self_attn.o_proj.weight", (h, h)),
+                (f"{p}.post_attention_layernorm.weight", (h,)),
+                (f"{p}.mlp.gate_proj.weight", (i, h)),
+                (f"{p}.mlp.up_proj.weight", (i, h)),
+                (f"{p}.mlp.down_proj.weight", (h, i)),
+            ]
+        out += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
+        return out
+
+    def config(self) -> dict:
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab,
+            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        }
+
+
+DEMO = LlamaShape(hidden=256, intermediate=688, vocab=4096, layers=4, heads=8, kv_heads=4)
+LLAMA3_8B = LlamaShape(hidden=4096, intermediate=14336, vocab=128256, layers=32, heads=32, kv_heads=8)
+LLAMA3_70B = LlamaShape(hidden=8192, intermediate=28672, vocab=128256, layers=80, heads=64, kv_heads=8)
+
+
+def _write_tensor_data(f, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, norm: bool) -> None:
+    """Random values, generated and written in bounded pieces so memory stays small."""
+    rows = shape[0] if len(shape) > 1 else 1
+    width = shape[-1] if len(shape) > 1 else shape[0]
+    step = max(1, (8 << 20) // max(width, 1))
+    for start in range(0, rows, step):
+        n = min(step, rows - start)
+        if norm:
+            block = 1.0 + 0.1 * torch.randn(n, width, generator=gen)
+        else:
+            block = torch.randn(n, width, generator=gen) * (width ** -0.5)
+        f.write(block.to(dtype).numpy(force=True).view("uint8").tobytes() if dtype != torch.bfloat16
+                else block.to(dtype).view(torch.int16).numpy().tobytes())
+
+
+def write_checkpoint(folder: Path, shape: LlamaShape, *, shard_bytes: int = 2 << 30,
+                     dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """Write a sharded checkpoint of ``shape`` into ``folder`` (created), one tensor at a time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, tshape in shape.tensors():
+        nbytes = itemsize * torch.Size(tshape).numel()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tshape))
+        size += nbytes
+    weight_map, total = {}, 0
+    for k, members in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, tshape in members:
+            nbytes = itemsize * torch.Size(tshape).numel()
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(tshape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = fname
+        total += offset
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        with open(folder / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            for name, tshape in members:
+                _write_tensor_data(f, tshape, dtype, gen, norm=name.endswith("norm.weight"))
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2))
+    (folder / "config.json").write_text(json.dumps(shape.config(), indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return folder
+
+
+def write_direction(path: Path, hidden: int, seed: int = 1) -> torch.Tensor:
+    """A random unit direction saved as a ``.pth`` of shape ``[hidden]`` (bf16, like published files)."""
+    r = torch.randn(hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    r = r / r.norm()
+    torch.save(r.to(torch.bfloat16), path)
+    return r
