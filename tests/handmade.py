@@ -43,7 +43,7 @@ def write_sharded(folder: Path, shards: list[dict[str, torch.Tensor]], config: d
     weight_map, total = {}, 0
     for k, tensors in enumerate(shards):
         name = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        (folder / name).write_bytes(safetensors_bytes(tensors, **kwargs(k) if callable(kwargs) else kwargs))
+        (folder / name).write_bytes(safetensors_bytes(tensors, **kwargs))
         for t in tensors:
             weight_map[t] = name
             total += len(tensor_bytes(tensors[t]))
