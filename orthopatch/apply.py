@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -45,7 +46,7 @@ class ApplyOptions:
     def out_path(self) -> Path:
         if self.out is not None:
             return self.out
-        model = self.model.resolve()
+        model = Path(os.path.abspath(self.model))  # a symlinked model folder keeps its own name
         return model.with_name(model.name + "-abliterated")
 
     def method(self) -> dict[str, Any]:
