@@ -10,10 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from handmade import write_sharded
 from orthopatch.cli import main
 from orthopatch.output import PARTIAL_NAME, RECORD_NAME
 from orthopatch.safetensors_header import read_header
+
+from handmade import safetensors_bytes, write_sharded
 from reference import assert_correctly_rounded
 
 HIDDEN, INTER, VOCAB, LAYERS = 48, 80, 100, 2
@@ -47,11 +48,9 @@ def build_model(folder: Path) -> Path:
                          "lm_head.weight": torch.randn(VOCAB, HIDDEN, generator=gen).to(torch.bfloat16)},
         {"model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN, generator=gen).to(torch.bfloat16)},
     ]
-    # Header not padded to 8 bytes, keys listed in reverse offset order.
-    write_sharded(folder, shards, CONFIG, pad=False, key_order=None, metadata={"format": "pt"})
-    shard1 = folder / "model-00001-of-00003.safetensors"
-    from handmade import safetensors_bytes
-    shard1.write_bytes(safetensors_bytes(shards[0], pad=False, key_order=list(reversed(shards[0])),
+    # Headers not padded to 8 bytes; the first shard lists its keys in reverse offset order.
+    write_sharded(folder, shards, CONFIG, pad=False, metadata={"format": "pt"})
+    (folder / "model-00001-of-00003.safetensors").write_bytes(safetensors_bytes(shards[0], pad=False, key_order=list(reversed(shards[0])),
                                          metadata={"format": "pt"}))
     (folder / "tokenizer.json").write_text('{"version": "1.0"}')
     (folder / "generation_config.json").write_text("{}")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from orthopatch.projection import Layout, project_out, unit_direction
+
 from reference import assert_correctly_rounded
 
 CASES = [
