@@ -26,7 +26,8 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], *, pad: bool = True, key
     entries, offset, data = {}, 0, []
     for name, t in tensors.items():
         raw = tensor_bytes(t)
-        entries[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        entries[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                         "data_offsets": [offset, offset + len(raw)]}
         offset += len(raw)
         data.append(raw)
     for name in key_order or list(tensors):

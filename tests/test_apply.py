@@ -50,8 +50,8 @@ def build_model(folder: Path) -> Path:
     ]
     # Headers not padded to 8 bytes; the first shard lists its keys in reverse offset order.
     write_sharded(folder, shards, CONFIG, pad=False, metadata={"format": "pt"})
-    (folder / "model-00001-of-00003.safetensors").write_bytes(safetensors_bytes(shards[0], pad=False, key_order=list(reversed(shards[0])),
-                                         metadata={"format": "pt"}))
+    first = safetensors_bytes(shards[0], pad=False, key_order=list(reversed(shards[0])), metadata={"format": "pt"})
+    (folder / "model-00001-of-00003.safetensors").write_bytes(first)
     (folder / "tokenizer.json").write_text('{"version": "1.0"}')
     (folder / "generation_config.json").write_text("{}")
     (folder / "LICENSE").write_text("license text")
