@@ -1,16 +1,18 @@
 """Which tensors write into the residual stream, described as data.
 
 Each family is one JSON file in ``architectures/``: the ``model_type`` values it covers, where the
-hidden size and layer count live in ``config.json``, and a list of target rules. A rule is a regular
-expression over tensor names (group ``layer`` gives the block index), the residual axis of the
-tensors it matches, and optionally the norm gain that scales their output before it joins the
-residual stream (DESIGN.md §2).
+hidden size, layer count and embedding tie live in ``config.json``, a list of target rules, and
+name patterns the family cannot patch (for example quantized expert blocks). A rule is a regular
+expression over tensor names (group ``layer`` gives the block index, other named groups fill the
+``gain`` template), the residual axis of the tensors it matches, and optionally the norm gain that
+scales their output before it joins the residual stream (DESIGN.md §2).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import string
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -19,6 +21,10 @@ from typing import Any
 from .errors import OrthopatchError
 
 ROLES = ("embedding", "position_embedding", "attention", "mlp", "other")
+EMBEDDING_ROLES = ("embedding", "position_embedding")
+#: Where the hidden size and layer count of an unknown model usually live.
+GENERIC_HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "text_config.hidden_size")
+GENERIC_NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "text_config.num_hidden_layers")
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,18 @@ class TargetRule:
     def match(self, name: str) -> re.Match[str] | None:
         return self.pattern.fullmatch(name)
 
+    @property
+    def has_layer(self) -> bool:
+        return "layer" in self.pattern.groupindex
+
+
+@dataclass(frozen=True)
+class UnsupportedRule:
+    """Tensors matching ``pattern`` mean the checkpoint cannot be patched as it is, for ``reason``."""
+
+    pattern: re.Pattern[str]
+    reason: str
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -46,6 +64,11 @@ class Architecture:
     rules: tuple[TargetRule, ...]
     hidden_size_keys: tuple[str, ...] = ("hidden_size",)
     num_layers_keys: tuple[str, ...] = ("num_hidden_layers",)
+    tie_keys: tuple[str, ...] = ("tie_word_embeddings",)
+    tied_default: bool = False
+    unsupported: tuple[UnsupportedRule, ...] = ()
+    description: str = ""
+    custom: bool = False  # built from --targets: no completeness checks
 
     def hidden_size(self, config: dict[str, Any]) -> int | None:
         return _lookup(config, self.hidden_size_keys)
@@ -53,42 +76,76 @@ class Architecture:
     def num_layers(self, config: dict[str, Any]) -> int | None:
         return _lookup(config, self.num_layers_keys)
 
+    def tied_embeddings(self, config: dict[str, Any]) -> bool:
+        """Whether the output head reuses the token embedding (so patching one patches both)."""
+        for key in self.tie_keys:
+            value = _get(config, key)
+            if isinstance(value, bool):
+                return value
+        return self.tied_default
+
+    def roles(self) -> set[str]:
+        return {rule.role for rule in self.rules}
+
+
+def _get(config: dict[str, Any], key: str) -> Any:
+    """The value under dotted path ``key`` (``text_config.hidden_size``), or None."""
+    node: Any = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
 
 def _lookup(config: dict[str, Any], keys: tuple[str, ...]) -> int | None:
     """First integer found under one of ``keys`` (dotted paths allowed, e.g. ``text_config.hidden_size``)."""
     for key in keys:
-        node: Any = config
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
+        node = _get(config, key)
         if isinstance(node, int) and not isinstance(node, bool):
             return node
     return None
+
+
+def _compile(pattern: Any, source: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except (TypeError, re.error) as exc:
+        raise OrthopatchError(f"bad target pattern {pattern!r} ({exc})", path=source) from None
 
 
 def rule_from_dict(doc: dict[str, Any], source: str) -> TargetRule:
     role = doc.get("role", "other")
     if role not in ROLES:
         raise OrthopatchError(f"unknown role {role!r}", path=source)
-    try:
-        pattern = re.compile(doc["pattern"])
-    except (KeyError, re.error) as exc:
-        raise OrthopatchError(f"bad target pattern ({exc})", path=source) from None
-    return TargetRule(
-        role=role,
-        pattern=pattern,
-        axis=int(doc["axis"]),
-        gain=doc.get("gain"),
-        gain_offset=float(doc.get("gain_offset", 0.0)),
-    )
+    if "pattern" not in doc or "axis" not in doc:
+        raise OrthopatchError(f"target rule needs 'pattern' and 'axis': {doc}", path=source)
+    pattern = _compile(doc["pattern"], source)
+    gain = doc.get("gain")
+    if gain is not None:
+        fields = {f for _, f, _, _ in string.Formatter().parse(gain) if f is not None}
+        missing = fields - set(pattern.groupindex)
+        if missing:
+            raise OrthopatchError(f"gain template {gain!r} uses {sorted(missing)}, which are not named groups of "
+                                  f"{pattern.pattern!r}", path=source)
+    if role not in EMBEDDING_ROLES and "layer" not in pattern.groupindex:
+        raise OrthopatchError(f"{role} rule {pattern.pattern!r} has no (?P<layer>...) group", path=source)
+    return TargetRule(role=role, pattern=pattern, axis=int(doc["axis"]), gain=gain,
+                      gain_offset=float(doc.get("gain_offset", 0.0)))
 
 
 def architecture_from_dict(name: str, doc: dict[str, Any]) -> Architecture:
+    source = f"architectures/{name}.json"
+    tied = doc.get("tied_embeddings", {})
     return Architecture(
         name=name,
         model_types=tuple(doc["model_types"]),
-        rules=tuple(rule_from_dict(r, f"architectures/{name}.json") for r in doc["targets"]),
+        rules=tuple(rule_from_dict(r, source) for r in doc["targets"]),
         hidden_size_keys=tuple(doc.get("hidden_size", ["hidden_size"])),
         num_layers_keys=tuple(doc.get("num_layers", ["num_hidden_layers"])),
+        tie_keys=tuple(tied.get("keys", ["tie_word_embeddings"])),
+        tied_default=bool(tied.get("default", False)),
+        unsupported=tuple(UnsupportedRule(_compile(u["pattern"], source), u["reason"])
+                          for u in doc.get("unsupported", [])),
+        description=doc.get("description", ""),
     )
 
 
@@ -117,22 +174,37 @@ def find_architecture(config: dict[str, Any], config_path: str = "config.json") 
     )
 
 
+def parse_target(spec: str) -> TargetRule:
+    """One ``--targets REGEX:AXIS`` option as a rule (the axis is the part after the last colon)."""
+    pattern, sep, axis = spec.rpartition(":")
+    if not sep or not pattern:
+        raise OrthopatchError(f"--targets {spec!r}: expected REGEX:AXIS")
+    try:
+        compiled = re.compile(pattern)
+        role = "other" if "layer" in compiled.groupindex else "embedding"
+        return TargetRule(role, compiled, int(axis))
+    except re.error as exc:
+        raise OrthopatchError(f"--targets {spec!r}: bad regular expression ({exc})") from None
+    except ValueError:
+        raise OrthopatchError(f"--targets {spec!r}: axis {axis!r} is not an integer") from None
+
+
 def custom_architecture(specs: list[str], config: dict[str, Any]) -> Architecture:
-    """An architecture from ``--targets REGEX:AXIS`` options (the hidden size still comes from config)."""
-    rules = []
-    for spec in specs:
-        pattern, sep, axis = spec.rpartition(":")
-        if not sep or not pattern:
-            raise OrthopatchError(f"--targets {spec!r}: expected REGEX:AXIS")
-        try:
-            rules.append(TargetRule("other", re.compile(pattern), int(axis)))
-        except (re.error, ValueError) as exc:
-            raise OrthopatchError(f"--targets {spec!r}: {exc}") from None
+    """An architecture from ``--targets REGEX:AXIS`` options (the hidden size still comes from config).
+
+    A ``(?P<layer>\\d+)`` group in REGEX names the block index, which ``--layers`` and per-layer
+    directions use; tensors matched by a REGEX without one sit outside the blocks, like an
+    embedding, and follow ``--embeddings/--no-embeddings``.
+    """
+    rules = tuple(parse_target(spec) for spec in specs)
     base = None
     try:
         base = find_architecture(config)
     except OrthopatchError:
         pass
-    keys = base.hidden_size_keys if base else ("hidden_size", "n_embd", "d_model", "text_config.hidden_size")
-    layer_keys = base.num_layers_keys if base else ("num_hidden_layers", "n_layer", "text_config.num_hidden_layers")
-    return Architecture("custom", (str(config.get("model_type")),), tuple(rules), keys, layer_keys)
+    keys = base.hidden_size_keys if base else GENERIC_HIDDEN_SIZE_KEYS
+    layer_keys = base.num_layers_keys if base else GENERIC_NUM_LAYERS_KEYS
+    return Architecture("custom", (str(config.get("model_type")),), rules, keys, layer_keys,
+                        tie_keys=base.tie_keys if base else ("tie_word_embeddings",),
+                        tied_default=base.tied_default if base else False,
+                        description="--targets " + " ".join(specs), custom=True)
