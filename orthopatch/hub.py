@@ -1,0 +1,219 @@
+"""The Hugging Face Hub: MODEL as a repo id, DIRECTION as ``REPO_ID:PATH``, and pushing OUT.
+
+A local path that exists always wins. A model repo is taken from the local Hugging Face cache and
+downloaded only on request (then only its safetensors, config, tokenizer and card files); a direction
+file is fetched alone with ``hf_hub_download`` or taken from the cache. ``HF_HUB_OFFLINE=1`` and
+``HF_HUB_CACHE`` are honoured (huggingface_hub reads them when it is imported).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import OrthopatchError
+
+#: What ``--download`` fetches of a model repo: top-level weights, configs, tokenizer files, card, licence.
+DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt",
+                     "*.jinja", "README.md", "LICENSE*"]
+#: Never fetched: subfolders (``original/`` holds the unconverted Meta weights, another full copy).
+DOWNLOAD_IGNORE = ["*/*"]
+#: Never uploaded: hidden files (the partial marker, temporary files, tool caches).
+UPLOAD_IGNORE = [".*", "*/.*"]
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass(frozen=True)
+class RepoRef:
+    """``ORG/NAME`` with an optional revision (``ORG/NAME@REVISION``)."""
+
+    repo_id: str
+    revision: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.repo_id.split("/")[-1]
+
+    def __str__(self) -> str:
+        return self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the checkpoint is on disk, what to call it, and the default output folder."""
+
+    path: Path
+    name: str  # the repo id, or the folder name: the model card's ``base_model``
+    repo: RepoRef | None = None
+
+    @property
+    def default_out(self) -> Path | None:
+        """``./NAME-abliterated`` for a repo id; ``None`` (a sibling folder) for a local folder."""
+        return Path(f"{self.repo.name}-abliterated") if self.repo else None
+
+
+@dataclass(frozen=True)
+class DirectionSource:
+    """The direction file on disk and how the model card names it (no local paths)."""
+
+    path: Path
+    name: str
+
+
+def parse_repo_ref(text: str) -> RepoRef | None:
+    """``ORG/NAME[@REVISION]`` as a :class:`RepoRef`, or ``None`` if ``text`` is not one."""
+    repo_id, _, revision = text.partition("@")
+    if not _REPO_ID.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id or repo_id.endswith(".git"):
+        return None
+    if "@" in text and not revision:
+        return None
+    return RepoRef(repo_id, revision or None)
+
+
+def cached_repo_name(path: Path) -> str | None:
+    """``ORG/NAME`` when ``path`` is a snapshot folder of the Hugging Face cache, else ``None``."""
+    parts = path.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        org_name = parts[-3].removeprefix("models--").split("--")
+        return "/".join(org_name) if all(org_name) else None
+    return None
+
+
+def _cache_dir(cache_dir: Path | None) -> str:
+    from huggingface_hub import constants
+
+    return str(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator[None]:
+    from huggingface_hub.utils import disable_progress_bars
+
+    with disable_progress_bars() if quiet else contextlib.nullcontext():
+        yield
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def hub_error(exc: Exception, what: str, *, filename: str | None = None) -> OrthopatchError:
+    """One line for a huggingface_hub failure about ``what`` (a repo id, or ``REPO_ID:PATH``)."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        LocalTokenNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(exc, IncompleteSnapshotError):
+        message = f"the cached copy is incomplete ({_first_line(exc)})"
+    elif isinstance(exc, LocalEntryNotFoundError):
+        item = f"file {filename!r}" if filename else "repository"
+        if _offline() or isinstance(exc.__cause__, OfflineModeIsEnabled):
+            message = f"{item} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+        else:
+            message = f"{item} is not in the local Hugging Face cache and the Hub cannot be reached"
+    elif isinstance(exc, LocalTokenNotFoundError):
+        message = "not logged in to the Hub (run hf auth login, or set HF_TOKEN)"
+    elif isinstance(exc, GatedRepoError):
+        message = "the repository is gated: accept its terms on the Hub and log in (hf auth login)"
+    elif isinstance(exc, RepositoryNotFoundError):
+        message = "no such repository on the Hub (or it is private: log in with hf auth login)"
+    elif isinstance(exc, RevisionNotFoundError):
+        message = "no such revision in the repository"
+    elif isinstance(exc, EntryNotFoundError):
+        message = f"the repository has no file {filename!r}" if filename else "a file is missing in the repository"
+    elif isinstance(exc, HfHubHTTPError):
+        message = f"Hub request failed ({_first_line(exc)})"
+    elif isinstance(exc, ValueError):
+        message = f"invalid Hub request ({_first_line(exc)})"
+    else:
+        message = f"Hub access failed ({_first_line(exc)})"
+    return OrthopatchError(message, path=what)
+
+
+def resolve_model(text: str, *, download: bool = False, cache_dir: Path | None = None,
+                  quiet: bool = False) -> ModelSource:
+    """A local folder as it is, else a repo id from the cache (downloading only if ``download``)."""
+    path = Path(text)
+    ref = None if path.exists() else parse_repo_ref(text)
+    if ref is None:
+        return ModelSource(path, cached_repo_name(path) or path.resolve().name)
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        with _progress(quiet):
+            folder = snapshot_download(ref.repo_id, revision=ref.revision, cache_dir=cache_dir,
+                                       allow_patterns=DOWNLOAD_PATTERNS, ignore_patterns=DOWNLOAD_IGNORE,
+                                       local_files_only=not download)
+    except LocalEntryNotFoundError as exc:
+        if download:
+            raise hub_error(exc, str(ref)) from exc
+        raise OrthopatchError(f"not a local folder, and not in the Hugging Face cache ({_cache_dir(cache_dir)}); "
+                              "pass --download to fetch its safetensors, config and tokenizer files",
+                              path=str(ref)) from None
+    except Exception as exc:  # network, HTTP and validation errors all end as one line
+        raise hub_error(exc, str(ref)) from exc
+    return ModelSource(Path(folder), ref.repo_id, ref)
+
+
+def resolve_direction(text: str, *, cache_dir: Path | None = None, quiet: bool = False) -> DirectionSource:
+    """A local file as it is, else ``REPO_ID[@REVISION]:PATH`` fetched alone (or from the cache)."""
+    path = Path(text)
+    repo_part, colon, filename = text.partition(":")
+    ref = None if path.exists() or not colon or not filename else parse_repo_ref(repo_part)
+    if ref is None:
+        return DirectionSource(path, path.name)
+
+    from huggingface_hub import hf_hub_download
+
+    try:
+        with _progress(quiet):
+            local = hf_hub_download(ref.repo_id, filename, revision=ref.revision, cache_dir=cache_dir)
+    except Exception as exc:  # network, HTTP and validation errors all end as one line
+        raise hub_error(exc, text, filename=filename) from exc
+    return DirectionSource(Path(local), text)
+
+
+def push_folder(out: Path, repo_id: str, *, private: bool = False, message: str | None = None) -> str:
+    """Create ``repo_id`` if needed and upload ``out`` (hidden files left out); return the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(repo_id=repo_id, folder_path=out, repo_type="model",
+                                   commit_message=message or f"Upload {out.name} (orthopatch)",
+                                   ignore_patterns=list(UPLOAD_IGNORE))
+    except Exception as exc:  # network, HTTP, authentication errors all end as one line
+        raise hub_error(exc, repo_id) from exc
+    return str(getattr(commit, "commit_url", None) or repo_url)
+
+
+def check_finished(out: Path) -> None:
+    """Refuse to push anything but a finished conversion: its record is there and its shards re-open."""
+    from .checkpoint import open_checkpoint
+    from .output import PARTIAL_NAME, RECORD_NAME
+
+    if not (out / RECORD_NAME).is_file() or (out / PARTIAL_NAME).exists():
+        raise OrthopatchError("not a finished orthopatch output (no record, or an interrupted run)", path=out)
+    open_checkpoint(out)
