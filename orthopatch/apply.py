@@ -18,6 +18,7 @@ from .devices import resolve_device
 from .direction import Direction, load_direction
 from .errors import OrthopatchError
 from .executor import target_directions, write_shard
+from .model_card import write_model_card
 from .output import OutputFolder, OutputState, copy_model_file, model_files, write_atomic
 from .plan import PatchPlan, Selection, build_plan, format_plan
 from .progress import ByteProgress
@@ -41,6 +42,9 @@ class ApplyOptions:
     scale: float = 1.0
     norm_preserving: bool = False
     targets: tuple[str, ...] = ()
+    #: How the model card names the source and the direction (default: folder and file names).
+    base_model: str | None = None
+    direction_name: str | None = None
 
     @property
     def out_path(self) -> Path:
@@ -169,7 +173,10 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
         if plan.checkpoint.index_path is not None:
             write_atomic(out_path / INDEX_NAME, plan.checkpoint.index_path.read_bytes())
         seconds = time.monotonic() - started
-        out.complete(make_record(plan, direction, options, fp, str(device), seconds))
+        record = make_record(plan, direction, options, fp, str(device), seconds)
+        write_model_card(out_path, src, record, base_model=options.base_model,
+                         direction=options.direction_name or options.direction.name)
+        out.complete(record)
     resumed = state is OutputState.PARTIAL
     return ApplyResult(out_path, plan, "resumed" if resumed else "written", seconds)
 
