@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ import numpy as np
 from .errors import OrthopatchError
 
 NORM_TOLERANCE = 1e-3
+#: Larger files are not directions (a per-layer direction of a 70B model is about 3 MB).
+MAX_DIRECTION_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -58,43 +62,83 @@ def file_sha256(path: Path) -> str:
 
 
 def _to_numpy(value: Any) -> np.ndarray | None:
+    """A real-valued dense array as float64, or None for anything else (complex, sparse, objects)."""
     import torch
 
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.is_complex() or value.dtype == torch.bool or value.is_meta:
+            return None
+        if value.is_quantized:
+            return None
         return value.detach().to("cpu", torch.float64).numpy()
     if isinstance(value, np.ndarray) and value.dtype.kind in "fiu":
         return value.astype(np.float64)
     return None
 
 
+def _describe(value: Any, array: np.ndarray | None) -> str:
+    if array is not None:
+        return str(list(array.shape))
+    dtype = getattr(value, "dtype", None)
+    shape = getattr(value, "shape", None)
+    if dtype is not None and shape is not None:
+        layout = str(getattr(value, "layout", "torch.strided")).removeprefix("torch.")
+        kind = "" if layout == "strided" else f" {layout}"
+        return f"{list(shape)} {str(dtype).removeprefix('torch.')}{kind}"
+    return type(value).__name__
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's message, for a one-line error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return "file is empty or ends too early" if isinstance(exc, EOFError) else type(exc).__name__
+    return lines[0].split(". ")[0].rstrip(".")
+
+
+def _refusal(exc: BaseException) -> str:
+    """What the safe unpickler objected to, in a few words."""
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it would call {found.group(1).rstrip('.')}"
+    found = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+    return found.group(1).strip() if found else _first_line(exc)
+
+
 def _read_raw(path: Path) -> Any:
+    size = path.stat().st_size
+    if size > MAX_DIRECTION_BYTES:
+        raise OrthopatchError(f"file is {size:,} bytes, too large for a direction (is it a model file?)", path=path)
     suffix = path.suffix.lower()
     if suffix in (".pth", ".pt", ".bin"):
         import torch
 
         try:
-            return torch.load(path, weights_only=True, map_location="cpu")
+            # weights_only: the restricted unpickler builds tensors and plain containers, and refuses
+            # any other global (no code runs); an explicit True cannot be overridden by environment.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.load(path, weights_only=True, map_location="cpu")
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unsafe pickle"
             raise OrthopatchError(
-                f"refused: the pickle asks to run code or load objects that are not plain tensors ({first})",
+                f"refused: not a plain tensor file ({_refusal(exc)}); such pickles can run code, so it is not loaded",
                 path=path,
             ) from None
-        except (RuntimeError, EOFError, ValueError, OSError) as exc:
-            raise OrthopatchError(f"cannot load direction ({str(exc).splitlines()[0]})", path=path) from None
+        except Exception as exc:  # a hostile or broken file may fail in any way; report it, never crash
+            raise OrthopatchError(f"cannot load direction ({_first_line(exc)})", path=path) from None
     if suffix == ".safetensors":
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(path, device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise OrthopatchError(f"cannot load direction ({exc})", path=path) from None
+        except Exception as exc:
+            raise OrthopatchError(f"cannot load direction ({_first_line(exc)})", path=path) from None
     if suffix == ".npy":
         try:
             return np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise OrthopatchError(f"cannot load direction ({exc})", path=path) from None
+        except Exception as exc:
+            raise OrthopatchError(f"cannot load direction ({_first_line(exc)})", path=path) from None
     raise OrthopatchError("unknown direction format (expected .pth, .pt, .safetensors or .npy)", path=path)
 
 
@@ -117,34 +161,44 @@ def load_direction(path: str | Path, hidden_size: int, num_layers: int | None = 
         found = {k: _to_numpy(v) for k, v in raw.items()}
         usable = [k for k, a in found.items() if a is not None and _usable(a, hidden_size, num_layers)]
         if len(usable) != 1:
-            listing = ", ".join(
-                f"{k}: {list(a.shape) if a is not None else type(raw[k]).__name__}" for k, a in found.items()
-            )
+            listing = ", ".join(f"{k!r}: {_describe(raw[k], a)}" for k, a in found.items())
             want = "exactly one" if usable else "a"
             raise OrthopatchError(
-                f"dict needs {want} tensor of shape [{hidden_size}] or [1, {hidden_size}]; found {{{listing}}}",
+                f"dict needs {want} tensor of shape {_shapes(hidden_size, num_layers)}; found {{{listing}}}",
                 path=path,
             )
         array = found[usable[0]]
     else:
         array = _to_numpy(raw)
         if array is None:
-            raise OrthopatchError(f"holds a {type(raw).__name__}, not a tensor", path=path)
+            raise OrthopatchError(f"holds {_describe(raw, None)}, not a dense real-valued tensor", path=path)
     assert array is not None
 
     if not _usable(array, hidden_size, num_layers):
-        layers = f", [{num_layers}, {hidden_size}] or [{num_layers + 1}, {hidden_size}]" if num_layers else ""
         raise OrthopatchError(
-            f"direction has shape {list(array.shape)}; the model needs [{hidden_size}], [1, {hidden_size}]{layers}",
+            f"direction has shape {list(array.shape)}; the model needs {_shapes(hidden_size, num_layers)}",
             path=path,
         )
     rows = array.reshape(-1, hidden_size)
     if not np.isfinite(rows).all():
         raise OrthopatchError("direction contains NaN or Inf", path=path)
-    norms = np.linalg.norm(rows, axis=1)
-    if (norms == 0).any():
-        raise OrthopatchError("direction is zero (it has no direction to project out)", path=path)
+    # Scale each row by its largest magnitude first, so that norms neither overflow nor underflow.
+    peaks = np.abs(rows).max(axis=1)
+    if (peaks == 0).any():
+        row = int(np.flatnonzero(peaks == 0)[0])
+        where = f" (row {row})" if rows.shape[0] > 1 else ""
+        raise OrthopatchError(f"direction is zero{where}: there is nothing to project out", path=path)
+    scaled = rows / peaks[:, None]
+    norms = np.linalg.norm(scaled, axis=1) * peaks
     notes = []
-    if np.abs(norms - 1.0).max() > NORM_TOLERANCE:
+    if not np.isfinite(norms).all() or np.abs(norms - 1.0).max() > NORM_TOLERANCE:
         notes.append(f"direction norm was {norms.min():.6g}..{norms.max():.6g}, renormalized to 1 in float64")
-    return Direction(path, file_sha256(path), rows / norms[:, None], tuple(notes))
+    unit = scaled / np.linalg.norm(scaled, axis=1)[:, None]
+    return Direction(path, file_sha256(path), unit, tuple(notes))
+
+
+def _shapes(hidden_size: int, num_layers: int | None) -> str:
+    shapes = [f"[{hidden_size}]", f"[1, {hidden_size}]"]
+    if num_layers:
+        shapes += [f"[{num_layers}, {hidden_size}]", f"[{num_layers + 1}, {hidden_size}]"]
+    return " or ".join([", ".join(shapes[:-1]), shapes[-1]])

@@ -32,6 +32,15 @@ class OutputState(enum.Enum):
     OTHER = "other"  # anything else: another run's output or a foreign folder
 
 
+def is_temporary(path: Path) -> bool:
+    return path.name.endswith(TMP_SUFFIX)
+
+
+def temporaries(root: Path) -> list[Path]:
+    """Files under ``root`` (at any depth) that carry a temporary name."""
+    return sorted(p for p in root.rglob(f"*{TMP_SUFFIX}") if p.is_file() or p.is_symlink())
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a small file under a temporary name, fsync it, and rename it into place."""
     tmp = temp_path(path)
@@ -98,7 +107,8 @@ class OutputFolder:
         return self.root / PARTIAL_NAME
 
     def state(self, fingerprint: dict[str, Any]) -> OutputState:
-        entries = [p for p in self.root.iterdir()]
+        # Temporaries are what a killed run leaves behind; they never decide what the folder holds.
+        entries = [p for p in self.root.iterdir() if not is_temporary(p)]
         if not entries:
             return OutputState.NEW
         if self.partial_path.exists():
@@ -115,7 +125,12 @@ class OutputFolder:
         return "is not empty and holds no orthopatch output"
 
     def clear(self) -> None:
-        """Remove everything in the folder (``--overwrite``)."""
+        """Remove everything in the folder (``--overwrite``), the completion record first.
+
+        An interrupted clear then leaves a folder that no longer looks finished.
+        """
+        self.record_path.unlink(missing_ok=True)
+        fsync_dir(self.root)
         for entry in self.root.iterdir():
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -124,9 +139,9 @@ class OutputFolder:
         fsync_dir(self.root)
 
     def remove_temporaries(self) -> None:
-        for entry in self.root.iterdir():
-            if entry.name.endswith(TMP_SUFFIX):
-                entry.unlink(missing_ok=True)
+        """Delete what interrupted runs left under temporary names, in subfolders too."""
+        for entry in temporaries(self.root):
+            entry.unlink(missing_ok=True)
 
     def begin(self, fingerprint: dict[str, Any]) -> None:
         write_json(self.partial_path, fingerprint)
@@ -144,18 +159,32 @@ def model_files(src: Path) -> list[Path]:
         rel = path.relative_to(src)
         if any(part.startswith(".") for part in rel.parts) or rel.parts[0] in SKIPPED_DIRS:
             continue
+        if rel == Path(RECORD_NAME):
+            continue  # a source that is itself an orthopatch output: its record is not ours
         if path.is_file() and not path.name.endswith(SKIPPED_SUFFIXES) and path.name != "model.safetensors.index.json":
             found.append(rel)
     return found
 
 
 def copy_model_file(src: Path, out: Path, rel: Path) -> None:
+    """Copy one small file durably: temporary name, fsync, rename, fsync of the folders it lives in.
+
+    The record is written after these; without the fsyncs a power cut could leave a recorded,
+    finished-looking folder whose config or tokenizer is empty.
+    """
     target = out / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
+    new_dirs = [d for d in reversed(rel.parents) if d != Path(".") and not (out / d).exists()]
     tmp = temp_path(target)
     try:
-        shutil.copyfile(src / rel, tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(src / rel, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+            fout.flush()
+            os.fsync(fout.fileno())
         os.replace(tmp, target)
+        fsync_dir(target.parent)
+        for d in new_dirs:
+            fsync_dir((out / d).parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise io_error(exc, target, "copy") from None

@@ -75,9 +75,18 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in pairs:
         if key in out:
-            raise HeaderError(f"duplicate key {key!r} in header")
+            raise HeaderError("appears twice in the header (duplicate key)", tensor=key)
         out[key] = value
     return out
+
+
+def _is_utf8(text: str) -> bool:
+    """False for strings with lone surrogates (JSON escapes like ``\\ud800``), which UTF-8 cannot hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_int(value: object) -> bool:
@@ -113,7 +122,7 @@ def parse_header(prefix: bytes, file_size: int, path: str | os.PathLike = "<byte
     try:
         doc = json.loads(text, object_pairs_hook=_reject_duplicates)
     except HeaderError as exc:
-        raise fail(exc.message) from None
+        raise fail(exc.message, exc.tensor) from None
     except (ValueError, RecursionError) as exc:
         raise fail(f"header is not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
@@ -122,13 +131,15 @@ def parse_header(prefix: bytes, file_size: int, path: str | os.PathLike = "<byte
     metadata = doc.pop(METADATA_KEY, None)
     if metadata is not None:
         if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+            isinstance(k, str) and isinstance(v, str) and _is_utf8(k) and _is_utf8(v) for k, v in metadata.items()
         ):
             raise fail("__metadata__ must map strings to strings")
 
     data_start = 8 + n
     entries: list[TensorEntry] = []
     for name, info in doc.items():
+        if not _is_utf8(name):
+            raise fail("tensor name is not valid Unicode (lone surrogate escape)", name)
         if not isinstance(info, dict):
             raise fail("entry is not an object", name)
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
@@ -162,7 +173,8 @@ def parse_header(prefix: bytes, file_size: int, path: str | os.PathLike = "<byte
         cursor = t.end
     if cursor != file_size:
         if cursor > file_size:
-            raise fail(f"tensors end at byte {cursor} but the file has {file_size} bytes (truncated?)")
+            cut = next(t for t in entries if t.end > file_size)
+            raise fail(f"data runs to byte {cut.end} but the file has {file_size} bytes (truncated?)", cut.name)
         raise fail(f"{file_size - cursor} trailing bytes after the last tensor")
     return ShardHeader(path, raw, tuple(entries), metadata, file_size)
 
