@@ -26,3 +26,6 @@ demo: install
 
 clean:
 	rm -rf demo .pytest_cache
+
+# `make convert MODELS="a b" DIRECTION=refusal_dir.pth OUT=converted -j2`: see docs/batch.md.
+include scripts/convert.mk
