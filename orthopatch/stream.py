@@ -1,13 +1,24 @@
-"""Stream one tensor from a source file through the projection into a shard writer, in bounded blocks.
+"""Stream one tensor from a source file through the projection into a shard writer, in bounded chunks.
 
-Bytes are read with ``pread`` into reused buffers (no memory map, so nothing accumulates in RSS),
-converted into a reused compute buffer, projected and written back. On CUDA the host buffer is
-pinned and the arithmetic runs on the device; the functions are the same.
+Three things happen at once: a reader thread ``pread``s the next chunks into a small ring of reused
+host buffers, the calling thread projects the current chunk in place (:class:`BlockKernel`), and a
+writer thread ``pwrite``s finished chunks into the tensor's segment, in order. ``pread``, ``pwrite``
+and torch's kernels release the GIL, so on two cores the disk and the arithmetic overlap. Nothing is
+memory-mapped, so memory stays at the ring, the kernel's block buffer and, for two-pass tensors that
+fit ``retain_bytes``, the tensor's stored bytes (kept between the passes instead of read twice).
+
+On CUDA the host buffers are pinned and each chunk goes to the device and back with non-blocking
+copies on the patcher's own stream; the kernel, chunking and pipeline are the same functions, so a
+tensor larger than the GPU's memory is handled like any other.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,24 +26,20 @@ import torch
 from .errors import OrthopatchError
 from .filecopy import pread_into
 from .plan import PatchTarget
-from .projection import (
-    BLOCK_ELEMENTS,
-    Layout,
-    accumulate_columns,
-    column_factor,
-    compute_dtype,
-    project_columns_,
-    project_rows_,
-)
+from .projection import BlockKernel, Layout, compute_dtype
 from .safetensors_header import TensorEntry
 from .writer import ShardWriter
 
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
-#: Bytes of stored data read per ``pread``; a multiple of the compute block.
+#: Bytes of stored data per chunk (one ``pread``/``pwrite``); rounded to whole kernel blocks.
 CHUNK_BYTES = 8 << 20
-#: On a GPU a whole chunk is one block: kernel launches, not caches, are what costs there.
+#: On a GPU a chunk is one block: larger transfers, fewer launches.
 CUDA_CHUNK_BYTES = 64 << 20
+#: Host buffers in the ring: one being read, one computed, one written, one spare.
+RING_BUFFERS = 4
+#: Two-pass tensors (``o_proj``, ``down_proj``) up to this size are read once and kept for pass two.
+RETAIN_BYTES = 512 << 20
 
 Progress = Callable[[int], None]
 
@@ -44,101 +51,189 @@ def read_small_tensor(fd: int, entry: TensorEntry) -> torch.Tensor:
     return torch.frombuffer(raw, dtype=TORCH_DTYPES[entry.dtype]).to(torch.float64).reshape(entry.shape)
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """``count`` rows of a tensor's 2-D view starting at ``row``."""
+
+    row: int
+    count: int
+
+
+def split_rows(first: int, stop: int, step: int) -> list[Chunk]:
+    return [Chunk(row, min(step, stop - row)) for row in range(first, stop, step)]
+
+
+class _TensorIO:
+    """Reads and writes whole chunks of one tensor, turning I/O failures into one-line errors."""
+
+    def __init__(self, fd: int, entry: TensorEntry, row_bytes: int, writer: ShardWriter,
+                 on_progress: Progress | None):
+        self.fd, self.entry, self.row_bytes = fd, entry, row_bytes
+        self.writer, self.on_progress = writer, on_progress
+
+    def read(self, chunk: Chunk, into: memoryview) -> None:
+        try:
+            pread_into(self.fd, into[: chunk.count * self.row_bytes], self.entry.begin + chunk.row * self.row_bytes)
+        except (OSError, EOFError) as exc:
+            raise OrthopatchError(f"cannot read tensor data ({exc})", tensor=self.entry.name) from None
+
+    def write(self, chunk: Chunk, data: memoryview) -> None:
+        nbytes = chunk.count * self.row_bytes
+        self.writer.write(self.entry.begin, self.entry.begin + chunk.row * self.row_bytes, data[:nbytes])
+        if self.on_progress is not None:
+            self.on_progress(nbytes)
+
+
 class TensorPatcher:
     """Projects tensors from a file descriptor into a :class:`ShardWriter`, reusing its buffers."""
 
     def __init__(self, device: torch.device | str = "cpu", *, scale: float = 1.0, norm_preserving: bool = False,
-                 chunk_bytes: int | None = None, block_elements: int = BLOCK_ELEMENTS):
+                 chunk_bytes: int | None = None, block_elements: int | None = None,
+                 ring_buffers: int = RING_BUFFERS, retain_bytes: int = RETAIN_BYTES):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.scale = scale
         self.norm_preserving = norm_preserving
+        self.kernel = BlockKernel(self.device, scale=scale, norm_preserving=norm_preserving,
+                                  block_elements=block_elements)
         self.chunk_bytes = chunk_bytes or (CUDA_CHUNK_BYTES if self.cuda else CHUNK_BYTES)
-        self.block_elements = block_elements
-        self._raw = torch.empty(0, dtype=torch.uint8)
-        self._work: dict[torch.dtype, torch.Tensor] = {}
+        self.ring_buffers = max(2, ring_buffers)
+        self.retain_bytes = retain_bytes
+        self._ring: list[torch.Tensor] = []
+        self._retained = torch.empty(0, dtype=torch.uint8)
+        self._staging = torch.empty(0, dtype=torch.uint8, device=self.device)
+        self._stream = torch.cuda.Stream(self.device) if self.cuda else None
 
-    def _host_buffer(self, nbytes: int) -> torch.Tensor:
-        if self._raw.numel() < nbytes:
-            self._raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
-        return self._raw
+    # -- buffers -----------------------------------------------------------------------------------
 
-    def _work_buffer(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        buf = self._work.get(dtype)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype, device=self.device)
-            self._work[dtype] = buf
-        return buf
+    def _host(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+
+    def _ring_slots(self, nbytes: int) -> list[torch.Tensor]:
+        if not self._ring or self._ring[0].numel() < nbytes:
+            self._ring = []
+            self._ring = [self._host(max(nbytes, self.chunk_bytes)) for _ in range(self.ring_buffers)]
+        return self._ring
+
+    def _retained_slots(self, chunks: list[Chunk], row_bytes: int) -> list[torch.Tensor]:
+        first = chunks[0].row
+        total = (chunks[-1].row + chunks[-1].count - first) * row_bytes
+        if self._retained.numel() < total:
+            self._retained = torch.empty(0, dtype=torch.uint8)
+            self._retained = self._host(total)
+        return [self._retained[(c.row - first) * row_bytes:(c.row - first + c.count) * row_bytes] for c in chunks]
+
+    def _on_device(self, host: torch.Tensor) -> torch.Tensor:
+        """The chunk's bytes where the kernel runs: the host buffer itself, or a device copy of it."""
+        if not self.cuda:
+            return host
+        if self._staging.numel() < host.numel():
+            self._staging = torch.empty(0, dtype=torch.uint8, device=self.device)
+            self._staging = torch.empty(max(host.numel(), self.chunk_bytes), dtype=torch.uint8, device=self.device)
+        dev = self._staging[: host.numel()]
+        dev.copy_(host, non_blocking=True)
+        return dev
+
+    # -- the pipeline ------------------------------------------------------------------------------
+
+    def _run(self, io: _TensorIO, chunks: list[Chunk], slots: list[torch.Tensor], stored: torch.dtype,
+             width: int, process: Callable[[Chunk, torch.Tensor], None], *, read: bool, write: bool) -> None:
+        """Read (optionally), process and write (optionally) ``chunks``, overlapping the three.
+
+        ``slots`` are host buffers; with fewer slots than chunks they are reused in turn, a slot being
+        read again only after its previous chunk has been processed and written.
+        """
+        ring = len(slots)
+        views = [memoryview(s.numpy()) for s in slots]
+        stop = threading.Event()
+        reads: list[Future[None]] = []
+        writes: list[Future[None]] = []
+        lookahead = ring - 1 if ring < len(chunks) else len(chunks)
+
+        def read_job(i: int) -> None:
+            if stop.is_set():
+                return
+            if write and i >= ring:
+                writes[i - ring].result()  # that slot's previous chunk is on disk
+            io.read(chunks[i], views[i % ring])
+
+        def write_job(i: int) -> None:
+            if not stop.is_set():
+                io.write(chunks[i], views[i % ring])
+
+        stream = torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
+        with ThreadPoolExecutor(1, "orthopatch-read") as reader, \
+                ThreadPoolExecutor(1, "orthopatch-write") as writer, stream:
+            try:
+                if read:
+                    reads = [reader.submit(read_job, i) for i in range(lookahead)]
+                for i, chunk in enumerate(chunks):
+                    if read:
+                        reads[i].result()
+                    host = slots[i % ring][: chunk.count * io.row_bytes]
+                    dev = self._on_device(host)
+                    process(chunk, dev.view(stored).view(chunk.count, width))
+                    if self._stream is not None:
+                        if write:
+                            host.copy_(dev, non_blocking=True)
+                        self._stream.synchronize()  # the slot may be refilled or written from now on
+                    if write:
+                        writes.append(writer.submit(write_job, i))
+                    if read and len(reads) < len(chunks):
+                        reads.append(reader.submit(read_job, len(reads)))
+                for future in writes:
+                    future.result()
+            except BaseException:
+                stop.set()
+                for future in reads + writes:
+                    future.cancel()
+                raise
 
     def patch(self, src_fd: int, target: PatchTarget, u: torch.Tensor, writer: ShardWriter,
               on_progress: Progress | None = None) -> None:
         """Write ``target``'s tensor, projected against unit vector ``u``, into its segment of ``writer``."""
         entry = target.entry
         stored = TORCH_DTYPES[entry.dtype]
-        work_dtype = compute_dtype(stored)
         itemsize = torch.empty(0, dtype=stored).element_size()
         layout = Layout.of(entry.shape, target.axis)
-        width = layout.dim if layout.rowwise else layout.cols
-        row_bytes = width * itemsize
+        row_bytes = layout.width * itemsize
         if row_bytes == 0 or entry.nbytes == 0:
             writer.write(entry.begin, entry.begin, memoryview(b""))
             return
-        block_rows = layout.block_rows(self.block_elements)
-        if self.cuda:
-            block_rows = max(block_rows, self.chunk_bytes // row_bytes)
+        kernel = self.kernel
+        block_rows = kernel.block_rows(layout)
         chunk_rows = max(block_rows, (self.chunk_bytes // row_bytes) // block_rows * block_rows)
-        raw = self._host_buffer(chunk_rows * row_bytes)
-        raw_view = memoryview(raw.numpy())
-        work = self._work_buffer(work_dtype, chunk_rows * width)
-        u = u.to(device=self.device, dtype=work_dtype)
+        u = u.to(device=self.device, dtype=compute_dtype(stored))
+        io = _TensorIO(src_fd, entry, row_bytes, writer, on_progress)
 
-        def read_rows(first_row: int, n: int) -> torch.Tensor:
-            offset = entry.begin + first_row * row_bytes
-            try:
-                pread_into(src_fd, raw_view[: n * row_bytes], offset)
-            except (OSError, EOFError) as exc:
-                raise OrthopatchError(f"cannot read tensor data ({exc})", tensor=entry.name) from None
-            return raw[: n * row_bytes].view(stored).view(n, width)
+        with kernel.running():
+            if layout.rowwise:
+                chunks = split_rows(0, layout.rows, chunk_rows)
+                self._run(io, chunks, self._ring_slots(chunk_rows * row_bytes), stored, layout.width,
+                          lambda c, data: kernel.rows_(data, u, layout), read=True, write=True)
+                return
+            retain = layout.dim * row_bytes <= self.retain_bytes
+            for b in range(layout.batches):
+                self._patch_slab(io, b * layout.dim, layout, chunk_rows, stored, u, retain)
 
-        def load(host: torch.Tensor) -> torch.Tensor:
-            n = host.shape[0]
-            dev = work[: n * width].view(n, width)
-            dev.copy_(host, non_blocking=self.cuda)
-            return dev
+    def _patch_slab(self, io: _TensorIO, base: int, layout: Layout, chunk_rows: int, stored: torch.dtype,
+                    u: torch.Tensor, retain: bool) -> None:
+        """Both passes over one ``[dim, cols]`` slab starting at row ``base``."""
+        kernel = self.kernel
+        chunks = split_rows(base, base + layout.dim, chunk_rows)
+        slots = self._retained_slots(chunks, io.row_bytes) if retain else self._ring_slots(chunk_rows * io.row_bytes)
+        coeff, sumsq = kernel.new_sums(layout, stored)
 
-        def store(host: torch.Tensor, dev: torch.Tensor, first_row: int) -> None:
-            host.copy_(dev)  # rounds once to the stored dtype (and synchronizes a CUDA copy)
-            n = host.shape[0]
-            writer.write(entry.begin, entry.begin + first_row * row_bytes, raw_view[: n * row_bytes])
-            if on_progress is not None:
-                on_progress(n * row_bytes)
+        def first(c: Chunk, data: torch.Tensor) -> None:
+            kernel.accumulate(data, u[c.row - base:c.row - base + c.count], layout, coeff, sumsq)
 
-        if layout.rowwise:
-            for first in range(0, layout.batches, chunk_rows):
-                host = read_rows(first, min(chunk_rows, layout.batches - first))
-                dev = load(host)
-                for s in range(0, dev.shape[0], block_rows):
-                    project_rows_(dev[s:s + block_rows], u, self.scale, self.norm_preserving)
-                store(host, dev, first)
-            return
+        self._run(io, chunks, slots, stored, layout.cols, first, read=True, write=False)
+        factor = kernel.factor(coeff, sumsq)
 
-        for b in range(layout.batches):
-            base = b * layout.dim
-            coeff = torch.zeros(layout.cols, dtype=work_dtype, device=self.device)
-            sumsq = torch.zeros_like(coeff) if self.norm_preserving else None
-            for first in range(0, layout.dim, chunk_rows):
-                dev = load(read_rows(base + first, min(chunk_rows, layout.dim - first)))
-                for s in range(0, dev.shape[0], block_rows):
-                    blk = dev[s:s + block_rows]
-                    accumulate_columns(blk, u[first + s:first + s + blk.shape[0]], coeff, sumsq)
-            factor = column_factor(coeff, sumsq, self.scale) if sumsq is not None else None
-            for first in range(0, layout.dim, chunk_rows):
-                host = read_rows(base + first, min(chunk_rows, layout.dim - first))
-                dev = load(host)
-                for s in range(0, dev.shape[0], block_rows):
-                    blk = dev[s:s + block_rows]
-                    project_columns_(blk, u[first + s:first + s + blk.shape[0]], coeff, self.scale, factor)
-                store(host, dev, base + first)
+        def second(c: Chunk, data: torch.Tensor) -> None:
+            kernel.columns_(data, u[c.row - base:c.row - base + c.count], layout, coeff, factor)
+
+        self._run(io, chunks, slots, stored, layout.cols, second, read=not retain, write=True)
 
 
 def as_tensor(vector: np.ndarray) -> torch.Tensor:
