@@ -71,3 +71,32 @@ def demo_command(folder: Path, quiet: bool) -> None:
         _fail(exc, False)
         return
     click.echo("\n".join(lines))
+
+
+@main.command("verify")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--direction", required=True, type=click.Path(path_type=Path),
+              help="The direction file the output was made with.")
+@click.option("--source", type=click.Path(path_type=Path),
+              help="The source model folder: compare every tensor with it (unchanged ones byte for byte).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
+@click.option("--debug", is_flag=True, help="Show a traceback on errors.")
+def verify_command(out: Path, direction: Path, source: Path | None, quiet: bool, debug: bool) -> None:
+    """Re-open OUT, written by apply, and check every shard and patched tensor; exit 1 on any failure.
+
+    Without --source, each patched tensor must have no component along the direction beyond rounding
+    noise; with it, each must equal the source projected in float64 and rounded once.
+    """
+    from .verify import VerifyOptions, format_table, summary, verify
+
+    try:
+        report = verify(VerifyOptions(out=out, direction=direction, source=source, quiet=quiet))
+    except OrthopatchError as exc:
+        _fail(exc, debug)
+        return
+    click.echo(format_table(report))
+    click.echo(summary(report))
+    for failure in report.failures:
+        click.echo(f"orthopatch: error: {failure}", err=True)
+    if not report.ok:
+        sys.exit(1)
