@@ -74,6 +74,13 @@ def parse_repo_ref(text: str) -> RepoRef | None:
     return RepoRef(repo_id, revision or None)
 
 
+def folder_name(path: Path) -> str:
+    """What a model card calls a local folder: the repo id of a cache snapshot, else the name as given."""
+    if cached := cached_repo_name(path):
+        return cached
+    return path.name if path.name not in ("", ".", "..") else path.resolve().name
+
+
 def cached_repo_name(path: Path) -> str | None:
     """``ORG/NAME`` when ``path`` is a snapshot folder of the Hugging Face cache, else ``None``."""
     parts = path.resolve().parts
@@ -155,7 +162,7 @@ def resolve_model(text: str, *, download: bool = False, cache_dir: Path | None =
     path = Path(text)
     ref = None if path.exists() else parse_repo_ref(text)
     if ref is None:
-        return ModelSource(path, cached_repo_name(path) or path.resolve().name)
+        return ModelSource(path, folder_name(path))
 
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError

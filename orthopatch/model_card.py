@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from .hub import cached_repo_name
+from .hub import folder_name
 from .output import write_atomic
 
 CARD_NAME = "README.md"
@@ -98,8 +98,8 @@ def write_model_card(out: Path, src: Path, record: dict[str, Any], *, base_model
                      direction: str) -> None:
     """Write ``out/README.md`` atomically (before the record, which marks the output complete).
 
-    ``base_model`` defaults to the repo id of a Hugging Face cache snapshot, else the folder name.
+    ``base_model`` defaults to the repo id of a Hugging Face cache snapshot, else the folder's name.
     """
-    base_model = base_model or cached_repo_name(src) or src.resolve().name
+    base_model = base_model or folder_name(src)
     card = build_card(record, base_model=base_model, direction=direction, source=read_source_card(src))
     write_atomic(out / CARD_NAME, str(card).encode("utf-8"))
