@@ -95,10 +95,10 @@ def make_model(case: Case) -> Any:
         model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name and p.dim() == 1:
+            if name.endswith("bias"):
+                torch.nn.init.normal_(p, std=0.5)
+            elif p.dim() == 1:  # norm gains (GPT-2's ln_*, everyone's *norm), gpt-oss's attention sinks
                 torch.nn.init.normal_(p, mean=1.0 - case.gain_offset, std=0.5)
-            elif name.endswith("bias"):
-                torch.nn.init.normal_(p, std=0.3)
             elif p.dim() >= 2:
                 torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5 if p.dim() == 2 else 0.1)
     return model.eval()
@@ -201,6 +201,9 @@ def test_residual_stream_loses_the_direction(built: Built, request) -> None:
 #: residual stream must then keep a visible component, which shows the test above can see it.
 UNWEIGHTED = [r".*embed_tokens\.weight:-1", r".*\.layers\.(?P<layer>\d+)\.(self_attn\.o_proj|mlp\.down_proj)\.weight:0"]
 INCOMPLETE = {
+    "llama": UNWEIGHTED,  # biases left in
+    "gpt_neox": [r".*embed_in\.weight:-1",
+                 r".*\.layers\.(?P<layer>\d+)\.(attention\.dense|mlp\.dense_4h_to_h)\.weight:0"],
     "mixtral": [r".*embed_tokens\.weight:-1", r".*\.layers\.(?P<layer>\d+)\.self_attn\.o_proj\.weight:0"],
     "qwen2_moe": [r".*embed_tokens\.weight:-1", r".*\.layers\.(?P<layer>\d+)\.self_attn\.o_proj\.weight:0",
                   r".*\.layers\.(?P<layer>\d+)\.mlp\.(experts\.\d+\.)?down_proj\.weight:0"],
@@ -213,7 +216,8 @@ INCOMPLETE = {
 
 
 def test_an_incomplete_patch_is_visible(built: Built, request) -> None:
-    """Without the experts, the shared expert, the expert bias, wpe or the norm gains, a component stays."""
+    """Without the biases, the experts, the shared expert, the expert bias, wpe or the norm gains, a component
+    stays."""
     case: Case = request.node.callspec.params["built"]
     targets = INCOMPLETE.get(case_id(case))
     if targets is None:
