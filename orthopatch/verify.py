@@ -159,8 +159,9 @@ def shared_lock(out: Path) -> Iterator[None]:
 def ulp(x: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
     """The spacing of ``stored`` values at the magnitude of ``x`` (float64), subnormals included."""
     info = torch.finfo(stored)
+    lowest = round(math.log2(info.tiny))  # below it, subnormals: the spacing stays that of the smallest normals
     _, exponent = torch.frexp(x)  # |x| = m·2^e with 0.5 <= m < 1, so floor(log2|x|) = e - 1
-    floor_log2 = (exponent - 1).clamp_min(round(math.log2(info.tiny)))
+    floor_log2 = torch.where(x == 0, lowest, exponent - 1).clamp_min(lowest)
     return torch.ldexp(torch.full_like(x, info.eps), floor_log2)
 
 
