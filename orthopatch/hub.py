@@ -216,11 +216,12 @@ def push_folder(out: Path, repo_id: str, *, private: bool = False, message: str 
     return str(getattr(commit, "commit_url", None) or repo_url)
 
 
-def check_finished(out: Path) -> None:
-    """Refuse to push anything but a finished conversion: its record is there and its shards re-open."""
-    from .checkpoint import open_checkpoint
-    from .output import PARTIAL_NAME, RECORD_NAME
 
-    if not (out / RECORD_NAME).is_file() or (out / PARTIAL_NAME).exists():
-        raise OrthopatchError("not a finished orthopatch output (no record, or an interrupted run)", path=out)
-    open_checkpoint(out)
+def verify_before_push(out: Path, direction: Path, source: Path, *, quiet: bool = False) -> None:
+    """Refuse to push anything but a finished conversion that ``orthopatch verify --source`` accepts."""
+    from .verify import VerifyOptions, verify
+
+    report = verify(VerifyOptions(out=out, direction=direction, source=source, quiet=quiet))
+    if not report.ok:
+        more = f" (and {len(report.failures) - 1} more)" if len(report.failures) > 1 else ""
+        raise OrthopatchError(f"not pushed: verification failed: {report.failures[0]}{more}")

@@ -260,7 +260,7 @@ def test_push_to_hub_uploads_the_finished_folder(cache, tmp_path, pushed):
     args = ["apply", str(cache["model"]), str(cache["direction_file"]), "-o", str(out), "-q"]
     assert runner.invoke(main, args).exit_code == 0
     assert pushed == []
-    (out / ".model-00001-of-00002.safetensors.orthopatch-tmp").write_bytes(b"left over")
+    (out / ".DS_Store").write_bytes(b"hidden")
     (out / ".cache" / "huggingface").mkdir(parents=True)
     (out / ".cache" / "huggingface" / "x.lock").write_text("")
 
@@ -275,6 +275,22 @@ def test_push_to_hub_uploads_the_finished_folder(cache, tmp_path, pushed):
     sent = set(filter_repo_objects(files, ignore_patterns=uploaded["ignore_patterns"]))
     assert sent == {f for f in files if not f.startswith(".")}
     assert RECORD_NAME in sent and "README.md" in sent
+
+
+def test_push_refused_when_the_output_does_not_verify(cache, tmp_path, pushed):
+    out = tmp_path / "out"
+    runner = CliRunner()
+    args = ["apply", str(cache["model"]), str(cache["direction_file"]), "-o", str(out), "-q"]
+    assert runner.invoke(main, args).exit_code == 0
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = out / weight_map["lm_head.weight"]  # the last tensor of its shard, never patched
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # the output no longer matches the source
+    shard.write_bytes(bytes(data))
+    result = runner.invoke(main, [*args, "--push-to-hub", "me/x"])
+    assert result.exit_code == 1 and pushed == []
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("orthopatch: error: not pushed: verification failed:") and "lm_head" in line
 
 
 def test_push_failures_and_refusals(cache, tmp_path, pushed, monkeypatch):
