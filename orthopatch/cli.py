@@ -10,6 +10,7 @@ import click
 from . import __version__
 from .apply import ApplyOptions, apply, dry_run_text
 from .errors import OrthopatchError
+from .hub import push_folder, resolve_direction, resolve_model, verify_before_push
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
@@ -28,17 +29,37 @@ def main() -> None:
 @main.command("apply")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("direction", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder [default: MODEL-abliterated].")
+@click.option("-o", "--out", type=click.Path(path_type=Path),
+              help="Output folder [default: MODEL-abliterated; ./NAME-abliterated for a repo id].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, shards, bytes) and write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that holds anything else.")
+@click.option("--download", is_flag=True,
+              help="Fetch a MODEL repo id that is not in the Hugging Face cache (safetensors, config, tokenizer).")
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", help="Upload the finished output to this Hub repo.")
+@click.option("--private", is_flag=True, help="Create the --push-to-hub repo as private.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
 def apply_command(model: Path, direction: Path, out: Path | None, device: str, dry_run: bool,
-                  overwrite: bool, quiet: bool, debug: bool) -> None:
-    """Write the abliterated copy of MODEL, with DIRECTION projected out of every residual writer."""
+                  overwrite: bool, download: bool, push_to_hub: str | None,
+                  private: bool, quiet: bool, debug: bool) -> None:
+    """Write the abliterated copy of MODEL, with DIRECTION projected out of every residual writer.
+
+    MODEL may be a Hub repo id (ORG/NAME[@REVISION], taken from the local Hugging Face cache; see
+    --download) and DIRECTION may be REPO_ID:PATH (that one file is fetched, or taken from the cache).
+    """
+    if push_to_hub and dry_run:
+        raise click.UsageError("--push-to-hub cannot be combined with --dry-run")
+    try:
+        source = resolve_model(str(model), download=download, quiet=quiet)
+        direction_source = resolve_direction(str(direction), quiet=quiet)
+    except OrthopatchError as exc:
+        _fail(exc, debug)
+        return
+    model, direction, out = source.path, direction_source.path, out or source.default_out
     options = ApplyOptions(model=model, direction=direction, out=out, device=device, dry_run=dry_run,
-                           overwrite=overwrite, quiet=quiet)
+                           overwrite=overwrite, quiet=quiet,
+                           base_model=source.name, direction_name=direction_source.name)
     try:
         result = apply(options)
     except OrthopatchError as exc:
@@ -56,6 +77,14 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
     else:
         click.echo(f"{result.out}: {n} tensors patched, {result.plan.total_bytes:,} bytes in "
                    f"{result.seconds:.1f} s ({result.state})")
+    if push_to_hub:
+        try:
+            verify_before_push(result.out, options.direction, options.model, quiet=quiet)
+            url = push_folder(result.out, push_to_hub, private=private)
+        except OrthopatchError as exc:
+            _fail(exc, debug)
+            return
+        click.echo(f"{result.out}: pushed to {url}")
 
 
 @main.command("demo")
