@@ -69,7 +69,9 @@ def open_checkpoint(root: str | Path) -> Checkpoint:
             if Path(shard).name != shard or not shard.endswith(".safetensors"):
                 raise OrthopatchError(f"index names an unexpected shard file {shard!r}", path=index_path)
             if not shard_path.is_file():
-                raise OrthopatchError(f"index names shard {shard!r}, which does not exist", path=index_path)
+                first = next(name for name, where in weight_map.items() if where == shard)
+                raise OrthopatchError(f"index places this tensor in shard {shard!r}, which does not exist",
+                                      path=index_path, tensor=first)
             shards[shard] = read_header(shard_path)
         for name, shard in weight_map.items():
             if name not in shards[shard].names():

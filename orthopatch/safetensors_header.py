@@ -157,7 +157,7 @@ def parse_header(prefix: bytes, file_size: int, path: str | os.PathLike = "<byte
         bits = math.prod(shape) * DTYPE_BITS[dtype]
         if bits % 8 or offsets[1] - offsets[0] != bits // 8:
             raise fail(
-                f"holds {offsets[1] - offsets[0]} bytes but {dtype}{tuple(shape)} needs {bits / 8:g}",
+                f"holds {offsets[1] - offsets[0]} bytes but {dtype}{shape} needs {bits / 8:g}",
                 name,
             )
         entries.append(
