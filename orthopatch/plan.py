@@ -148,7 +148,11 @@ def _match(entry: TensorEntry, arch: Architecture) -> tuple[TargetRule, dict[str
 
 
 def _target(entry: TensorEntry, shard: str, rule: TargetRule, groups: dict[str, str]) -> PatchTarget:
-    layer = int(groups["layer"]) if "layer" in groups else None
+    try:
+        layer = int(groups["layer"]) if "layer" in groups else None
+    except ValueError:
+        raise OrthopatchError(f"layer group matched {groups['layer']!r}, not a block index",
+                              tensor=entry.name) from None
     ndim = len(entry.shape)
     axis = rule.axis + ndim if rule.axis < 0 else rule.axis
     if not 0 <= axis < ndim:

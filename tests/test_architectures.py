@@ -43,7 +43,7 @@ CASES = [
     Case("mistral", {}, 1 + 2 * 2),
     Case("qwen2", dict(tie_word_embeddings=True), 1 + 2 * 2),
     Case("qwen3", {}, 1 + 2 * 2),
-    Case("phi3", dict(pad_token_id=0), 1 + 2 * 2),
+    Case("phi3", {}, 1 + 2 * 2),
     Case("gemma", {}, 1 + 2 * 2, gain_offset=1.0),
     Case("gemma2", {}, 1 + 2 * 2, gain_offset=1.0),
     Case("gemma3_text", {}, 1 + 2 * 2, gain_offset=1.0),

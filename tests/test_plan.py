@@ -226,6 +226,8 @@ def test_custom_targets_roles_and_layers(tmp_path: Path) -> None:
         plan_for(folder, Selection(), [r"nothing:0"])
     with pytest.raises(OrthopatchError, match="axis 2 does not exist"):
         plan_for(folder, Selection(), [r"tok\.weight:2"])
+    with pytest.raises(OrthopatchError, match="not a block index"):
+        plan_for(folder, Selection(), [r"(?P<layer>blocks)\.\d+\.out\.weight:-1"])
 
 
 def test_architecture_files_are_checked() -> None:
