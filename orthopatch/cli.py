@@ -9,8 +9,32 @@ import click
 
 from . import __version__
 from .apply import ApplyOptions, apply, dry_run_text
+from .architecture import parse_target
 from .errors import OrthopatchError
 from .hub import push_folder, resolve_direction, resolve_model, verify_before_push
+from .plan import Selection, parse_layers
+
+
+def _layers_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> frozenset[int] | None:
+    try:
+        return parse_layers(value) if value is not None else None
+    except OrthopatchError as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+def _targets_option(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        for spec in value:
+            parse_target(spec)
+    except OrthopatchError as exc:
+        raise click.BadParameter(exc.message) from None
+    return value
+
+
+def _scale_option(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
+    if value != value or value in (float("inf"), float("-inf")):
+        raise click.BadParameter("must be a finite number")
+    return value
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
@@ -34,6 +58,17 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, shards, bytes) and write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder that holds anything else.")
+@click.option("--layers", callback=_layers_option, metavar="SPEC",
+              help="Blocks to patch: indices and half-open ranges, e.g. 10:60 (10..59) or 0:4,7 [default: all].")
+@click.option("--embeddings/--no-embeddings", default=True, show_default=True,
+              help="Patch the token (and position) embeddings.")
+@click.option("--scale", type=float, default=1.0, show_default=True, callback=_scale_option, metavar="ALPHA",
+              help="Remove ALPHA times the component: W - ALPHA r rᵀW (1 ablates, 2 reflects, <1 is partial).")
+@click.option("--norm-preserving", is_flag=True,
+              help="Give each input unit (column, or embedding row) its original norm back after projecting.")
+@click.option("--targets", multiple=True, callback=_targets_option, metavar="REGEX:AXIS",
+              help="Patch tensors whose names match REGEX along residual AXIS instead of a known architecture "
+                   "(repeatable; name the block index with (?P<layer>\\d+)).")
 @click.option("--download", is_flag=True,
               help="Fetch a MODEL repo id that is not in the Hugging Face cache (safetensors, config, tokenizer).")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", help="Upload the finished output to this Hub repo.")
@@ -41,9 +76,13 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
 def apply_command(model: Path, direction: Path, out: Path | None, device: str, dry_run: bool,
-                  overwrite: bool, download: bool, push_to_hub: str | None,
+                  overwrite: bool, layers: frozenset[int] | None, embeddings: bool, scale: float,
+                  norm_preserving: bool, targets: tuple[str, ...], download: bool, push_to_hub: str | None,
                   private: bool, quiet: bool, debug: bool) -> None:
     """Write the abliterated copy of MODEL, with DIRECTION projected out of every residual writer.
+
+    DIRECTION holds one row [d] (or [1, d]) for every layer, or one row per layer [n_layers, d] or per
+    hidden state [n_layers + 1, d]: row i is used for layer i, row 0 for the embeddings.
 
     MODEL may be a Hub repo id (ORG/NAME[@REVISION], taken from the local Hugging Face cache; see
     --download) and DIRECTION may be REPO_ID:PATH (that one file is fetched, or taken from the cache).
@@ -58,7 +97,8 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
         return
     model, direction, out = source.path, direction_source.path, out or source.default_out
     options = ApplyOptions(model=model, direction=direction, out=out, device=device, dry_run=dry_run,
-                           overwrite=overwrite, quiet=quiet,
+                           overwrite=overwrite, quiet=quiet, selection=Selection(layers, embeddings),
+                           scale=scale, norm_preserving=norm_preserving, targets=targets,
                            base_model=source.name, direction_name=direction_source.name)
     try:
         result = apply(options)
