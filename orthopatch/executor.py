@@ -87,7 +87,7 @@ def write_shard(shard: ShardPlan, src: Path, out: Path, directions: dict[str, to
     src_path = src / shard.name
     with open_source(src_path) as fd, ShardWriter(out / shard.name, shard.header.file_size,
                                                    [(b, e) for b, e, _ in segments]) as writer:
-        copier = RangeCopier()
+        copier = RangeCopier(write_behind=True)
 
         def copy_unchanged() -> None:
             for begin, end, target in segments:

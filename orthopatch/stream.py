@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import OrthopatchError
-from .filecopy import pread_into
+from .filecopy import pread_into, start_writeback
 from .plan import PatchTarget
 from .projection import BlockKernel, Layout, compute_dtype
 from .safetensors_header import TensorEntry
@@ -79,7 +79,9 @@ class _TensorIO:
 
     def write(self, chunk: Chunk, data: memoryview) -> None:
         nbytes = chunk.count * self.row_bytes
-        self.writer.write(self.entry.begin, self.entry.begin + chunk.row * self.row_bytes, data[:nbytes])
+        offset = self.entry.begin + chunk.row * self.row_bytes
+        self.writer.write(self.entry.begin, offset, data[:nbytes])
+        start_writeback(self.writer.fd, offset, nbytes)
         if self.on_progress is not None:
             self.on_progress(nbytes)
 

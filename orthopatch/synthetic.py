@@ -62,26 +62,50 @@ LLAMA3_8B = LlamaShape(hidden=4096, intermediate=14336, vocab=128256, layers=32,
 LLAMA3_70B = LlamaShape(hidden=8192, intermediate=28672, vocab=128256, layers=80, heads=64, kv_heads=8)
 
 
-def _write_tensor_data(f, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, norm: bool) -> None:
-    """Random values, generated and written in bounded pieces so memory stays small."""
-    rows = shape[0] if len(shape) > 1 else 1
-    width = shape[-1] if len(shape) > 1 else shape[0]
-    step = max(1, (8 << 20) // max(width, 1))
-    for start in range(0, rows, step):
-        n = min(step, rows - start)
-        if norm:
-            block = 1.0 + 0.1 * torch.randn(n, width, generator=gen)
-        else:
-            block = torch.randn(n, width, generator=gen) * (width ** -0.5)
-        f.write(block.to(dtype).numpy(force=True).view("uint8").tobytes() if dtype != torch.bfloat16
-                else block.to(dtype).view(torch.int16).numpy().tobytes())
+#: Values in the pool every tensor's data is cut from: 8 MiB of bf16.
+POOL_ELEMENTS = 1 << 22
+
+
+class _ValuePool:
+    """Random values generated once and cut at random offsets: tensors are written at disk speed.
+
+    Every tensor is a sequence of slices of one random pool (scaled like an initialized layer), so
+    values are finite, varied and reproducible from the seed, while nothing large is generated.
+    """
+
+    def __init__(self, gen: torch.Generator, dtype: torch.dtype):
+        self.gen = gen
+        self.dtype = dtype
+        self.itemsize = torch.empty(0, dtype=dtype).element_size()
+        self.base = torch.randn(POOL_ELEMENTS, generator=gen)
+        self._scaled: dict[tuple[int, bool], tuple[torch.Tensor, memoryview]] = {}
+
+    def _bytes(self, width: int, norm: bool) -> memoryview:
+        key = (width, norm)
+        if key not in self._scaled:
+            values = 1.0 + 0.1 * self.base if norm else self.base * (width ** -0.5)
+            stored = values.to(self.dtype)
+            doubled = torch.cat([stored, stored]).view(torch.uint8)  # any slice of a pool's length fits
+            self._scaled[key] = (doubled, memoryview(doubled.numpy()))
+        return self._scaled[key][1]
+
+    def write(self, f, shape: tuple[int, ...], norm: bool) -> None:
+        width = shape[-1] if len(shape) > 1 else max(shape[0] if shape else 1, 1)
+        data = self._bytes(width, norm)
+        remaining = torch.Size(shape).numel()
+        while remaining:
+            n = min(remaining, POOL_ELEMENTS)
+            start = int(torch.randint(POOL_ELEMENTS, (1,), generator=self.gen))
+            f.write(data[start * self.itemsize:(start + n) * self.itemsize])
+            remaining -= n
 
 
 def write_checkpoint(folder: Path, shape: LlamaShape, *, shard_bytes: int = 2 << 30,
                      dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
-    """Write a sharded checkpoint of ``shape`` into ``folder`` (created), one tensor at a time."""
+    """Write a sharded checkpoint of ``shape`` into ``folder`` (created), streaming, at the disk's speed."""
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
+    pool = _ValuePool(gen, dtype)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
@@ -98,7 +122,8 @@ def write_checkpoint(folder: Path, shape: LlamaShape, *, shard_bytes: int = 2 <<
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, tshape in members:
             nbytes = itemsize * torch.Size(tshape).numel()
-            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(tshape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(tshape),
+                            "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
             weight_map[name] = fname
         total += offset
@@ -107,7 +132,7 @@ def write_checkpoint(folder: Path, shape: LlamaShape, *, shard_bytes: int = 2 <<
         with open(folder / fname, "wb") as f:
             f.write(struct.pack("<Q", len(text)) + text)
             for name, tshape in members:
-                _write_tensor_data(f, tshape, dtype, gen, norm=name.endswith("norm.weight"))
+                pool.write(f, tshape, norm=name.endswith("norm.weight"))
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2))
     (folder / "config.json").write_text(json.dumps(shape.config(), indent=2))

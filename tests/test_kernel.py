@@ -1,0 +1,286 @@
+"""The block kernel, the streaming pipeline and the shard executor: same bytes by every path."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from orthopatch import filecopy
+from orthopatch.errors import OrthopatchError
+from orthopatch.executor import write_shard
+from orthopatch.plan import PatchTarget, ShardPlan
+from orthopatch.projection import Layout, project_, project_out, unit_direction
+from orthopatch.safetensors_header import read_header
+from orthopatch.stream import TensorPatcher
+from orthopatch.synthetic import DEMO, write_checkpoint
+from orthopatch.writer import ShardWriter
+
+from handmade import safetensors_bytes, tensor_bytes
+from reference import assert_correctly_rounded
+
+# (shape, residual axis): Linear [d_model, d_in], embedding rows, fused experts both ways.
+CASES = [((301, 70), 0), ((70, 301), 1), ((3, 41, 301), 2), ((3, 301, 29), 1)]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def random_case(shape: tuple[int, ...], axis: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen).to(dtype)
+    u = unit_direction(torch.randn(shape[axis], generator=gen, dtype=torch.float64))
+    return w, u
+
+
+@pytest.fixture
+def threads():
+    """Restore torch's intra-op thread count after a test changes it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_same_bytes_whatever_the_thread_count(threads, dtype, shape, axis):
+    w, u = random_case(shape, axis, dtype)
+    results = []
+    for count in (1, 2):
+        threads(count)
+        results.append(project_out(w, u, axis, block_elements=4096))
+        assert torch.get_num_threads() == count  # the kernel restores the caller's setting
+    assert torch.equal(results[0].view(torch.uint8), results[1].view(torch.uint8))
+
+
+def test_large_blocks_same_bytes_whatever_the_thread_count(threads):
+    w, u = random_case((512, 2048), 0, torch.bfloat16, seed=3)
+    threads(1)
+    one = project_out(w, u, 0)
+    threads(2)
+    two = project_out(w, u, 0)
+    assert torch.equal(one.view(torch.int16), two.view(torch.int16))
+    assert_correctly_rounded(one, w, u, 0)
+
+
+def test_in_place_projection_matches_project_out():
+    w, u = random_case((257, 96), 0, torch.bfloat16)
+    copy = w.clone()
+    assert project_(copy, u, 0) is copy
+    assert torch.equal(copy.view(torch.int16), project_out(w, u, 0).view(torch.int16))
+    with pytest.raises(ValueError):
+        project_(w.t(), u, 1)
+
+
+# -- the streamed path ------------------------------------------------------------------------------
+
+def one_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    path.write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
+
+
+def stream_one(tmp_path: Path, w: torch.Tensor, u: torch.Tensor, axis: int, **patcher_options) -> torch.Tensor:
+    """Patch ``w`` through a file, the pipeline and a shard writer; return what was written."""
+    src = tmp_path / "src.safetensors"
+    one_tensor_file(src, {"w": w})
+    header = read_header(src)
+    entry = header.entry("w")
+    target = PatchTarget(entry=entry, shard=src.name, role="test", axis=axis, layer=0)
+    out = tmp_path / "out.safetensors"
+    segments = [(0, entry.begin), (entry.begin, entry.end)]
+    if entry.end < header.file_size:
+        segments.append((entry.end, header.file_size))
+    patcher = TensorPatcher("cpu", **patcher_options)
+    seen: list[int] = []
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        with ShardWriter(out, header.file_size, segments) as writer:
+            writer.write(0, 0, memoryview(src.read_bytes()[: entry.begin]))
+            patcher.patch(fd, target, u, writer, seen.append)
+            writer.finish()
+    finally:
+        os.close(fd)
+    assert sum(seen) == entry.nbytes
+    return load_file(out)["w"]
+
+
+PIPELINE_OPTIONS = [
+    {},  # defaults: one chunk, the slab kept between passes
+    {"chunk_bytes": 4096, "block_elements": 512},  # many chunks through the ring, slab kept
+    {"chunk_bytes": 4096, "block_elements": 512, "retain_bytes": 0, "ring_buffers": 2},  # re-read for pass two
+    {"chunk_bytes": 1, "block_elements": 1, "ring_buffers": 3},  # one row per chunk
+]
+
+
+@pytest.mark.parametrize("options", PIPELINE_OPTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_streamed_bytes_equal_in_memory_bytes(tmp_path, options, dtype, shape, axis):
+    w, u = random_case(shape, axis, dtype, seed=7)
+    streamed = stream_one(tmp_path, w, u, axis, **options)
+    in_memory = project_out(w, u, axis, block_elements=options.get("block_elements"))
+    assert tensor_bytes(streamed) == tensor_bytes(in_memory)
+    assert_correctly_rounded(streamed, w, u, axis)
+
+
+@pytest.mark.parametrize("norm_preserving", [False, True])
+def test_streamed_scale_and_norms_equal_in_memory(tmp_path, norm_preserving):
+    w, u = random_case((301, 70), 0, torch.bfloat16, seed=9)
+    options = {"scale": 0.5, "norm_preserving": norm_preserving}
+    streamed = stream_one(tmp_path, w, u, 0, chunk_bytes=4096, block_elements=512, retain_bytes=0, **options)
+    in_memory = project_out(w, u, 0, block_elements=512, **options)
+    assert tensor_bytes(streamed) == tensor_bytes(in_memory)
+
+
+def test_truncated_source_is_one_error_naming_the_tensor(tmp_path):
+    w, u = random_case((64, 300), 0, torch.bfloat16)
+    src = tmp_path / "src.safetensors"
+    one_tensor_file(src, {"w": w})
+    entry = read_header(src).entry("w")
+    target = PatchTarget(entry=entry, shard=src.name, role="test", axis=0, layer=0)
+    with open(src, "r+b") as f:
+        f.truncate(entry.begin + entry.nbytes // 2)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        writer = ShardWriter(tmp_path / "out.safetensors", entry.end, [(0, entry.begin), (entry.begin, entry.end)])
+        with pytest.raises(OrthopatchError, match="w"), writer:
+            TensorPatcher("cpu", chunk_bytes=4096, block_elements=600).patch(fd, target, u, writer)
+    finally:
+        os.close(fd)
+
+
+def test_write_failure_stops_the_pipeline(tmp_path):
+    w, u = random_case((300, 64), 1, torch.bfloat16)
+    src = tmp_path / "src.safetensors"
+    one_tensor_file(src, {"w": w})
+    entry = read_header(src).entry("w")
+    target = PatchTarget(entry=entry, shard=src.name, role="test", axis=1, layer=0)
+
+    class FailingWriter(ShardWriter):
+        calls = 0
+
+        def write(self, segment, offset, data):
+            FailingWriter.calls += 1
+            if FailingWriter.calls == 3:
+                raise OrthopatchError("cannot write shard (no space left on device)")
+            super().write(segment, offset, data)
+
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        writer = FailingWriter(tmp_path / "out.safetensors", entry.end, [(0, entry.begin), (entry.begin, entry.end)])
+        with pytest.raises(OrthopatchError, match="no space"), writer:
+            TensorPatcher("cpu", chunk_bytes=1024, block_elements=64).patch(fd, target, u, writer)
+    finally:
+        os.close(fd)
+    assert not writer.tmp.exists()
+
+
+# -- whole shards -------------------------------------------------------------------------------------
+
+def make_shard(tmp_path: Path) -> tuple[ShardPlan, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(5)
+    tensors = {
+        "a.norm": torch.randn(96, generator=gen).to(torch.bfloat16),
+        "a.o_proj": torch.randn(96, 40, generator=gen).to(torch.bfloat16),
+        "a.int": torch.arange(1000, dtype=torch.int64),
+        "b.embed": torch.randn(33, 96, generator=gen).to(torch.float16),
+        "b.q_proj": torch.randn(40, 96, generator=gen).to(torch.bfloat16),
+    }
+    src = tmp_path / "src"
+    src.mkdir(parents=True)
+    one_tensor_file(src / "model.safetensors", tensors)
+    header = read_header(src / "model.safetensors")
+    axes = {"a.o_proj": 0, "b.embed": 1}
+    targets = tuple(PatchTarget(entry=e, shard="model.safetensors", role="test", axis=axes[e.name], layer=0)
+                    for e in header.tensors if e.name in axes)
+    directions = {name: unit_direction(torch.randn(96, generator=gen, dtype=torch.float64)) for name in axes}
+    return ShardPlan("model.safetensors", header, targets), tensors, directions
+
+
+def convert_shard(tmp_path: Path, name: str, **patcher_options) -> tuple[bytes, bytes, dict]:
+    plan, tensors, directions = make_shard(tmp_path / name)
+    out = tmp_path / name / "out"
+    out.mkdir()
+    write_shard(plan, tmp_path / name / "src", out, directions, TensorPatcher("cpu", **patcher_options))
+    return (tmp_path / name / "src" / plan.name).read_bytes(), (out / plan.name).read_bytes(), directions
+
+
+def test_write_shard_patches_targets_and_copies_the_rest(tmp_path):
+    src, out, directions = convert_shard(tmp_path, "k", chunk_bytes=2048, block_elements=256)
+    before, after = load_file_bytes(src), load_file_bytes(out)
+    header_len = 8 + int.from_bytes(src[:8], "little")
+    assert out[:header_len] == src[:header_len]
+    for name in ("a.norm", "a.int", "b.q_proj"):
+        assert tensor_bytes(after[name]) == tensor_bytes(before[name])
+    for name, axis in (("a.o_proj", 0), ("b.embed", 1)):
+        expected = project_out(before[name], directions[name], axis, block_elements=256)
+        assert tensor_bytes(after[name]) == tensor_bytes(expected)
+
+
+def load_file_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(data)
+
+
+def test_copy_fallback_gives_the_same_file(tmp_path, monkeypatch):
+    _, in_kernel, _ = convert_shard(tmp_path, "kernel")
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    monkeypatch.setattr(filecopy, "COPY_CHUNK", 100)
+    _, fallback, _ = convert_shard(tmp_path, "fallback")
+    assert calls, "copy_file_range was not tried"
+    assert fallback == in_kernel
+
+
+def test_range_copier_fallback_is_bounded(tmp_path, monkeypatch):
+    data = os.urandom(10_000)
+    (tmp_path / "a").write_bytes(data)
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no")))
+    copier = filecopy.RangeCopier(chunk=999)
+    src = os.open(tmp_path / "a", os.O_RDONLY)
+    dst = os.open(tmp_path / "b", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        copier.copy(src, dst, 123, 9000, dst_offset=7)
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert not copier.in_kernel and len(copier._buffer) == 999
+    assert (tmp_path / "b").read_bytes() == bytes(7) + data[123:9123]
+
+
+def test_range_copier_passes_other_errors(tmp_path, monkeypatch):
+    (tmp_path / "a").write_bytes(b"x" * 100)
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    src = os.open(tmp_path / "a", os.O_RDONLY)
+    dst = os.open(tmp_path / "b", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(OSError, match="I/O"):
+            filecopy.RangeCopier().copy(src, dst, 0, 100)
+    finally:
+        os.close(src)
+        os.close(dst)
+
+
+# -- the synthetic checkpoint ---------------------------------------------------------------------------
+
+def test_synthetic_checkpoint_is_valid_varied_and_reproducible(tmp_path):
+    write_checkpoint(tmp_path / "a", DEMO, shard_bytes=4 << 20, seed=3)
+    write_checkpoint(tmp_path / "b", DEMO, shard_bytes=4 << 20, seed=3)
+    shards = sorted((tmp_path / "a").glob("*.safetensors"))
+    assert len(shards) > 1
+    for shard in shards:
+        assert shard.read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
+        for name, t in load_file(shard).items():
+            x = t.float()
+            assert torch.isfinite(x).all(), name
+            assert x.std() > 0.01 and x.unique().numel() > 20, name
+    embed = load_file(shards[0])["model.embed_tokens.weight"].float()
+    assert Layout.of(tuple(embed.shape), 1).rowwise
+    assert not torch.equal(embed[0], embed[1])
