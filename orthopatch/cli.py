@@ -95,6 +95,9 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
     except OrthopatchError as exc:
         _fail(exc, debug)
         return
+    except KeyboardInterrupt:
+        click.echo("orthopatch: interrupted; rerun the same command to continue the download", err=True)
+        sys.exit(130)
     model, direction, out = source.path, direction_source.path, out or source.default_out
     options = ApplyOptions(model=model, direction=direction, out=out, device=device, dry_run=dry_run,
                            overwrite=overwrite, quiet=quiet, selection=Selection(layers, embeddings),
