@@ -60,7 +60,7 @@ convert_text_$(2) := $$(strip flags=$$(ORTHOPATCH_FLAGS) direction=$$(DIRECTION)
 
 $(OUT)/$(2)/orthopatch.json: $(CONVERT_STAMPS)/$(2) $(call convert_inputs,$(1)) | $(CONVERT_TOOL)
 	$$(ORTHOPATCH) apply $(1) $$(DIRECTION) -o $(OUT)/$(2) --overwrite $$(ORTHOPATCH_FLAGS)
-	touch $$@
+	touch -c $$@ && test -f $$@
 
 ifneq ($$(file <$(CONVERT_STAMPS)/$(2)),$$(convert_text_$(2)))
 $(CONVERT_STAMPS)/$(2): FORCE
