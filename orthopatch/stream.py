@@ -15,9 +15,9 @@ tensor larger than the GPU's memory is handled like any other.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,9 +163,7 @@ class TensorPatcher:
             if not stop.is_set():
                 io.write(chunks[i], views[i % ring])
 
-        stream = torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
-        with ThreadPoolExecutor(1, "orthopatch-read") as reader, \
-                ThreadPoolExecutor(1, "orthopatch-write") as writer, stream:
+        with ThreadPoolExecutor(1, "orthopatch-read") as reader, ThreadPoolExecutor(1, "orthopatch-write") as writer:
             try:
                 if read:
                     reads = [reader.submit(read_job, i) for i in range(lookahead)]
@@ -191,6 +189,17 @@ class TensorPatcher:
                     future.cancel()
                 raise
 
+    @contextmanager
+    def _device_stream(self) -> Iterator[None]:
+        """On CUDA, everything of one tensor (copies, kernels, allocations) runs on the patcher's stream."""
+        if self._stream is None:
+            yield
+            return
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            yield
+        self._stream.synchronize()
+
     def patch(self, src_fd: int, target: PatchTarget, u: torch.Tensor, writer: ShardWriter,
               on_progress: Progress | None = None) -> None:
         """Write ``target``'s tensor, projected against unit vector ``u``, into its segment of ``writer``."""
@@ -205,10 +214,10 @@ class TensorPatcher:
         kernel = self.kernel
         block_rows = kernel.block_rows(layout)
         chunk_rows = max(block_rows, (self.chunk_bytes // row_bytes) // block_rows * block_rows)
-        u = u.to(device=self.device, dtype=compute_dtype(stored))
         io = _TensorIO(src_fd, entry, row_bytes, writer, on_progress)
 
-        with kernel.running():
+        with kernel.running(), self._device_stream():
+            u = u.to(device=self.device, dtype=compute_dtype(stored))
             if layout.rowwise:
                 chunks = split_rows(0, layout.rows, chunk_rows)
                 self._run(io, chunks, self._ring_slots(chunk_rows * row_bytes), stored, layout.width,

@@ -221,16 +221,18 @@ def bench_size(args: argparse.Namespace, shape: LlamaShape) -> dict:
     if args.skip_baseline:
         ways.pop("load/patch/save")
     runs: dict[str, list[Run]] = {k: [] for k in ways}
-    reads = []
+    reads, loads = [], []
     for repeat in range(args.repeats):
         reads.append(disk_read_rate(max(shards, key=lambda p: p.stat().st_size)))
         for way, argv in ways.items():
             remove(out)
             evict(src)
+            load = os.getloadavg()[0]
             run = timed(argv)
             runs[way].append(run)
+            loads.append(load)
             print(f"  [{repeat + 1}/{args.repeats}] {way:17s} {run.seconds:6.2f} s  "
-                  f"peak RSS {run.max_rss / 2**20:7.0f} MiB", flush=True)
+                  f"peak RSS {run.max_rss / 2**20:7.0f} MiB  (load average before: {load:.1f})", flush=True)
     remove(out)
     rates = kernel_rates(shape, args.device)
     mix = patched_mix(shape)
@@ -240,6 +242,8 @@ def bench_size(args: argparse.Namespace, shape: LlamaShape) -> dict:
         "shape": dataclasses.asdict(shape), "bytes": size, "shards": len(shards),
         "patched_bytes": sum(mix.values()),
         "disk_read_GBps": statistics.median(reads) / 1e9,
+        "disk_read_all_GBps": [round(r / 1e9, 2) for r in reads],
+        "load_average_before_runs": [round(x, 1) for x in loads],
         "ways": {way: {"median_s": statistics.median(r.seconds for r in rs),
                        "all_s": [round(r.seconds, 2) for r in rs],
                        "ratio_to_cp": statistics.median(r.seconds for r in rs) / cp,
@@ -257,7 +261,9 @@ def report(result: dict) -> str:
         lines.append(f"  {way:17s} median {w['median_s']:6.2f} s  ({w['ratio_to_cp']:.2f} x cp)  "
                      f"peak RSS {w['peak_rss_MiB']:7.0f} MiB  runs {w['all_s']}")
     disk = result["disk_read_GBps"]
-    lines.append(f"  disk sequential read {disk:.2f} GB/s")
+    lines.append(f"  disk sequential read {disk:.2f} GB/s (runs {result['disk_read_all_GBps']}); "
+                 f"load average before runs {min(result['load_average_before_runs']):.1f}"
+                 f"..{max(result['load_average_before_runs']):.1f}")
     for k, v in result["kernel_GBps"].items():
         lines.append(f"  kernel {k:28s} {v:5.2f} GB/s ({v / disk:.1f} x disk)")
     lines.append(f"  kernel on this model's patched mix   {result['kernel_mix_GBps']:5.2f} GB/s "

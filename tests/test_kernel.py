@@ -80,7 +80,8 @@ def one_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     path.write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
 
 
-def stream_one(tmp_path: Path, w: torch.Tensor, u: torch.Tensor, axis: int, **patcher_options) -> torch.Tensor:
+def stream_one(tmp_path: Path, w: torch.Tensor, u: torch.Tensor, axis: int, device: str = "cpu",
+               **patcher_options) -> torch.Tensor:
     """Patch ``w`` through a file, the pipeline and a shard writer; return what was written."""
     src = tmp_path / "src.safetensors"
     one_tensor_file(src, {"w": w})
@@ -91,7 +92,7 @@ def stream_one(tmp_path: Path, w: torch.Tensor, u: torch.Tensor, axis: int, **pa
     segments = [(0, entry.begin), (entry.begin, entry.end)]
     if entry.end < header.file_size:
         segments.append((entry.end, header.file_size))
-    patcher = TensorPatcher("cpu", **patcher_options)
+    patcher = TensorPatcher(device, **patcher_options)
     seen: list[int] = []
     fd = os.open(src, os.O_RDONLY)
     try:
