@@ -19,7 +19,7 @@ from safetensors import SafetensorError, deserialize
 from orthopatch.errors import HeaderError
 from orthopatch.safetensors_header import DTYPE_BITS, ShardHeader, parse_header, read_header
 
-FUZZ = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 NAMES = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
     ["a", "b", "__metadata__", "", "model.layers.0.mlp.down_proj.weight"])
@@ -109,7 +109,7 @@ def reference_reads(data: bytes) -> dict | None:
         return None
 
 
-@FUZZ
+@settings(FUZZ, max_examples=2500)
 @given(header_files())
 def test_generated_headers(data: bytes) -> None:
     result = parse(data)

@@ -1,0 +1,196 @@
+"""Real ``orthopatch apply`` processes killed with SIGKILL at random moments, then run again.
+
+After a kill the folder must never look finished (no record, no index before every shard is
+there); the same command again must succeed, leave no temporary file, and give exactly the bytes
+of an uninterrupted run. A second apply into a folder that one is writing is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from orthopatch.checkpoint import INDEX_NAME
+from orthopatch.output import PARTIAL_NAME, RECORD_NAME, temporaries
+from orthopatch.safetensors_header import read_header
+from orthopatch.synthetic import LlamaShape, write_checkpoint
+
+from guarded import comparable_files, folder_hashes, save_direction
+
+pytestmark = pytest.mark.slow
+
+#: About 300 MB in 21 shards: long enough that kills land in every phase of a run.
+SHAPE = LlamaShape(hidden=1024, intermediate=2816, vocab=32000, layers=8, heads=8, kv_heads=4)
+TRIALS = 8
+
+
+@dataclass(frozen=True)
+class Made:
+    model: Path
+    direction: Path
+    reference: dict[str, str]  # hashes of an uninterrupted run's output
+    source: dict[str, str]  # hashes of the source before any run
+    work_s: float  # from the partial marker's appearance to the record's
+    total_s: float  # from start to the record's appearance
+
+
+def command(made_or_model, direction: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "orthopatch", "apply", str(made_or_model), str(direction), "-o", str(out), "-q",
+            *extra]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen) -> bool:
+    """Poll until ``path`` exists (True) or the process has ended (False)."""
+    while not path.exists():
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> Made:
+    root = tmp_path_factory.mktemp("crash")
+    model = write_checkpoint(root / "model", SHAPE, shard_bytes=16 << 20)
+    (model / "tokenizer.json").write_text('{"version": "1.0"}')
+    (model / "tokenizer").mkdir()
+    (model / "tokenizer" / "extra.txt").write_text("a nested model file")
+    direction = root / "refusal_dir.pth"
+    save_direction(direction, SHAPE.hidden)
+    source = folder_hashes(model)
+    out = root / "reference"
+    began = time.monotonic()
+    proc = start(command(model, direction, out))
+    assert wait_for(out / PARTIAL_NAME, proc)
+    marked = time.monotonic()
+    wait_for(out / RECORD_NAME, proc)
+    ended = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return Made(model, direction, comparable_files(out), source, ended - marked, ended - began)
+
+
+def check_interrupted(out: Path, model: Path) -> None:
+    """What a killed run may leave: complete published shards, temporaries, and no false completion."""
+    if not out.exists():
+        return
+    shards = sorted(p.name for p in model.glob("*.safetensors"))
+    present = []
+    for name in shards:
+        path = out / name
+        if path.exists():  # published only after fsync and rename: always whole
+            assert path.stat().st_size == (model / name).stat().st_size, name
+            assert read_header(path).raw == read_header(model / name).raw, name
+            present.append(name)
+    if (out / INDEX_NAME).exists() or (out / RECORD_NAME).exists():
+        assert present == shards, "index or record written before every shard"
+    if (out / RECORD_NAME).exists():
+        assert (out / INDEX_NAME).exists() and (out / "tokenizer" / "extra.txt").exists()
+
+
+def marker_ino(out: Path) -> int | None:
+    try:
+        return (out / PARTIAL_NAME).stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def began_writing(out: Path, old_marker: int | None, proc: subprocess.Popen) -> bool:
+    """Wait until this run has written its own partial marker (a new file), or has ended (False)."""
+    while marker_ino(out) in (None, old_marker):
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def kill_sometime(proc: subprocess.Popen, out: Path, made: Made, rng: random.Random, how: int,
+                  old_marker: int | None) -> None:
+    """SIGKILL ``proc``: anywhere in its life (0), while it writes (1), or once some more shards are out (2)."""
+    if how == 0:
+        time.sleep(rng.uniform(0, made.total_s))
+    elif how == 1:
+        if began_writing(out, old_marker, proc):
+            time.sleep(rng.uniform(0, made.work_s))
+    else:
+        missing = [out / p.name for p in sorted(made.model.glob("*.safetensors")) if not (out / p.name).exists()]
+        wanted = rng.sample(missing, rng.randint(1, len(missing))) if missing else []
+        if began_writing(out, old_marker, proc):
+            while proc.poll() is None and not all(p.exists() for p in wanted):
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0, 0.02))
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # it had already ended
+
+
+def run_to_end(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=180)
+
+
+def test_kill_at_random_moments_then_rerun(made: Made, tmp_path) -> None:
+    rng = random.Random(20261128)
+    for trial in range(TRIALS):
+        out = tmp_path / f"out{trial}"
+        args = command(made.model, made.direction, out)
+        kills = 1 + trial % 2  # every other trial is killed twice before it may finish
+        for _ in range(kills):
+            old_marker = marker_ino(out)
+            proc = start(args)
+            try:
+                kill_sometime(proc, out, made, rng, trial % 3, old_marker)
+            finally:
+                proc.kill()
+                proc.wait()
+            check_interrupted(out, made.model)
+        done = run_to_end(args)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""
+        assert temporaries(out) == [] and not (out / PARTIAL_NAME).exists()
+        assert comparable_files(out) == made.reference, f"trial {trial}: output differs from an uninterrupted run"
+    assert folder_hashes(made.model) == made.source
+
+
+def test_a_second_apply_is_refused_while_one_runs(made: Made, tmp_path) -> None:
+    out = tmp_path / "out"
+    args = command(made.model, made.direction, out)
+    for _ in range(3):  # the first run may, rarely, finish before it can be paused
+        first = start(args)
+        if wait_for(out / PARTIAL_NAME, first):
+            os.kill(first.pid, signal.SIGSTOP)  # paused, it still holds the folder's lock
+            if first.poll() is None:
+                break
+        first.wait()
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+    else:
+        pytest.fail("could not catch a run in progress")
+    try:
+        before = folder_hashes(out)
+        for extra in ((), ("--overwrite",)):
+            second = run_to_end(args + list(extra))
+            assert second.returncode == 1
+            assert second.stderr.strip() == (f"orthopatch: error: {out}: another orthopatch run is writing "
+                                             "to this folder")
+        verifying = run_to_end([sys.executable, "-m", "orthopatch", "verify", str(out), "--direction",
+                                str(made.direction), "-q"])
+        assert verifying.returncode == 1 and "is writing to this folder" in verifying.stderr
+        assert folder_hashes(out) == before  # the refused runs touched nothing
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _, err = first.communicate(timeout=180)
+    assert first.returncode == 0, err
+    assert comparable_files(out) == made.reference
+    assert folder_hashes(made.model) == made.source
