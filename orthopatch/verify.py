@@ -457,7 +457,13 @@ def verify(options: VerifyOptions, log: Log | None = None) -> VerifyReport:
             if record is not None:
                 report.fail(f"cannot read the options it records ({exc})", path=out_root / RECORD_NAME)
             report.notes.append("options not recorded: checked as a default apply")
-        out_ckpt = open_checkpoint(out_root)
+        try:
+            out_ckpt = open_checkpoint(out_root)
+        except OrthopatchError as exc:
+            if report.ok:
+                raise
+            report.failures.append(exc)  # an unfinished folder: say so first, then what is missing
+            return report
         out_plan = _plan(out_ckpt, method)
         direction = load_direction(options.direction, out_plan.hidden_size, out_plan.num_layers)
         report.notes.extend(direction.notes)
