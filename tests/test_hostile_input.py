@@ -6,6 +6,7 @@ import json
 import pickle
 import shutil
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,10 @@ class CreatesFile:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return tiny_llama(tmp_path_factory.mktemp("hostile") / "model")
+def model(tmp_path_factory) -> Iterator[Path]:
+    model = tiny_llama(tmp_path_factory.mktemp("hostile") / "model")
+    with untouched(model):
+        yield model
 
 
 def apply_cli(model: Path, direction: Path, out: Path):

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,14 +31,15 @@ DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory) -> tuple[Path, Path, Path]:
+def made(tmp_path_factory) -> Iterator[tuple[Path, Path, Path]]:
     """A tiny Llama, its direction and its converted copy (never modified: tests copy it first)."""
     root = tmp_path_factory.mktemp("verify")
     model = tiny_llama(root / "model")
     direction = root / "refusal_dir.pth"
     save_direction(direction, TINY.hidden)
     apply(ApplyOptions(model=model, direction=direction, out=root / "out", quiet=True))
-    return model, direction, root / "out"
+    with untouched(model, root / "out"):  # no test changes the source or this output
+        yield model, direction, root / "out"
 
 
 @pytest.fixture
