@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import HeaderError
 
 MAX_HEADER_BYTES = 100_000_000
+MAX_U64 = 2**64 - 1
 METADATA_KEY = "__metadata__"
 
 #: Bits per element of every dtype the format defines.
@@ -145,8 +146,13 @@ def parse_header(prefix: bytes, file_size: int, path: str | os.PathLike = "<byte
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise fail(f"unknown dtype {dtype!r}", name)
-        if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        if not isinstance(shape, list) or not all(_is_int(s) and 0 <= s <= MAX_U64 for s in shape):
             raise fail(f"invalid shape {shape!r}", name)
+        numel = 1
+        for s in shape:  # as the reference reader multiplies: 64-bit, left to right
+            numel *= s
+            if numel > MAX_U64:
+                raise fail(f"shape {shape} has more elements than 64 bits can count", name)
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
@@ -154,7 +160,9 @@ def parse_header(prefix: bytes, file_size: int, path: str | os.PathLike = "<byte
             or offsets[0] > offsets[1]
         ):
             raise fail(f"invalid data_offsets {offsets!r}", name)
-        bits = math.prod(shape) * DTYPE_BITS[dtype]
+        bits = numel * DTYPE_BITS[dtype]
+        if bits > MAX_U64:
+            raise fail(f"shape {shape} has more bits than 64 bits can count", name)
         if bits % 8 or offsets[1] - offsets[0] != bits // 8:
             raise fail(
                 f"holds {offsets[1] - offsets[0]} bytes but {dtype}{shape} needs {bits / 8:g}",
