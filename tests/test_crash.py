@@ -7,8 +7,10 @@ of an uninterrupted run. A second apply into a folder that one is writing is ref
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,14 +20,15 @@ from pathlib import Path
 
 import pytest
 
+from orthopatch import output
+from orthopatch.apply import ApplyOptions, apply
 from orthopatch.checkpoint import INDEX_NAME
+from orthopatch.errors import OrthopatchError
 from orthopatch.output import PARTIAL_NAME, RECORD_NAME, temporaries
 from orthopatch.safetensors_header import read_header
 from orthopatch.synthetic import LlamaShape, write_checkpoint
 
-from guarded import comparable_files, folder_hashes, save_direction
-
-pytestmark = pytest.mark.slow
+from guarded import TINY, comparable_files, folder_hashes, save_direction, tiny_llama, untouched
 
 #: About 300 MB in 21 shards: long enough that kills land in every phase of a run.
 SHAPE = LlamaShape(hidden=1024, intermediate=2816, vocab=32000, layers=8, heads=8, kv_heads=4)
@@ -141,6 +144,7 @@ def run_to_end(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow
 def test_kill_at_random_moments_then_rerun(made: Made, tmp_path) -> None:
     rng = random.Random(20261128)
     for trial in range(TRIALS):
@@ -164,6 +168,7 @@ def test_kill_at_random_moments_then_rerun(made: Made, tmp_path) -> None:
     assert folder_hashes(made.model) == made.source
 
 
+@pytest.mark.slow
 def test_a_second_apply_is_refused_while_one_runs(made: Made, tmp_path) -> None:
     out = tmp_path / "out"
     args = command(made.model, made.direction, out)
@@ -194,3 +199,107 @@ def test_a_second_apply_is_refused_while_one_runs(made: Made, tmp_path) -> None:
     assert first.returncode == 0, err
     assert comparable_files(out) == made.reference
     assert folder_hashes(made.model) == made.source
+
+
+# --- states a crash can leave, built by hand ------------------------------------------------------
+
+@pytest.fixture
+def small(tmp_path) -> tuple[Path, Path, dict[str, str]]:
+    model = tiny_llama(tmp_path / "model")
+    (model / "tokenizer").mkdir()
+    (model / "tokenizer" / "vocab.txt").write_text("a nested model file")
+    direction = tmp_path / "r.pth"
+    save_direction(direction, TINY.hidden)
+    apply(ApplyOptions(model=model, direction=direction, out=tmp_path / "reference", quiet=True))
+    return model, direction, comparable_files(tmp_path / "reference")
+
+
+def test_temporaries_alone_do_not_make_a_folder_foreign(small, tmp_path) -> None:
+    """Killed while writing its first marker, a run leaves only a temporary file: the rerun goes on."""
+    model, direction, reference = small
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".{PARTIAL_NAME}.orthopatch-tmp").write_text('{"half": ')
+    apply(ApplyOptions(model=model, direction=direction, out=out, quiet=True))
+    assert temporaries(out) == []
+    assert comparable_files(out) == reference
+
+
+def test_a_resumed_run_removes_every_temporary(small, tmp_path) -> None:
+    """Killed while copying a nested model file: the rerun resumes and cleans subfolders too."""
+    model, direction, reference = small
+    out = tmp_path / "out"
+    shutil.copytree(tmp_path / "reference", out)
+    fingerprint = json.loads((out / RECORD_NAME).read_text())["fingerprint"]
+    for name in (RECORD_NAME, INDEX_NAME, "README.md", "tokenizer/vocab.txt"):
+        (out / name).unlink()
+    (out / PARTIAL_NAME).write_text(json.dumps(fingerprint))
+    (out / "tokenizer" / ".vocab.txt.orthopatch-tmp").write_text("half")
+    (out / ".model-00003-of-00008.safetensors.orthopatch-tmp").write_bytes(b"half a shard")
+    result = apply(ApplyOptions(model=model, direction=direction, out=out, quiet=True))
+    assert result.state == "resumed"
+    assert temporaries(out) == [] and not (out / PARTIAL_NAME).exists()
+    assert comparable_files(out) == reference
+
+
+def test_shards_without_a_marker_are_not_taken_over(small, tmp_path) -> None:
+    """Shards and no marker: not provably ours, so refused (and untouched) unless --overwrite."""
+    model, direction, reference = small
+    out = tmp_path / "out"
+    shutil.copytree(tmp_path / "reference", out)
+    (out / RECORD_NAME).unlink()
+    (out / INDEX_NAME).unlink()
+    with untouched(out):
+        with pytest.raises(OrthopatchError, match="holds no orthopatch output .*--overwrite"):
+            apply(ApplyOptions(model=model, direction=direction, out=out, quiet=True))
+    apply(ApplyOptions(model=model, direction=direction, out=out, quiet=True, overwrite=True))
+    assert comparable_files(out) == reference
+
+
+def test_an_interrupted_overwrite_never_looks_finished(small, tmp_path, monkeypatch) -> None:
+    """--overwrite of another run's finished output, killed half way: the old record goes first."""
+    model, direction, reference = small
+    out = tmp_path / "out"
+    other = tmp_path / "other.pth"
+    save_direction(other, TINY.hidden, seed=5)
+    apply(ApplyOptions(model=model, direction=other, out=out, quiet=True))
+    real_rmtree, real_unlink = shutil.rmtree, Path.unlink
+    removed: list[str] = []
+
+    def unlink(self, missing_ok=False):
+        if len(removed) == 3:
+            raise KeyboardInterrupt  # stands for a kill in the middle of clearing
+        removed.append(self.name)
+        real_unlink(self, missing_ok=missing_ok)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", unlink)
+        m.setattr(output.shutil, "rmtree", real_rmtree)
+        with pytest.raises(KeyboardInterrupt):
+            apply(ApplyOptions(model=model, direction=direction, out=out, quiet=True, overwrite=True))
+    assert removed[0] == RECORD_NAME and not (out / RECORD_NAME).exists()
+    apply(ApplyOptions(model=model, direction=direction, out=out, quiet=True, overwrite=True))
+    assert comparable_files(out) == reference
+
+
+def test_every_file_is_fsynced_before_the_record(small, tmp_path, monkeypatch) -> None:
+    """A power cut after the record must find every file it vouches for on disk, not just named."""
+    model, direction, _ = small
+    out = tmp_path / "out"
+    synced: set[str] = set()
+    published: dict[str, bool] = {}  # final name -> its data was fsynced before the rename
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs) -> None:
+        published[str(Path(dst).resolve())] = str(Path(src).resolve()) in synced
+        real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    apply(ApplyOptions(model=model, direction=direction, out=out, quiet=True))
+    files = [str(p.resolve()) for p in out.rglob("*") if p.is_file()]
+    assert files and all(published.get(f) for f in files), {f: published.get(f) for f in files}
