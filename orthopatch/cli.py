@@ -166,6 +166,9 @@ def verify_command(out: Path, direction: Path, source: Path | None, quiet: bool,
     except OrthopatchError as exc:
         _fail(exc, debug)
         return
+    except KeyboardInterrupt:
+        click.echo("orthopatch: interrupted", err=True)
+        sys.exit(130)
     click.echo(format_table(report))
     click.echo(summary(report))
     for failure in report.failures:
