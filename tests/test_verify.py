@@ -359,3 +359,18 @@ def test_demo_uses_verify(tmp_path) -> None:
     lines = run_demo(tmp_path, quiet=True)
     assert any("verified" in line for line in lines)
     assert any("before -> after" in line for line in lines)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["options"].update(layers="most"), "cannot read the options it records (layers 'most')"),
+    (lambda r: r["tensors_patched"].pop(), "the record lists 6 patched tensors where the plan has 7"),
+    (lambda r: r["options"].update(embeddings=False), "the record lists 7 patched tensors where the plan has 6"),
+], ids=["bad-options", "fewer-tensors", "other-options"])
+def test_a_record_that_disagrees_fails(made, out_copy, edit, message: str) -> None:
+    _, direction, _ = made
+    record = json.loads((out_copy / RECORD_NAME).read_text())
+    edit(record)
+    (out_copy / RECORD_NAME).write_text(json.dumps(record))
+    result = run_verify(out_copy, direction)
+    assert result.exit_code == 1
+    assert any(message in line and str(out_copy / RECORD_NAME) in line for line in error_lines(result)), result.stderr
