@@ -374,3 +374,24 @@ def test_a_record_that_disagrees_fails(made, out_copy, edit, message: str) -> No
     result = run_verify(out_copy, direction)
     assert result.exit_code == 1
     assert any(message in line and str(out_copy / RECORD_NAME) in line for line in error_lines(result)), result.stderr
+
+
+def test_reads_are_bounded_blocks(made, monkeypatch) -> None:
+    """Never a whole tensor, let alone a shard: every read is a block of at most ``chunk_elements``."""
+    from orthopatch import verify as verify_module
+
+    model, direction, out = made
+    sizes: list[int] = []
+    real = verify_module.RowReader.raw
+
+    def raw(self, offset: int, nbytes: int, tensor: str):
+        sizes.append(nbytes)
+        return real(self, offset, nbytes, tensor)
+
+    monkeypatch.setattr(verify_module.RowReader, "raw", raw)
+    monkeypatch.setattr(verify_module, "COMPARE_BYTES", 4096)
+    chunk = 2 * TINY.intermediate  # two rows of a down_proj block, a fraction of a row of nothing
+    for source in (model, None):
+        assert verify(VerifyOptions(out=out, direction=direction, source=source, quiet=True, chunk_elements=chunk)).ok
+    largest_tensor = max(t.nbytes for p in out.glob("*.safetensors") for t in read_header(p).tensors)
+    assert max(sizes) <= max(4096, chunk * 2) < largest_tensor
