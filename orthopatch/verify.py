@@ -402,8 +402,8 @@ def _check_record(report: VerifyReport, record: Any, plan: PatchPlan, direction:
         names = [t.get("name") if isinstance(t, dict) else None for t in listed]
         planned = [t.name for t in plan.targets()]
         if names != planned:
-            odd = next((n for n in planned if n not in names), None) or next((n for n in names if n not in planned),
-                                                                            None)
+            unlisted = [n for n in planned if n not in names] + [n for n in names if n not in planned]
+            odd = unlisted[0] if unlisted else None
             report.fail(f"the record lists {len(names)} patched tensors where the plan has {len(planned)}",
                         path=path, tensor=odd)
 
