@@ -148,9 +148,10 @@ def demo_command(folder: Path, quiet: bool) -> None:
 @main.command("verify")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--direction", required=True, type=click.Path(path_type=Path),
-              help="The direction file the output was made with.")
+              help="The direction file the output was made with (or REPO_ID:PATH).")
 @click.option("--source", type=click.Path(path_type=Path),
-              help="The source model folder: compare every tensor with it (unchanged ones byte for byte).")
+              help="The source model folder or cached repo id: compare every tensor with it "
+                   "(unchanged ones byte for byte).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
 def verify_command(out: Path, direction: Path, source: Path | None, quiet: bool, debug: bool) -> None:
@@ -162,6 +163,8 @@ def verify_command(out: Path, direction: Path, source: Path | None, quiet: bool,
     from .verify import VerifyOptions, format_table, summary, verify
 
     try:
+        direction = resolve_direction(str(direction), quiet=quiet).path
+        source = resolve_model(str(source), quiet=quiet).path if source is not None else None
         report = verify(VerifyOptions(out=out, direction=direction, source=source, quiet=quiet))
     except OrthopatchError as exc:
         _fail(exc, debug)

@@ -124,6 +124,17 @@ def offline(cache, monkeypatch):
     return run_in
 
 
+def test_verify_takes_the_same_hub_references(cache, tmp_path, offline):
+    work = tmp_path / "work"
+    assert offline(work, "apply", MODEL_ID, f"{DIRECTION_ID}:refusal_dir.pth", "-q").exit_code == 0
+    result = offline(work, "verify", "Tiny-Llama-abliterated", "--direction", f"{DIRECTION_ID}:refusal_dir.pth",
+                     "--source", MODEL_ID, "-q")
+    assert result.exit_code == 0, result.output
+    assert "verified" in result.output and "byte-identical to the source" in result.output
+    missing = offline(work, "verify", "Tiny-Llama-abliterated", "--direction", f"{DIRECTION_ID}:missing.pth")
+    assert missing.exit_code == 1 and "missing.pth" in missing.stderr
+
+
 def test_revision_and_local_path_precedence(cache, tmp_path, offline):
     ok = offline(tmp_path / "rev", "apply", f"{MODEL_ID}@{COMMIT}", f"{DIRECTION_ID}@main:refusal_dir.pth",
                 "-q")
