@@ -57,7 +57,7 @@ def main() -> None:
               help="Output folder [default: MODEL-abliterated; ./NAME-abliterated for a repo id].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, shards, bytes) and write nothing.")
-@click.option("--overwrite", is_flag=True, help="Replace an output folder that holds anything else.")
+@click.option("--overwrite", is_flag=True, help="Delete and replace the contents of an output folder that holds anything else.")
 @click.option("--layers", callback=_layers_option, metavar="SPEC",
               help="Blocks to patch: indices and half-open ranges, e.g. 10:60 (10..59) or 0:4,7 [default: all].")
 @click.option("--embeddings/--no-embeddings", default=True, show_default=True,
