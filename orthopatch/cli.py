@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -44,6 +46,18 @@ def _fail(exc: BaseException, debug: bool) -> None:
     sys.exit(1)
 
 
+@contextmanager
+def _reported(debug: bool, interrupted: str = "interrupted") -> Iterator[None]:
+    """Known errors end as one line and exit 1; Ctrl-C as one line and exit 130."""
+    try:
+        yield
+    except OrthopatchError as exc:
+        _fail(exc, debug)
+    except KeyboardInterrupt:
+        click.echo(f"orthopatch: {interrupted}", err=True)
+        sys.exit(130)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="orthopatch")
 def main() -> None:
@@ -57,7 +71,8 @@ def main() -> None:
               help="Output folder [default: MODEL-abliterated; ./NAME-abliterated for a repo id].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, shards, bytes) and write nothing.")
-@click.option("--overwrite", is_flag=True, help="Delete and replace the contents of an output folder that holds anything else.")
+@click.option("--overwrite", is_flag=True,
+              help="Delete and replace the contents of an output folder that holds anything else.")
 @click.option("--layers", callback=_layers_option, metavar="SPEC",
               help="Blocks to patch: indices and half-open ranges, e.g. 10:60 (10..59) or 0:4,7 [default: all].")
 @click.option("--embeddings/--no-embeddings", default=True, show_default=True,
@@ -89,28 +104,16 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
     """
     if push_to_hub and dry_run:
         raise click.UsageError("--push-to-hub cannot be combined with --dry-run")
-    try:
+    with _reported(debug, "interrupted; rerun the same command to continue the download"):
         source = resolve_model(str(model), download=download, quiet=quiet)
         direction_source = resolve_direction(str(direction), quiet=quiet)
-    except OrthopatchError as exc:
-        _fail(exc, debug)
-        return
-    except KeyboardInterrupt:
-        click.echo("orthopatch: interrupted; rerun the same command to continue the download", err=True)
-        sys.exit(130)
     model, direction, out = source.path, direction_source.path, out or source.default_out
     options = ApplyOptions(model=model, direction=direction, out=out, device=device, dry_run=dry_run,
                            overwrite=overwrite, quiet=quiet, selection=Selection(layers, embeddings),
                            scale=scale, norm_preserving=norm_preserving, targets=targets,
                            base_model=source.name, direction_name=direction_source.name)
-    try:
+    with _reported(debug, "interrupted; rerun the same command to continue"):
         result = apply(options)
-    except OrthopatchError as exc:
-        _fail(exc, debug)
-        return
-    except KeyboardInterrupt:
-        click.echo("orthopatch: interrupted; rerun the same command to continue", err=True)
-        sys.exit(130)
     if result.state == "dry-run":
         click.echo(dry_run_text(result))
         return
@@ -121,12 +124,9 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
         click.echo(f"{result.out}: {n} tensors patched, {result.plan.total_bytes:,} bytes in "
                    f"{result.seconds:.1f} s ({result.state})")
     if push_to_hub:
-        try:
+        with _reported(debug):
             verify_before_push(result.out, options.direction, options.model, quiet=quiet)
             url = push_folder(result.out, push_to_hub, private=private)
-        except OrthopatchError as exc:
-            _fail(exc, debug)
-            return
         click.echo(f"{result.out}: pushed to {url}")
 
 
@@ -162,16 +162,10 @@ def verify_command(out: Path, direction: Path, source: Path | None, quiet: bool,
     """
     from .verify import VerifyOptions, format_table, summary, verify
 
-    try:
+    with _reported(debug):
         direction = resolve_direction(str(direction), quiet=quiet).path
         source = resolve_model(str(source), quiet=quiet).path if source is not None else None
         report = verify(VerifyOptions(out=out, direction=direction, source=source, quiet=quiet))
-    except OrthopatchError as exc:
-        _fail(exc, debug)
-        return
-    except KeyboardInterrupt:
-        click.echo("orthopatch: interrupted", err=True)
-        sys.exit(130)
     click.echo(format_table(report))
     click.echo(summary(report))
     for failure in report.failures:
