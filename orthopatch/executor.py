@@ -72,7 +72,8 @@ def target_directions(plan: PatchPlan, direction: Direction) -> dict[str, torch.
         try:
             out[target.name] = unit_direction(r, gains.get(target.gain) if target.gain else None, target.gain_offset)
         except ValueError as exc:
-            raise OrthopatchError(str(exc), tensor=target.name) from None
+            raise OrthopatchError(f"{exc} {target.gain!r}", path=plan.checkpoint.root / target.shard,
+                                  tensor=target.name) from None
     return out
 
 
@@ -99,7 +100,7 @@ def write_shard(shard: ShardPlan, src: Path, out: Path, directions: dict[str, to
             try:
                 for _, _, target in segments:
                     if target is not None:
-                        patcher.patch(fd, target, directions[target.name], writer, on_progress)
+                        patcher.patch(fd, target, directions[target.name], writer, on_progress, src_path)
             finally:
                 error = copies.exception()
             if error is not None:

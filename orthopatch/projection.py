@@ -9,9 +9,13 @@ applies the rank-1 update block by block.
 :class:`BlockKernel` does that work in place on rows of stored data, one block at a time, in a
 reused buffer of the compute dtype. The same kernel serves whole in-memory tensors
 (:func:`project_out`), streamed files (:mod:`orthopatch.stream`), the CPU and CUDA: given the same
-block size, every path produces the same bytes. On the CPU the kernel runs on one intra-op thread,
-which makes its reductions independent of ``torch.get_num_threads()`` (and is also the fastest
-setting measured on small blocks, see ``docs/performance.md``).
+block size, every path produces the same bytes. On the CPU every torch op of the kernel runs on one
+intra-op thread, which makes its reductions independent of ``torch.get_num_threads()``; the parallelism
+is the kernel's own: a chunk's blocks are split across a few Python worker threads (torch ops release
+the GIL), each with its own block buffer. Row-wise blocks and second-pass blocks are independent. In
+the first pass block ``i`` of a slab always adds into partial sum ``i mod LANES``, and the partials are
+added in lane order at the end, so the bytes do not depend on the number of workers either (see
+``docs/performance.md`` for the measurements).
 
 Arithmetic is float32 for 16-bit storage and float64 for float32/float64 storage, rounded once to
 the stored dtype. With ``norm_preserving`` each input unit (row or column) gets its original norm
@@ -22,7 +26,9 @@ needed.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -32,6 +38,12 @@ import torch
 BLOCK_ELEMENTS = 1 << 20
 #: On a GPU kernel launches, not caches, are what costs: blocks are 128 MiB of float32.
 CUDA_BLOCK_ELEMENTS = 1 << 25
+#: First-pass partial sums per slab: block ``i`` adds into lane ``i mod LANES``, whatever the worker count.
+LANES = 4
+#: At most this many worker threads share a chunk's blocks (each lane is one worker's at a time).
+MAX_WORKERS = LANES
+#: Environment variable that sets the CPU kernel's worker count (``1`` runs everything in the caller).
+WORKERS_ENV = "ORTHOPATCH_KERNEL_WORKERS"
 
 
 def compute_dtype(stored: torch.dtype) -> torch.dtype:
@@ -42,6 +54,27 @@ def compute_dtype(stored: torch.dtype) -> torch.dtype:
 def default_block_elements(device: torch.device | str) -> int:
     """The block size used on ``device`` unless one is given."""
     return CUDA_BLOCK_ELEMENTS if torch.device(device).type == "cuda" else BLOCK_ELEMENTS
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def default_workers(device: torch.device | str = "cpu") -> int:
+    """Worker threads for the kernel on ``device``: ``$ORTHOPATCH_KERNEL_WORKERS``, else one per CPU up to
+    :data:`MAX_WORKERS`; always one on a GPU (its kernels are queued on one stream)."""
+    if torch.device(device).type != "cpu":
+        return 1
+    text = os.environ.get(WORKERS_ENV, "").strip()
+    if text:
+        try:
+            return max(1, min(MAX_WORKERS, int(text)))
+        except ValueError:
+            raise ValueError(f"{WORKERS_ENV} must be a whole number, not {text!r}") from None
+    return min(MAX_WORKERS, available_cpus())
 
 
 @contextmanager
@@ -125,76 +158,152 @@ def column_factor(coeff: torch.Tensor, sumsq: torch.Tensor, scale: float) -> tor
     return _restore_norms(sumsq, coeff, scale)
 
 
+@dataclass
+class ColumnSums:
+    """First-pass accumulators of one slab: ``[LANES, cols]`` partial sums, one row per lane."""
+
+    coeff: torch.Tensor
+    sumsq: torch.Tensor | None
+
+    def totals(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``uᵀW`` (and the column sums of squares): the lanes added in lane order."""
+        return _sum_lanes(self.coeff), _sum_lanes(self.sumsq) if self.sumsq is not None else None
+
+
+def _sum_lanes(partials: torch.Tensor) -> torch.Tensor:
+    total = partials[0].clone()
+    for lane in range(1, partials.shape[0]):
+        total.add_(partials[lane])
+    return total
+
+
+#: ``(block index in its slab, first row in the chunk, stored block, compute-dtype copy)``.
+BlockFn = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
 class BlockKernel:
     """The projection applied in place to ``[rows, width]`` chunks of stored data, block by block.
 
     Each block is converted into a reused compute-dtype buffer, transformed there and rounded back
     into the chunk. A chunk's first row must sit at a multiple of :meth:`block_rows` from the start of
-    its slab, so that a tensor cut into chunks sees exactly the blocks it would see whole.
+    its slab, so that a tensor cut into chunks sees exactly the blocks it would see whole. On the CPU a
+    chunk's blocks are shared among ``workers`` threads (the caller and ``workers - 1`` pool threads,
+    each with its own buffer); the results are the same bytes for any number of workers.
     """
 
     def __init__(self, device: torch.device | str = "cpu", *, scale: float = 1.0, norm_preserving: bool = False,
-                 block_elements: int | None = None):
+                 block_elements: int | None = None, workers: int | None = None):
         self.device = torch.device(device)
         self.scale = scale
         self.norm_preserving = norm_preserving
         self.block_elements = block_elements or default_block_elements(self.device)
-        self._work: dict[torch.dtype, torch.Tensor] = {}
+        cpu = self.device.type == "cpu"
+        self.workers = max(1, min(MAX_WORKERS, workers)) if workers and cpu else default_workers(self.device)
+        self._work: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     def block_rows(self, layout: Layout) -> int:
         return layout.block_rows(self.block_elements)
 
     @contextmanager
     def running(self) -> Iterator[None]:
-        """The kernel's thread setting: one intra-op thread on the CPU, so results never depend on it."""
-        if self.device.type == "cpu":
-            with intra_op_threads(1):
-                yield
-        else:
+        """The kernel's setting: one intra-op thread per worker on the CPU, the worker pool while inside."""
+        if self.device.type != "cpu":
             yield
+            return
+        with intra_op_threads(1):
+            try:
+                yield
+            finally:
+                if self._pool is not None:
+                    self._pool.shutdown()
+                    self._pool = None
 
-    def _blocks(self, chunk: torch.Tensor, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """``(first row, stored block, compute-dtype copy)`` for every block of ``chunk``."""
-        work_dtype = compute_dtype(chunk.dtype)
-        width = chunk.shape[1]
-        buf = self._work.get(work_dtype)
-        if buf is None or buf.numel() < rows * width:
-            buf = torch.empty(rows * width, dtype=work_dtype, device=self.device)
-            self._work[work_dtype] = buf
-        for start in range(0, chunk.shape[0], rows):
+    def _buffer(self, share: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        buf = self._work.get((share, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=self.device)
+            self._work[(share, dtype)] = buf
+        return buf
+
+    def _share(self, share: int, shares: int, chunk: torch.Tensor, rows: int, first_block: int,
+               fn: BlockFn) -> None:
+        """``fn`` on this share's blocks of ``chunk``, in order: block ``b`` is share ``(b mod LANES) mod shares``."""
+        if share and torch.get_num_threads() != 1:
+            torch.set_num_threads(1)  # this thread's own setting: its ops run inline
+        buf = self._buffer(share, compute_dtype(chunk.dtype), rows * chunk.shape[1])
+        for i, start in enumerate(range(0, chunk.shape[0], rows)):
+            index = first_block + i
+            if index % LANES % shares != share:
+                continue
             block = chunk[start:start + rows]
             work = buf[:block.numel()].view(block.shape)
             work.copy_(block)
-            yield start, block, work
+            fn(index, start, block, work)
+
+    def _each_block(self, chunk: torch.Tensor, rows: int, fn: BlockFn, first_block: int = 0) -> None:
+        """``fn`` on every block of ``chunk``, the blocks split across the workers; returns when all are done."""
+        shares = min(self.workers, -(-chunk.shape[0] // rows))
+        if shares <= 1:
+            self._share(0, 1, chunk, rows, first_block, fn)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="orthopatch-kernel")
+        futures: list[Future[None]] = [self._pool.submit(self._share, k, shares, chunk, rows, first_block, fn)
+                                       for k in range(1, shares)]
+        error: BaseException | None = None
+        try:
+            self._share(0, shares, chunk, rows, first_block, fn)
+        except BaseException as exc:  # wait for the other workers before leaving their buffers
+            error = exc
+        for future in futures:
+            exc = future.exception()
+            if error is None:
+                error = exc
+        if error is not None:
+            raise error
 
     def rows_(self, chunk: torch.Tensor, u: torch.Tensor, layout: Layout) -> None:
         """Row-wise projection of ``chunk`` in place (``u`` in the compute dtype, on the device)."""
-        for _, block, work in self._blocks(chunk, self.block_rows(layout)):
+        def fn(_: int, start: int, block: torch.Tensor, work: torch.Tensor) -> None:
             project_rows_(work, u, self.scale, self.norm_preserving)
             block.copy_(work)
 
-    def accumulate(self, chunk: torch.Tensor, u_part: torch.Tensor, layout: Layout, coeff: torch.Tensor,
-                   sumsq: torch.Tensor | None) -> None:
-        """First pass over ``chunk`` (rows matching ``u_part``): add ``u_partᵀ chunk`` to ``coeff``."""
+        self._each_block(chunk, self.block_rows(layout), fn)
+
+    def accumulate(self, chunk: torch.Tensor, u_part: torch.Tensor, layout: Layout, sums: ColumnSums,
+                   first_row: int = 0) -> None:
+        """First pass over ``chunk``, whose first row is row ``first_row`` of its slab (``u_part`` the
+        matching slice of u): add ``u_partᵀ block`` into the lane of each block."""
         rows = self.block_rows(layout)
-        for start, _, work in self._blocks(chunk, rows):
-            accumulate_columns(work, u_part[start:start + work.shape[0]], coeff, sumsq)
+        if first_row % rows:
+            raise ValueError("a chunk must start on a block boundary of its slab")
+
+        def fn(index: int, start: int, _: torch.Tensor, work: torch.Tensor) -> None:
+            lane = index % LANES
+            accumulate_columns(work, u_part[start:start + work.shape[0]], sums.coeff[lane],
+                               sums.sumsq[lane] if sums.sumsq is not None else None)
+
+        self._each_block(chunk, rows, fn, first_row // rows)
 
     def columns_(self, chunk: torch.Tensor, u_part: torch.Tensor, layout: Layout, coeff: torch.Tensor,
                  factor: torch.Tensor | None) -> None:
         """Second pass over ``chunk`` in place: subtract ``u_part coeffᵀ`` (and restore norms)."""
-        rows = self.block_rows(layout)
-        for start, block, work in self._blocks(chunk, rows):
+        def fn(_: int, start: int, block: torch.Tensor, work: torch.Tensor) -> None:
             project_columns_(work, u_part[start:start + work.shape[0]], coeff, self.scale, factor)
             block.copy_(work)
 
-    def new_sums(self, layout: Layout, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Zeroed first-pass accumulators (``coeff`` and, when preserving norms, ``sumsq``) for one slab."""
-        coeff = torch.zeros(layout.cols, dtype=compute_dtype(dtype), device=self.device)
-        return coeff, torch.zeros_like(coeff) if self.norm_preserving else None
+        self._each_block(chunk, self.block_rows(layout), fn)
 
-    def factor(self, coeff: torch.Tensor, sumsq: torch.Tensor | None) -> torch.Tensor | None:
-        return column_factor(coeff, sumsq, self.scale) if sumsq is not None else None
+    def new_sums(self, layout: Layout, dtype: torch.dtype) -> ColumnSums:
+        """Zeroed first-pass accumulators (``coeff`` and, when preserving norms, ``sumsq``) for one slab."""
+        coeff = torch.zeros(LANES, layout.cols, dtype=compute_dtype(dtype), device=self.device)
+        return ColumnSums(coeff, torch.zeros_like(coeff) if self.norm_preserving else None)
+
+    def finish(self, sums: ColumnSums) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``uᵀW`` of the slab and, when preserving norms, each column's factor."""
+        coeff, sumsq = sums.totals()
+        return coeff, column_factor(coeff, sumsq, self.scale) if sumsq is not None else None
 
 
 def unit_direction(r: torch.Tensor, gain: torch.Tensor | None = None, gain_offset: float = 0.0) -> torch.Tensor:
@@ -213,7 +322,8 @@ def unit_direction(r: torch.Tensor, gain: torch.Tensor | None = None, gain_offse
 
 
 def project_(w: torch.Tensor, u: torch.Tensor, axis: int, *, scale: float = 1.0, norm_preserving: bool = False,
-             block_elements: int | None = None, kernel: BlockKernel | None = None) -> torch.Tensor:
+             block_elements: int | None = None, workers: int | None = None,
+             kernel: BlockKernel | None = None) -> torch.Tensor:
     """Remove ``u`` (unit, float64) from the contiguous tensor ``w`` along ``axis``, in place; returns ``w``."""
     if not w.is_contiguous():
         raise ValueError("project_ needs a contiguous tensor")
@@ -222,7 +332,7 @@ def project_(w: torch.Tensor, u: torch.Tensor, axis: int, *, scale: float = 1.0,
     if w.numel() == 0:
         return w
     kernel = kernel or BlockKernel(w.device, scale=scale, norm_preserving=norm_preserving,
-                                   block_elements=block_elements)
+                                   block_elements=block_elements, workers=workers)
     u = u.to(device=w.device, dtype=compute_dtype(w.dtype))
     view = w.view(layout.rows, layout.width)
     with kernel.running():
@@ -231,17 +341,20 @@ def project_(w: torch.Tensor, u: torch.Tensor, axis: int, *, scale: float = 1.0,
             return w
         for b in range(layout.batches):
             slab = view[b * layout.dim:(b + 1) * layout.dim]
-            coeff, sumsq = kernel.new_sums(layout, w.dtype)
-            kernel.accumulate(slab, u, layout, coeff, sumsq)
-            kernel.columns_(slab, u, layout, coeff, kernel.factor(coeff, sumsq))
+            sums = kernel.new_sums(layout, w.dtype)
+            kernel.accumulate(slab, u, layout, sums)
+            kernel.columns_(slab, u, layout, *kernel.finish(sums))
     return w
 
 
 def project_out(w: torch.Tensor, u: torch.Tensor, axis: int, *, scale: float = 1.0,
-                norm_preserving: bool = False, block_elements: int | None = None) -> torch.Tensor:
+                norm_preserving: bool = False, block_elements: int | None = None,
+                workers: int | None = None) -> torch.Tensor:
     """Return ``w`` with ``u`` (unit, float64) removed along ``axis``; same dtype and device as ``w``.
 
-    Works block by block exactly as the streaming executor does, so its results are the same bytes.
+    Works block by block exactly as the streaming executor does, so its results are the same bytes
+    (whatever ``workers``, the kernel's thread count, default :func:`default_workers`).
     """
     copy = w.clone(memory_format=torch.contiguous_format)
-    return project_(copy, u, axis, scale=scale, norm_preserving=norm_preserving, block_elements=block_elements)
+    return project_(copy, u, axis, scale=scale, norm_preserving=norm_preserving, block_elements=block_elements,
+                    workers=workers)

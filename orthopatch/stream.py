@@ -2,8 +2,9 @@
 
 Three things happen at once: a reader thread ``pread``s the next chunks into a small ring of reused
 host buffers, the calling thread projects the current chunk in place (:class:`BlockKernel`), and a
-writer thread ``pwrite``s finished chunks into the tensor's segment, in order. ``pread``, ``pwrite``
-and torch's kernels release the GIL, so on two cores the disk and the arithmetic overlap. Nothing is
+writer thread ``pwrite``s finished chunks into the tensor's segment, in order (the kernel may share a
+chunk's blocks with its own worker threads). ``pread``, ``pwrite`` and torch's kernels release the
+GIL, so the disk and the arithmetic overlap. Nothing is
 memory-mapped, so memory stays at the ring, the kernel's block buffer and, for two-pass tensors that
 fit ``retain_bytes``, the tensor's stored bytes (kept between the passes instead of read twice).
 
@@ -14,6 +15,7 @@ tensor larger than the GPU's memory is handled like any other.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -67,15 +69,15 @@ class _TensorIO:
     """Reads and writes whole chunks of one tensor, turning I/O failures into one-line errors."""
 
     def __init__(self, fd: int, entry: TensorEntry, row_bytes: int, writer: ShardWriter,
-                 on_progress: Progress | None):
+                 on_progress: Progress | None, path: str | None = None):
         self.fd, self.entry, self.row_bytes = fd, entry, row_bytes
-        self.writer, self.on_progress = writer, on_progress
+        self.writer, self.on_progress, self.path = writer, on_progress, path
 
     def read(self, chunk: Chunk, into: memoryview) -> None:
         try:
             pread_into(self.fd, into[: chunk.count * self.row_bytes], self.entry.begin + chunk.row * self.row_bytes)
         except (OSError, EOFError) as exc:
-            raise OrthopatchError(f"cannot read tensor data ({exc})", tensor=self.entry.name) from None
+            raise OrthopatchError(f"cannot read tensor data ({exc})", path=self.path, tensor=self.entry.name) from None
 
     def write(self, chunk: Chunk, data: memoryview) -> None:
         nbytes = chunk.count * self.row_bytes
@@ -90,14 +92,15 @@ class TensorPatcher:
     """Projects tensors from a file descriptor into a :class:`ShardWriter`, reusing its buffers."""
 
     def __init__(self, device: torch.device | str = "cpu", *, scale: float = 1.0, norm_preserving: bool = False,
-                 chunk_bytes: int | None = None, block_elements: int | None = None,
+                 chunk_bytes: int | None = None, block_elements: int | None = None, workers: int | None = None,
                  ring_buffers: int = RING_BUFFERS, retain_bytes: int = RETAIN_BYTES):
+        """``workers``: the kernel's threads (default :func:`~orthopatch.projection.default_workers`)."""
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.scale = scale
         self.norm_preserving = norm_preserving
         self.kernel = BlockKernel(self.device, scale=scale, norm_preserving=norm_preserving,
-                                  block_elements=block_elements)
+                                  block_elements=block_elements, workers=workers)
         self.chunk_bytes = chunk_bytes or (CUDA_CHUNK_BYTES if self.cuda else CHUNK_BYTES)
         self.ring_buffers = max(2, ring_buffers)
         self.retain_bytes = retain_bytes
@@ -201,8 +204,11 @@ class TensorPatcher:
         self._stream.synchronize()
 
     def patch(self, src_fd: int, target: PatchTarget, u: torch.Tensor, writer: ShardWriter,
-              on_progress: Progress | None = None) -> None:
-        """Write ``target``'s tensor, projected against unit vector ``u``, into its segment of ``writer``."""
+              on_progress: Progress | None = None, src_path: str | os.PathLike | None = None) -> None:
+        """Write ``target``'s tensor, projected against unit vector ``u``, into its segment of ``writer``.
+
+        ``src_path`` (the file behind ``src_fd``) only names the file in errors.
+        """
         entry = target.entry
         stored = TORCH_DTYPES[entry.dtype]
         itemsize = torch.empty(0, dtype=stored).element_size()
@@ -214,7 +220,8 @@ class TensorPatcher:
         kernel = self.kernel
         block_rows = kernel.block_rows(layout)
         chunk_rows = max(block_rows, (self.chunk_bytes // row_bytes) // block_rows * block_rows)
-        io = _TensorIO(src_fd, entry, row_bytes, writer, on_progress)
+        io = _TensorIO(src_fd, entry, row_bytes, writer, on_progress,
+                       os.fspath(src_path) if src_path is not None else None)
 
         with kernel.running(), self._device_stream():
             u = u.to(device=self.device, dtype=compute_dtype(stored))
@@ -233,13 +240,13 @@ class TensorPatcher:
         kernel = self.kernel
         chunks = split_rows(base, base + layout.dim, chunk_rows)
         slots = self._retained_slots(chunks, io.row_bytes) if retain else self._ring_slots(chunk_rows * io.row_bytes)
-        coeff, sumsq = kernel.new_sums(layout, stored)
+        sums = kernel.new_sums(layout, stored)
 
         def first(c: Chunk, data: torch.Tensor) -> None:
-            kernel.accumulate(data, u[c.row - base:c.row - base + c.count], layout, coeff, sumsq)
+            kernel.accumulate(data, u[c.row - base:c.row - base + c.count], layout, sums, c.row - base)
 
         self._run(io, chunks, slots, stored, layout.cols, first, read=True, write=False)
-        factor = kernel.factor(coeff, sumsq)
+        coeff, factor = kernel.finish(sums)
 
         def second(c: Chunk, data: torch.Tensor) -> None:
             kernel.columns_(data, u[c.row - base:c.row - base + c.count], layout, coeff, factor)

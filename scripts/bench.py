@@ -6,7 +6,9 @@ For each size it writes a synthetic checkpoint (Llama-3 tensor shapes, any numbe
 runs the three ways of producing a converted copy side by side, alternating, with the source evicted
 from the page cache and the previous output deleted before every run. Each run is a child process
 whose peak RSS comes from ``os.wait4`` in a small launcher. It also measures the disk's sequential read rate (reading an
-evicted shard) and the projection kernel alone, in memory, on the model's tensor shapes.
+evicted shard) and the projection kernel alone, in memory, on the model's tensor shapes, with one
+worker thread and with the worker count ``apply`` uses. ``--kernel-workers 1 2`` runs ``apply`` once
+per count (``ORTHOPATCH_KERNEL_WORKERS``), alternating, for an A/B of the kernel's threads.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from orthopatch.projection import BlockKernel, project_, unit_direction
+from orthopatch.projection import WORKERS_ENV, BlockKernel, project_, unit_direction
+from orthopatch.stream import TensorPatcher
 from orthopatch.synthetic import LLAMA3_8B, LLAMA3_70B, LlamaShape, write_checkpoint, write_direction
 
 PRESETS = {"70b": LLAMA3_70B, "8b": LLAMA3_8B}
@@ -102,11 +105,11 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def timed(argv: list[str]) -> Run:
+def timed(argv: list[str], env: dict[str, str] | None = None) -> Run:
     """Run ``argv`` to completion; wall time and its peak RSS (``ru_maxrss``, descendants included)."""
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, *argv], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True, env=env)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"bench: {' '.join(argv)} exited with {proc.returncode}: {proc.stderr[-2000:]}")
@@ -118,13 +121,20 @@ def orthopatch_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "orthopatch"]
 
 
-def way_commands(src: Path, direction: Path, out: Path, device: str) -> dict[str, list[str]]:
-    return {
-        "cp -r + sync": ["sh", "-c", 'cp -r "$0" "$1" && sync', str(src), str(out)],
-        "orthopatch apply": [*orthopatch_command(), "apply", str(src), str(direction), "-o", str(out),
-                             "-q", "--device", device],
-        "load/patch/save": [sys.executable, __file__, "_whole_shard", str(src), str(direction), str(out)],
-    }
+def apply_way(workers: int | None) -> str:
+    return "orthopatch apply" if workers is None else f"orthopatch apply, {workers} kernel worker(s)"
+
+
+def way_commands(src: Path, direction: Path, out: Path, device: str,
+                 kernel_workers: list[int] | None = None) -> dict[str, tuple[list[str], dict[str, str] | None]]:
+    """``{way: (argv, environment or None)}``; one ``apply`` per entry of ``kernel_workers``."""
+    ways: dict[str, tuple[list[str], dict[str, str] | None]] = {
+        "cp -r + sync": (["sh", "-c", 'cp -r "$0" "$1" && sync', str(src), str(out)], None)}
+    apply = [*orthopatch_command(), "apply", str(src), str(direction), "-o", str(out), "-q", "--device", device]
+    for workers in kernel_workers or [None]:
+        ways[apply_way(workers)] = (apply, None if workers is None else {**os.environ, WORKERS_ENV: str(workers)})
+    ways["load/patch/save"] = ([sys.executable, __file__, "_whole_shard", str(src), str(direction), str(out)], None)
+    return ways
 
 
 # -- the whole-shard baseline (run as a child) -------------------------------------------------------
@@ -159,8 +169,8 @@ def whole_shard_baseline(src: Path, direction: Path, out: Path) -> None:
 
 # -- the kernel alone ---------------------------------------------------------------------------------
 
-def kernel_rates(shape: LlamaShape, device: str, repeats: int = 3) -> dict[str, float]:
-    """Bytes per second of the projection alone, in memory, for each kind of patched tensor."""
+def kernel_rates(shape: LlamaShape, device: str, workers: int, repeats: int = 3) -> dict[str, float]:
+    """Bytes per second of the projection alone, in memory, on ``workers`` threads, per kind of patched tensor."""
     gen = torch.Generator().manual_seed(0)
     h = shape.hidden
     u = unit_direction(torch.randn(h, generator=gen, dtype=torch.float64))
@@ -172,7 +182,7 @@ def kernel_rates(shape: LlamaShape, device: str, repeats: int = 3) -> dict[str, 
     rates = {}
     for label, (w, axis) in cases.items():
         w = w.to(torch.bfloat16).to(device)
-        kernel = BlockKernel(w.device)
+        kernel = BlockKernel(w.device, workers=workers)
         best = float("inf")
         for _ in range(repeats):
             if w.is_cuda:
@@ -217,26 +227,29 @@ def bench_size(args: argparse.Namespace, shape: LlamaShape) -> dict:
     size = sum(f.stat().st_size for f in files_under(src))
     shards = sorted(src.glob("*.safetensors"))
     out = args.workdir / "out"
-    ways = way_commands(src, direction, out, args.device)
+    ways = way_commands(src, direction, out, args.device, args.kernel_workers)
     if args.skip_baseline:
         ways.pop("load/patch/save")
     runs: dict[str, list[Run]] = {k: [] for k in ways}
     reads, loads = [], []
     for repeat in range(args.repeats):
         reads.append(disk_read_rate(max(shards, key=lambda p: p.stat().st_size)))
-        for way, argv in ways.items():
+        for way, (argv, env) in ways.items():
             remove(out)
             evict(src)
             load = os.getloadavg()[0]
-            run = timed(argv)
+            run = timed(argv, env)
             runs[way].append(run)
             loads.append(load)
-            print(f"  [{repeat + 1}/{args.repeats}] {way:17s} {run.seconds:6.2f} s  "
+            print(f"  [{repeat + 1}/{args.repeats}] {way:17} {run.seconds:6.2f} s  "
                   f"peak RSS {run.max_rss / 2**20:7.0f} MiB  (load average before: {load:.1f})", flush=True)
     remove(out)
-    rates = kernel_rates(shape, args.device)
+    # The kernel as apply runs it (its patcher's worker count), and on one worker for comparison.
+    apply_workers = TensorPatcher(args.device).kernel.workers
+    counts = sorted({1, apply_workers, *(args.kernel_workers or [])})
+    rates = {n: kernel_rates(shape, args.device, n) for n in counts}
     mix = patched_mix(shape)
-    mix_rate = sum(mix.values()) / sum(mix[k] / rates[k] for k in mix)
+    mix_rates = {n: sum(mix.values()) / sum(mix[k] / r[k] for k in mix) for n, r in rates.items()}
     cp = statistics.median(r.seconds for r in runs["cp -r + sync"])
     return {
         "shape": dataclasses.asdict(shape), "bytes": size, "shards": len(shards),
@@ -248,8 +261,9 @@ def bench_size(args: argparse.Namespace, shape: LlamaShape) -> dict:
                        "all_s": [round(r.seconds, 2) for r in rs],
                        "ratio_to_cp": statistics.median(r.seconds for r in rs) / cp,
                        "peak_rss_MiB": max(r.max_rss for r in rs) / 2**20} for way, rs in runs.items()},
-        "kernel_GBps": {k: v / 1e9 for k, v in rates.items()},
-        "kernel_mix_GBps": mix_rate / 1e9,
+        "apply_kernel_workers": apply_workers,
+        "kernel_GBps": {str(n): {k: v / 1e9 for k, v in r.items()} for n, r in rates.items()},
+        "kernel_mix_GBps": {str(n): v / 1e9 for n, v in mix_rates.items()},
     }
 
 
@@ -258,16 +272,19 @@ def report(result: dict) -> str:
     lines = [f"\n{shape['layers']} layer(s), hidden {shape['hidden']}: {result['bytes'] / 1e9:.2f} GB in "
              f"{result['shards']} shards, {result['patched_bytes'] / 1e9:.2f} GB patched"]
     for way, w in result["ways"].items():
-        lines.append(f"  {way:17s} median {w['median_s']:6.2f} s  ({w['ratio_to_cp']:.2f} x cp)  "
+        lines.append(f"  {way:17} median {w['median_s']:6.2f} s  ({w['ratio_to_cp']:.2f} x cp)  "
                      f"peak RSS {w['peak_rss_MiB']:7.0f} MiB  runs {w['all_s']}")
     disk = result["disk_read_GBps"]
     lines.append(f"  disk sequential read {disk:.2f} GB/s (runs {result['disk_read_all_GBps']}); "
                  f"load average before runs {min(result['load_average_before_runs']):.1f}"
                  f"..{max(result['load_average_before_runs']):.1f}")
-    for k, v in result["kernel_GBps"].items():
-        lines.append(f"  kernel {k:28s} {v:5.2f} GB/s ({v / disk:.1f} x disk)")
-    lines.append(f"  kernel on this model's patched mix   {result['kernel_mix_GBps']:5.2f} GB/s "
-                 f"({result['kernel_mix_GBps'] / disk:.1f} x disk)")
+    for n, rates in result["kernel_GBps"].items():
+        used = " (as apply runs it)" if int(n) == result["apply_kernel_workers"] else ""
+        lines.append(f"  kernel alone, {n} worker(s){used}:")
+        for k, v in rates.items():
+            lines.append(f"    {k:32s} {v:5.2f} GB/s ({v / disk:.1f} x disk)")
+        mix = result["kernel_mix_GBps"][n]
+        lines.append(f"    {'this model patched mix':32s} {mix:5.2f} GB/s ({mix / disk:.1f} x disk)")
     return "\n".join(lines)
 
 
@@ -284,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench-data", help="[bench-data/]")
     parser.add_argument("--device", default="cpu", help="device for orthopatch and the kernel [cpu]")
     parser.add_argument("--skip-baseline", action="store_true", help="do not run load/patch/save")
+    parser.add_argument("--kernel-workers", type=int, nargs="+", metavar="N",
+                        help="run apply once per kernel worker count (A/B) [apply's default only]")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--clean", action="store_true", help="delete the generated checkpoints at the end")
     args = parser.parse_args(argv)

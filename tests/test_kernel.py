@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from orthopatch import filecopy
+from orthopatch import filecopy, projection
 from orthopatch.errors import OrthopatchError
-from orthopatch.executor import write_shard
+from orthopatch.executor import target_directions, write_shard
 from orthopatch.plan import PatchTarget, ShardPlan
-from orthopatch.projection import Layout, project_, project_out, unit_direction
+from orthopatch.projection import LANES, WORKERS_ENV, Layout, default_workers, project_, project_out, unit_direction
 from orthopatch.safetensors_header import read_header
 from orthopatch.stream import TensorPatcher
 from orthopatch.synthetic import DEMO, write_checkpoint
@@ -45,24 +48,64 @@ def threads():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", CASES)
-def test_same_bytes_whatever_the_thread_count(threads, dtype, shape, axis):
+def test_same_bytes_whatever_the_thread_and_worker_counts(threads, dtype, shape, axis):
     w, u = random_case(shape, axis, dtype)
     results = []
     for count in (1, 2):
-        threads(count)
-        results.append(project_out(w, u, axis, block_elements=4096))
-        assert torch.get_num_threads() == count  # the kernel restores the caller's setting
-    assert torch.equal(results[0].view(torch.uint8), results[1].view(torch.uint8))
+        for workers in (1, 2, 3, 4):
+            threads(count)
+            results.append(project_out(w, u, axis, block_elements=1024, workers=workers))
+            assert torch.get_num_threads() == count  # the kernel restores the caller's setting
+    for result in results[1:]:
+        assert torch.equal(results[0].view(torch.uint8), result.view(torch.uint8))
 
 
-def test_large_blocks_same_bytes_whatever_the_thread_count(threads):
+@pytest.mark.parametrize("norm_preserving", [False, True])
+def test_large_blocks_same_bytes_whatever_the_thread_and_worker_counts(threads, norm_preserving):
     w, u = random_case((512, 2048), 0, torch.bfloat16, seed=3)
-    threads(1)
-    one = project_out(w, u, 0)
-    threads(2)
-    two = project_out(w, u, 0)
-    assert torch.equal(one.view(torch.int16), two.view(torch.int16))
-    assert_correctly_rounded(one, w, u, 0)
+    results = []
+    for count, workers in ((1, 1), (2, 1), (1, 2), (2, 2)):
+        threads(count)
+        results.append(project_out(w, u, 0, block_elements=1 << 16, workers=workers, norm_preserving=norm_preserving))
+    for result in results[1:]:
+        assert torch.equal(results[0].view(torch.int16), result.view(torch.int16))
+    if not norm_preserving:
+        assert_correctly_rounded(results[0], w, u, 0)
+
+
+def test_first_pass_blocks_go_to_fixed_lanes_on_several_threads(monkeypatch):
+    """Two workers really share the first pass, each lane staying on one thread."""
+    seen: list[tuple[str, int]] = []
+    accumulate = projection.accumulate_columns
+
+    def recording(block, u_part, coeff, sumsq=None):
+        seen.append((threading.current_thread().name, coeff.data_ptr()))
+        accumulate(block, u_part, coeff, sumsq)
+
+    monkeypatch.setattr(projection, "accumulate_columns", recording)
+    w, u = random_case((64, 48), 0, torch.float32)
+    project_out(w, u, 0, block_elements=48 * 4, workers=2)  # 16 blocks of 4 rows
+    assert len(seen) == 16 and len({name for name, _ in seen}) == 2
+    lanes = [ptr for _, ptr in seen]
+    assert len(set(lanes)) == LANES
+    for lane in set(lanes):  # each lane's blocks were added on one thread
+        assert len({name for name, ptr in seen if ptr == lane}) == 1
+    seen.clear()
+    project_out(w, u, 0, block_elements=48 * 4, workers=1)
+    assert {name for name, _ in seen} == {threading.current_thread().name}
+
+
+def test_default_workers(monkeypatch):
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
+    assert 1 <= default_workers() <= projection.MAX_WORKERS
+    assert default_workers("cuda") == 1
+    monkeypatch.setenv(WORKERS_ENV, "1")
+    assert default_workers() == 1
+    assert projection.BlockKernel("cpu").workers == 1
+    assert projection.BlockKernel("cpu", workers=2).workers == 2
+    monkeypatch.setenv(WORKERS_ENV, "many")
+    with pytest.raises(ValueError, match=WORKERS_ENV):
+        default_workers()
 
 
 def test_in_place_projection_matches_project_out():
@@ -108,7 +151,10 @@ def stream_one(tmp_path: Path, w: torch.Tensor, u: torch.Tensor, axis: int, devi
 
 PIPELINE_OPTIONS = [
     {},  # defaults: one chunk, the slab kept between passes
+    {"workers": 1},
     {"chunk_bytes": 4096, "block_elements": 512},  # many chunks through the ring, slab kept
+    {"chunk_bytes": 4096, "block_elements": 512, "workers": 2},
+    {"chunk_bytes": 8192, "block_elements": 256, "workers": 3},  # chunks of several blocks, shared by 3
     {"chunk_bytes": 4096, "block_elements": 512, "retain_bytes": 0, "ring_buffers": 2},  # re-read for pass two
     {"chunk_bytes": 1, "block_elements": 1, "ring_buffers": 3},  # one row per chunk
 ]
@@ -120,7 +166,8 @@ PIPELINE_OPTIONS = [
 def test_streamed_bytes_equal_in_memory_bytes(tmp_path, options, dtype, shape, axis):
     w, u = random_case(shape, axis, dtype, seed=7)
     streamed = stream_one(tmp_path, w, u, axis, **options)
-    in_memory = project_out(w, u, axis, block_elements=options.get("block_elements"))
+    # In memory on one worker: the streamed bytes do not depend on the worker count either.
+    in_memory = project_out(w, u, axis, block_elements=options.get("block_elements"), workers=1)
     assert tensor_bytes(streamed) == tensor_bytes(in_memory)
     assert_correctly_rounded(streamed, w, u, axis)
 
@@ -129,12 +176,13 @@ def test_streamed_bytes_equal_in_memory_bytes(tmp_path, options, dtype, shape, a
 def test_streamed_scale_and_norms_equal_in_memory(tmp_path, norm_preserving):
     w, u = random_case((301, 70), 0, torch.bfloat16, seed=9)
     options = {"scale": 0.5, "norm_preserving": norm_preserving}
-    streamed = stream_one(tmp_path, w, u, 0, chunk_bytes=4096, block_elements=512, retain_bytes=0, **options)
-    in_memory = project_out(w, u, 0, block_elements=512, **options)
+    streamed = stream_one(tmp_path, w, u, 0, chunk_bytes=4096, block_elements=512, retain_bytes=0, workers=2,
+                          **options)
+    in_memory = project_out(w, u, 0, block_elements=512, workers=1, **options)
     assert tensor_bytes(streamed) == tensor_bytes(in_memory)
 
 
-def test_truncated_source_is_one_error_naming_the_tensor(tmp_path):
+def test_truncated_source_is_one_error_naming_the_tensor_and_file(tmp_path):
     w, u = random_case((64, 300), 0, torch.bfloat16)
     src = tmp_path / "src.safetensors"
     one_tensor_file(src, {"w": w})
@@ -145,10 +193,27 @@ def test_truncated_source_is_one_error_naming_the_tensor(tmp_path):
     fd = os.open(src, os.O_RDONLY)
     try:
         writer = ShardWriter(tmp_path / "out.safetensors", entry.end, [(0, entry.begin), (entry.begin, entry.end)])
-        with pytest.raises(OrthopatchError, match="w"), writer:
-            TensorPatcher("cpu", chunk_bytes=4096, block_elements=600).patch(fd, target, u, writer)
+        with pytest.raises(OrthopatchError) as caught, writer:
+            TensorPatcher("cpu", chunk_bytes=4096, block_elements=600).patch(fd, target, u, writer, src_path=src)
     finally:
         os.close(fd)
+    assert caught.value.tensor == "w" and caught.value.path == str(src)
+    assert str(src) in str(caught.value)
+
+
+def test_vanishing_weighted_direction_names_the_tensor_and_file(tmp_path):
+    src = tmp_path / "model.safetensors"
+    tensors = {"a.norm": torch.zeros(8), "a.o_proj": torch.ones(8, 4)}
+    one_tensor_file(src, tensors)
+    header = read_header(src)
+    target = PatchTarget(entry=header.entry("a.o_proj"), shard=src.name, role="test", axis=0, layer=0,
+                         gain="a.norm")
+    checkpoint = SimpleNamespace(root=tmp_path, weight_map=dict.fromkeys(tensors, src.name), entry=header.entry)
+    plan = SimpleNamespace(checkpoint=checkpoint, gain_names=lambda: ["a.norm"], targets=lambda: [target])
+    direction = SimpleNamespace(for_layer=lambda layer: np.ones(8))
+    with pytest.raises(OrthopatchError, match="vanishes") as caught:
+        target_directions(plan, direction)
+    assert caught.value.tensor == "a.o_proj" and caught.value.path == str(src)
 
 
 def test_write_failure_stops_the_pipeline(tmp_path):
