@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -177,6 +178,52 @@ def _sum_lanes(partials: torch.Tensor) -> torch.Tensor:
     return total
 
 
+class _Helpers:
+    """Helper threads that each run one task at a time, handed over with bare locks (cheap per chunk)."""
+
+    def __init__(self, count: int):
+        self._tasks: list[Callable[[], None] | None] = [None] * count
+        self._errors: list[BaseException | None] = [None] * count
+        self._start = [threading.Lock() for _ in range(count)]
+        self._done = [threading.Lock() for _ in range(count)]
+        for lock in self._start + self._done:
+            lock.acquire()
+        self._threads = [threading.Thread(target=self._loop, args=(k,), name=f"orthopatch-kernel-{k + 1}",
+                                          daemon=True) for k in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def _loop(self, k: int) -> None:
+        while True:
+            self._start[k].acquire()
+            task = self._tasks[k]
+            if task is None:
+                return
+            try:
+                task()
+            except BaseException as exc:
+                self._errors[k] = exc
+            self._done[k].release()
+
+    def start(self, k: int, task: Callable[[], None]) -> None:
+        self._tasks[k] = task
+        self._start[k].release()
+
+    def wait(self, k: int) -> BaseException | None:
+        """Wait for helper ``k``'s task; the exception it raised, if any."""
+        self._done[k].acquire()
+        self._tasks[k] = None
+        error, self._errors[k] = self._errors[k], None
+        return error
+
+    def close(self) -> None:
+        for k in range(len(self._threads)):
+            self._tasks[k] = None
+            self._start[k].release()
+        for thread in self._threads:
+            thread.join()
+
+
 #: ``(block index in its slab, first row in the chunk, stored block, compute-dtype copy)``.
 BlockFn = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
@@ -200,7 +247,7 @@ class BlockKernel:
         cpu = self.device.type == "cpu"
         self.workers = max(1, min(MAX_WORKERS, workers)) if workers and cpu else default_workers(self.device)
         self._work: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._helpers: _Helpers | None = None
 
     def block_rows(self, layout: Layout) -> int:
         return layout.block_rows(self.block_elements)
@@ -215,9 +262,9 @@ class BlockKernel:
             try:
                 yield
             finally:
-                if self._pool is not None:
-                    self._pool.shutdown()
-                    self._pool = None
+                if self._helpers is not None:
+                    self._helpers.close()
+                    self._helpers = None
 
     def _buffer(self, share: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
         buf = self._work.get((share, dtype))
@@ -247,17 +294,17 @@ class BlockKernel:
         if shares <= 1:
             self._share(0, 1, chunk, rows, first_block, fn)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="orthopatch-kernel")
-        futures: list[Future[None]] = [self._pool.submit(self._share, k, shares, chunk, rows, first_block, fn)
-                                       for k in range(1, shares)]
+        if self._helpers is None:
+            self._helpers = _Helpers(self.workers - 1)
+        for k in range(1, shares):
+            self._helpers.start(k - 1, partial(self._share, k, shares, chunk, rows, first_block, fn))
         error: BaseException | None = None
         try:
             self._share(0, shares, chunk, rows, first_block, fn)
         except BaseException as exc:  # wait for the other workers before leaving their buffers
             error = exc
-        for future in futures:
-            exc = future.exception()
+        for k in range(1, shares):
+            exc = self._helpers.wait(k - 1)
             if error is None:
                 error = exc
         if error is not None:

@@ -218,8 +218,7 @@ class TensorPatcher:
             writer.write(entry.begin, entry.begin, memoryview(b""))
             return
         kernel = self.kernel
-        block_rows = kernel.block_rows(layout)
-        chunk_rows = max(block_rows, (self.chunk_bytes // row_bytes) // block_rows * block_rows)
+        chunk_rows = self.chunk_rows(layout, row_bytes)
         io = _TensorIO(src_fd, entry, row_bytes, writer, on_progress,
                        os.fspath(src_path) if src_path is not None else None)
 
@@ -233,6 +232,38 @@ class TensorPatcher:
             retain = layout.dim * row_bytes <= self.retain_bytes
             for b in range(layout.batches):
                 self._patch_slab(io, b * layout.dim, layout, chunk_rows, stored, u, retain)
+
+    def chunk_rows(self, layout: Layout, row_bytes: int) -> int:
+        """Rows per chunk: whole kernel blocks, about ``chunk_bytes`` of stored data."""
+        block_rows = self.kernel.block_rows(layout)
+        return max(block_rows, (self.chunk_bytes // row_bytes) // block_rows * block_rows)
+
+    def compute_only_(self, w: torch.Tensor, u: torch.Tensor, axis: int) -> torch.Tensor:
+        """The pipeline's arithmetic alone: contiguous ``w`` projected in place, chunk by chunk and pass by
+        pass as :meth:`patch` does, with no I/O (what the benchmark times). Returns ``w``."""
+        layout = Layout.of(tuple(w.shape), axis)
+        if w.numel() == 0:
+            return w
+        view = w.view(layout.rows, layout.width)
+        chunk_rows = self.chunk_rows(layout, layout.width * w.element_size())
+        kernel = self.kernel
+        with kernel.running():
+            u = u.to(device=w.device, dtype=compute_dtype(w.dtype))
+            if layout.rowwise:
+                for c in split_rows(0, layout.rows, chunk_rows):
+                    kernel.rows_(view[c.row:c.row + c.count], u, layout)
+                return w
+            for base in range(0, layout.rows, layout.dim):
+                chunks = split_rows(base, base + layout.dim, chunk_rows)
+                sums = kernel.new_sums(layout, w.dtype)
+                for c in chunks:
+                    kernel.accumulate(view[c.row:c.row + c.count], u[c.row - base:c.row - base + c.count], layout,
+                                      sums, c.row - base)
+                coeff, factor = kernel.finish(sums)
+                for c in chunks:
+                    kernel.columns_(view[c.row:c.row + c.count], u[c.row - base:c.row - base + c.count], layout,
+                                    coeff, factor)
+        return w
 
     def _patch_slab(self, io: _TensorIO, base: int, layout: Layout, chunk_rows: int, stored: torch.dtype,
                     u: torch.Tensor, retain: bool) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from orthopatch.projection import WORKERS_ENV, BlockKernel, project_, unit_direction
+from orthopatch.projection import WORKERS_ENV, unit_direction
 from orthopatch.stream import TensorPatcher
 from orthopatch.synthetic import LLAMA3_8B, LLAMA3_70B, LlamaShape, write_checkpoint, write_direction
 
@@ -170,7 +170,8 @@ def whole_shard_baseline(src: Path, direction: Path, out: Path) -> None:
 # -- the kernel alone ---------------------------------------------------------------------------------
 
 def kernel_rates(shape: LlamaShape, device: str, workers: int, repeats: int = 3) -> dict[str, float]:
-    """Bytes per second of the projection alone, in memory, on ``workers`` threads, per kind of patched tensor."""
+    """Bytes per second of the projection alone, in memory, per kind of patched tensor: the patcher's
+    chunks and passes on ``workers`` kernel threads, as ``apply`` computes, without its I/O."""
     gen = torch.Generator().manual_seed(0)
     h = shape.hidden
     u = unit_direction(torch.randn(h, generator=gen, dtype=torch.float64))
@@ -182,13 +183,13 @@ def kernel_rates(shape: LlamaShape, device: str, workers: int, repeats: int = 3)
     rates = {}
     for label, (w, axis) in cases.items():
         w = w.to(torch.bfloat16).to(device)
-        kernel = BlockKernel(w.device, workers=workers)
+        patcher = TensorPatcher(w.device, workers=workers)
         best = float("inf")
         for _ in range(repeats):
             if w.is_cuda:
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            project_(w, u, axis, kernel=kernel)
+            patcher.compute_only_(w, u, axis)
             if w.is_cuda:
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - started)

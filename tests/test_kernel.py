@@ -182,6 +182,18 @@ def test_streamed_scale_and_norms_equal_in_memory(tmp_path, norm_preserving):
     assert tensor_bytes(streamed) == tensor_bytes(in_memory)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("norm_preserving", [False, True])
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_compute_only_equals_streamed_and_in_memory(tmp_path, workers, norm_preserving, shape, axis):
+    w, u = random_case(shape, axis, torch.bfloat16, seed=11)
+    options = {"chunk_bytes": 4096, "block_elements": 512, "norm_preserving": norm_preserving}
+    alone = TensorPatcher("cpu", workers=workers, **options).compute_only_(w.clone(), u, axis)
+    streamed = stream_one(tmp_path, w, u, axis, workers=workers, **options)
+    in_memory = project_out(w, u, axis, block_elements=512, norm_preserving=norm_preserving, workers=1)
+    assert tensor_bytes(alone) == tensor_bytes(streamed) == tensor_bytes(in_memory)
+
+
 def test_truncated_source_is_one_error_naming_the_tensor_and_file(tmp_path):
     w, u = random_case((64, 300), 0, torch.bfloat16)
     src = tmp_path / "src.safetensors"
