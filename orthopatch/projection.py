@@ -35,6 +35,8 @@ from functools import partial
 
 import torch
 
+from .errors import OrthopatchError
+
 #: Elements per block of compute-dtype work on the CPU: 4 MiB of float32, measured fastest on one core.
 BLOCK_ELEMENTS = 1 << 20
 #: On a GPU kernel launches, not caches, are what costs: blocks are 128 MiB of float32.
@@ -74,7 +76,7 @@ def default_workers(device: torch.device | str = "cpu") -> int:
         try:
             return max(1, min(MAX_WORKERS, int(text)))
         except ValueError:
-            raise ValueError(f"{WORKERS_ENV} must be a whole number, not {text!r}") from None
+            raise OrthopatchError(f"{WORKERS_ENV} must be a whole number, not {text!r}") from None
     return min(MAX_WORKERS, available_cpus())
 
 
@@ -234,7 +236,7 @@ class BlockKernel:
     Each block is converted into a reused compute-dtype buffer, transformed there and rounded back
     into the chunk. A chunk's first row must sit at a multiple of :meth:`block_rows` from the start of
     its slab, so that a tensor cut into chunks sees exactly the blocks it would see whole. On the CPU a
-    chunk's blocks are shared among ``workers`` threads (the caller and ``workers - 1`` pool threads,
+    chunk's blocks are shared among ``workers`` threads (the caller and ``workers - 1`` helper threads,
     each with its own buffer); the results are the same bytes for any number of workers.
     """
 
@@ -254,7 +256,7 @@ class BlockKernel:
 
     @contextmanager
     def running(self) -> Iterator[None]:
-        """The kernel's setting: one intra-op thread per worker on the CPU, the worker pool while inside."""
+        """The kernel's setting: one intra-op thread per worker on the CPU; helper threads live while inside."""
         if self.device.type != "cpu":
             yield
             return

@@ -242,7 +242,7 @@ def bench_size(args: argparse.Namespace, shape: LlamaShape) -> dict:
             run = timed(argv, env)
             runs[way].append(run)
             loads.append(load)
-            print(f"  [{repeat + 1}/{args.repeats}] {way:17} {run.seconds:6.2f} s  "
+            print(f"  [{repeat + 1}/{args.repeats}] {way:{max(map(len, ways))}} {run.seconds:6.2f} s  "
                   f"peak RSS {run.max_rss / 2**20:7.0f} MiB  (load average before: {load:.1f})", flush=True)
     remove(out)
     # The kernel as apply runs it (its patcher's worker count), and on one worker for comparison.
@@ -272,8 +272,9 @@ def report(result: dict) -> str:
     shape = result["shape"]
     lines = [f"\n{shape['layers']} layer(s), hidden {shape['hidden']}: {result['bytes'] / 1e9:.2f} GB in "
              f"{result['shards']} shards, {result['patched_bytes'] / 1e9:.2f} GB patched"]
+    width = max(map(len, result["ways"]))
     for way, w in result["ways"].items():
-        lines.append(f"  {way:17} median {w['median_s']:6.2f} s  ({w['ratio_to_cp']:.2f} x cp)  "
+        lines.append(f"  {way:{width}} median {w['median_s']:6.2f} s  ({w['ratio_to_cp']:.2f} x cp)  "
                      f"peak RSS {w['peak_rss_MiB']:7.0f} MiB  runs {w['all_s']}")
     disk = result["disk_read_GBps"]
     lines.append(f"  disk sequential read {disk:.2f} GB/s (runs {result['disk_read_all_GBps']}); "

@@ -104,7 +104,7 @@ def test_default_workers(monkeypatch):
     assert projection.BlockKernel("cpu").workers == 1
     assert projection.BlockKernel("cpu", workers=2).workers == 2
     monkeypatch.setenv(WORKERS_ENV, "many")
-    with pytest.raises(ValueError, match=WORKERS_ENV):
+    with pytest.raises(OrthopatchError, match=WORKERS_ENV):
         default_workers()
 
 
