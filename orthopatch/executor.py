@@ -8,6 +8,7 @@ and every patched tensor its own segment.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -77,6 +78,10 @@ def target_directions(plan: PatchPlan, direction: Direction) -> dict[str, torch.
     return out
 
 
+class _Stopped(Exception):
+    """Raised in the copy thread when the patch thread has failed."""
+
+
 def write_shard(shard: ShardPlan, src: Path, out: Path, directions: dict[str, torch.Tensor],
                 patcher: TensorPatcher, on_progress: Progress | None = None) -> None:
     """Write ``out/shard.name`` (atomically) from ``src/shard.name``.
@@ -89,11 +94,18 @@ def write_shard(shard: ShardPlan, src: Path, out: Path, directions: dict[str, to
     with open_source(src_path) as fd, ShardWriter(out / shard.name, shard.header.file_size,
                                                    [(b, e) for b, e, _ in segments]) as writer:
         copier = RangeCopier(write_behind=True)
+        stop = threading.Event()
+
+        def copied(n: int) -> None:
+            if stop.is_set():  # the patch thread failed: stop copying a shard that will be discarded
+                raise _Stopped
+            if on_progress is not None:
+                on_progress(n)
 
         def copy_unchanged() -> None:
             for begin, end, target in segments:
                 if target is None:
-                    writer.copy_from(copier, fd, begin, end, on_progress)
+                    writer.copy_from(copier, fd, begin, end, copied)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="orthopatch-copy") as pool:
             copies = pool.submit(copy_unchanged)
@@ -101,6 +113,9 @@ def write_shard(shard: ShardPlan, src: Path, out: Path, directions: dict[str, to
                 for _, _, target in segments:
                     if target is not None:
                         patcher.patch(fd, target, directions[target.name], writer, on_progress, src_path)
+            except BaseException:
+                stop.set()
+                raise
             finally:
                 error = copies.exception()
             if error is not None:

@@ -362,3 +362,36 @@ def test_synthetic_checkpoint_is_valid_varied_and_reproducible(tmp_path):
     embed = load_file(shards[0])["model.embed_tokens.weight"].float()
     assert Layout.of(tuple(embed.shape), 1).rowwise
     assert not torch.equal(embed[0], embed[1])
+
+
+def test_a_failed_patch_stops_the_copy_thread(tmp_path, monkeypatch):
+    """When a patched tensor fails, the unchanged runs of the shard (to be discarded) are not copied on."""
+    gen = torch.Generator().manual_seed(6)
+    tensors = {"a.o_proj": torch.randn(96, 40, generator=gen).to(torch.bfloat16),
+               "b.big": torch.zeros(8 << 20, dtype=torch.uint8)}
+    src = tmp_path / "src"
+    src.mkdir()
+    one_tensor_file(src / "model.safetensors", tensors)
+    header = read_header(src / "model.safetensors")
+    entry = header.entry("a.o_proj")
+    plan = ShardPlan("model.safetensors", header, (PatchTarget(entry, "model.safetensors", "test", 0, 0),))
+    monkeypatch.setattr(filecopy, "COPY_CHUNK", 64 << 10)
+    copying = threading.Event()
+    copied: list[int] = []
+
+    def progress(n: int) -> None:
+        copied.append(n)
+        copying.set()
+
+    def failing_patch(self, fd, target, u, writer, on_progress=None, src_path=None):
+        copying.wait(10)
+        raise OrthopatchError("cannot read tensor data", tensor=target.name)
+
+    monkeypatch.setattr(TensorPatcher, "patch", failing_patch)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OrthopatchError):
+        write_shard(plan, src, out, {"a.o_proj": unit_direction(torch.randn(96, dtype=torch.float64))},
+                    TensorPatcher("cpu"), progress)
+    assert 0 < sum(copied) < header.file_size // 2
+    assert list(out.iterdir()) == []
