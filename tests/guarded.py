@@ -55,3 +55,16 @@ def comparable_files(out: Path) -> dict[str, str]:
         record.pop("seconds", None)
         hashes[RECORD_NAME] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
     return hashes
+
+
+def model_and_reference(root: Path) -> tuple[Path, Path, dict[str, str]]:
+    """A tiny model with a nested model file, its direction, and the hashes of an uninterrupted run."""
+    from orthopatch.apply import ApplyOptions, apply
+
+    model = tiny_llama(root / "model")
+    (model / "tokenizer").mkdir()
+    (model / "tokenizer" / "vocab.txt").write_text("a nested model file")
+    direction = root / "r.pth"
+    save_direction(direction, TINY.hidden)
+    apply(ApplyOptions(model=model, direction=direction, out=root / "reference", quiet=True))
+    return model, direction, comparable_files(root / "reference")

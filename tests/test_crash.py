@@ -28,7 +28,7 @@ from orthopatch.output import PARTIAL_NAME, RECORD_NAME, temporaries
 from orthopatch.safetensors_header import read_header
 from orthopatch.synthetic import LlamaShape, write_checkpoint
 
-from guarded import TINY, comparable_files, folder_hashes, save_direction, tiny_llama, untouched
+from guarded import TINY, comparable_files, folder_hashes, model_and_reference, save_direction, untouched
 
 #: About 300 MB in 21 shards: long enough that kills land in every phase of a run.
 SHAPE = LlamaShape(hidden=1024, intermediate=2816, vocab=32000, layers=8, heads=8, kv_heads=4)
@@ -205,13 +205,7 @@ def test_a_second_apply_is_refused_while_one_runs(made: Made, tmp_path) -> None:
 
 @pytest.fixture
 def small(tmp_path) -> tuple[Path, Path, dict[str, str]]:
-    model = tiny_llama(tmp_path / "model")
-    (model / "tokenizer").mkdir()
-    (model / "tokenizer" / "vocab.txt").write_text("a nested model file")
-    direction = tmp_path / "r.pth"
-    save_direction(direction, TINY.hidden)
-    apply(ApplyOptions(model=model, direction=direction, out=tmp_path / "reference", quiet=True))
-    return model, direction, comparable_files(tmp_path / "reference")
+    return model_and_reference(tmp_path)
 
 
 def test_temporaries_alone_do_not_make_a_folder_foreign(small, tmp_path) -> None:

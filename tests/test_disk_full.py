@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from orthopatch.apply import ApplyOptions, apply
 from orthopatch.checkpoint import INDEX_NAME
 from orthopatch.cli import main
 from orthopatch.output import PARTIAL_NAME, RECORD_NAME, temporaries
 from orthopatch.synthetic import DEMO
 from orthopatch.verify import VerifyOptions, verify
 
-from guarded import TINY, comparable_files, save_direction, tiny_llama, untouched
+from guarded import comparable_files, model_and_reference, save_direction, tiny_llama, untouched
 
 
 def enospc() -> OSError:
@@ -29,14 +28,7 @@ def enospc() -> OSError:
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
-    root = tmp_path_factory.mktemp("full")
-    model = tiny_llama(root / "model")
-    (model / "tokenizer").mkdir()
-    (model / "tokenizer" / "vocab.txt").write_text("a nested model file")
-    direction = root / "r.pth"
-    save_direction(direction, TINY.hidden)
-    apply(ApplyOptions(model=model, direction=direction, out=root / "reference", quiet=True))
-    return model, direction, comparable_files(root / "reference")
+    return model_and_reference(tmp_path_factory.mktemp("full"))
 
 
 def after_n_calls(n: int, real):
