@@ -372,8 +372,12 @@ def unit_direction(r: torch.Tensor, gain: torch.Tensor | None = None, gain_offse
 
 def project_(w: torch.Tensor, u: torch.Tensor, axis: int, *, scale: float = 1.0, norm_preserving: bool = False,
              block_elements: int | None = None, workers: int | None = None,
-             kernel: BlockKernel | None = None) -> torch.Tensor:
-    """Remove ``u`` (unit, float64) from the contiguous tensor ``w`` along ``axis``, in place; returns ``w``."""
+             kernel: BlockKernel | None = None, chunk_rows: int | None = None) -> torch.Tensor:
+    """Remove ``u`` (unit, float64) from the contiguous tensor ``w`` along ``axis``, in place; returns ``w``.
+
+    ``chunk_rows`` (whole kernel blocks) hands the kernel the rows in chunks of that size, as the
+    streaming pipeline does; the bytes are the same either way.
+    """
     if not w.is_contiguous():
         raise ValueError("project_ needs a contiguous tensor")
     axis = axis % max(w.dim(), 1)
@@ -386,13 +390,19 @@ def project_(w: torch.Tensor, u: torch.Tensor, axis: int, *, scale: float = 1.0,
     view = w.view(layout.rows, layout.width)
     with kernel.running():
         if layout.rowwise:
-            kernel.rows_(view, u, layout)
+            step = chunk_rows or layout.rows
+            for start in range(0, layout.rows, step):
+                kernel.rows_(view[start:start + step], u, layout)
             return w
+        step = chunk_rows or layout.dim
         for b in range(layout.batches):
             slab = view[b * layout.dim:(b + 1) * layout.dim]
             sums = kernel.new_sums(layout, w.dtype)
-            kernel.accumulate(slab, u, layout, sums)
-            kernel.columns_(slab, u, layout, *kernel.finish(sums))
+            for start in range(0, layout.dim, step):
+                kernel.accumulate(slab[start:start + step], u[start:start + step], layout, sums, start)
+            coeff, factor = kernel.finish(sums)
+            for start in range(0, layout.dim, step):
+                kernel.columns_(slab[start:start + step], u[start:start + step], layout, coeff, factor)
     return w
 
 

@@ -28,7 +28,7 @@ import torch
 from .errors import OrthopatchError
 from .filecopy import pread_into, start_writeback
 from .plan import PatchTarget
-from .projection import BlockKernel, Layout, compute_dtype
+from .projection import BlockKernel, Layout, compute_dtype, project_
 from .safetensors_header import TensorEntry
 from .writer import ShardWriter
 
@@ -241,29 +241,11 @@ class TensorPatcher:
     def compute_only_(self, w: torch.Tensor, u: torch.Tensor, axis: int) -> torch.Tensor:
         """The pipeline's arithmetic alone: contiguous ``w`` projected in place, chunk by chunk and pass by
         pass as :meth:`patch` does, with no I/O (what the benchmark times). Returns ``w``."""
-        layout = Layout.of(tuple(w.shape), axis)
+        layout = Layout.of(tuple(w.shape), axis % max(w.dim(), 1))
         if w.numel() == 0:
             return w
-        view = w.view(layout.rows, layout.width)
         chunk_rows = self.chunk_rows(layout, layout.width * w.element_size())
-        kernel = self.kernel
-        with kernel.running():
-            u = u.to(device=w.device, dtype=compute_dtype(w.dtype))
-            if layout.rowwise:
-                for c in split_rows(0, layout.rows, chunk_rows):
-                    kernel.rows_(view[c.row:c.row + c.count], u, layout)
-                return w
-            for base in range(0, layout.rows, layout.dim):
-                chunks = split_rows(base, base + layout.dim, chunk_rows)
-                sums = kernel.new_sums(layout, w.dtype)
-                for c in chunks:
-                    kernel.accumulate(view[c.row:c.row + c.count], u[c.row - base:c.row - base + c.count], layout,
-                                      sums, c.row - base)
-                coeff, factor = kernel.finish(sums)
-                for c in chunks:
-                    kernel.columns_(view[c.row:c.row + c.count], u[c.row - base:c.row - base + c.count], layout,
-                                    coeff, factor)
-        return w
+        return project_(w, u, axis, kernel=self.kernel, chunk_rows=chunk_rows)
 
     def _patch_slab(self, io: _TensorIO, base: int, layout: Layout, chunk_rows: int, stored: torch.dtype,
                     u: torch.Tensor, retain: bool) -> None:
