@@ -8,14 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from orthopatch.cli import main
 from orthopatch.output import PARTIAL_NAME, RECORD_NAME
 from orthopatch.safetensors_header import read_header
-
-from handmade import safetensors_bytes, write_sharded
-from reference import assert_correctly_rounded
+from tests.helpers import assert_correctly_rounded, cli, folder_hashes, one_error_line, safetensors_bytes, write_sharded
 
 HIDDEN, INTER, VOCAB, LAYERS = 48, 80, 100, 2
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN,
@@ -62,11 +58,6 @@ def build_model(folder: Path) -> Path:
     return folder
 
 
-def tree_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def read_tensors(path: Path) -> dict[str, tuple[bytes, torch.Tensor]]:
     from safetensors.torch import load_file
 
@@ -90,14 +81,10 @@ def direction(tmp_path_factory) -> tuple[Path, torch.Tensor]:
     return path, u / u.norm()
 
 
-def run(*args: str | Path):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
 def test_apply_end_to_end(model, direction, tmp_path):
-    before = tree_hashes(model)
+    before = folder_hashes(model)
     out = tmp_path / "out"
-    result = run("apply", model, direction[0], "-o", out, "-q")
+    result = cli("apply", model, direction[0], "-o", out, "-q")
     assert result.exit_code == 0, result.output
     u = direction[1]
     for shard in sorted(model.glob("*.safetensors")):
@@ -119,12 +106,12 @@ def test_apply_end_to_end(model, direction, tmp_path):
     assert sorted(t["name"] for t in record["tensors_patched"]) == sorted(PATCHED)
     assert record["direction"]["sha256"] == hashlib.sha256(direction[0].read_bytes()).hexdigest()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
-    assert tree_hashes(model) == before
+    assert folder_hashes(model) == before
 
 
 def test_dry_run_writes_nothing(model, direction, tmp_path):
     out = tmp_path / "out"
-    result = run("apply", model, direction[0], "-o", out, "--dry-run")
+    result = cli("apply", model, direction[0], "-o", out, "--dry-run")
     assert result.exit_code == 0
     for name in PATCHED:
         assert name in result.stdout
@@ -136,26 +123,24 @@ def test_dry_run_writes_nothing(model, direction, tmp_path):
 def test_default_output_is_a_sibling(model, direction, tmp_path):
     src = tmp_path / "Model-X"
     src.symlink_to(model, target_is_directory=True)
-    result = run("apply", src, direction[0], "-q")
+    result = cli("apply", src, direction[0], "-q")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "Model-X-abliterated" / RECORD_NAME).exists()
 
 
 def test_rerun_is_a_no_op_and_foreign_output_is_refused(model, direction, tmp_path):
     out = tmp_path / "out"
-    assert run("apply", model, direction[0], "-o", out, "-q").exit_code == 0
+    assert cli("apply", model, direction[0], "-o", out, "-q").exit_code == 0
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    again = run("apply", model, direction[0], "-o", out, "-q")
+    again = cli("apply", model, direction[0], "-o", out, "-q")
     assert again.exit_code == 0 and "already complete" in again.stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
 
     other = tmp_path / "other.pth"
     torch.save(torch.randn(HIDDEN), other)
-    refused = run("apply", model, other, "-o", out, "-q")
-    assert refused.exit_code == 1
-    assert "another direction" in refused.stderr and str(out) in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1
-    assert run("apply", model, other, "-o", out, "-q", "--overwrite").exit_code == 0
+    refused = one_error_line(cli("apply", model, other, "-o", out, "-q"))
+    assert "another direction" in refused and str(out) in refused
+    assert cli("apply", model, other, "-o", out, "-q", "--overwrite").exit_code == 0
     record = json.loads((out / RECORD_NAME).read_text())
     assert record["direction"]["sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
 
@@ -164,10 +149,10 @@ def test_foreign_folder_is_refused_unless_overwrite(model, direction, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    refused = run("apply", model, direction[0], "-o", out, "-q")
-    assert refused.exit_code == 1 and "holds no orthopatch output" in refused.stderr
+    refused = one_error_line(cli("apply", model, direction[0], "-o", out, "-q"))
+    assert "holds no orthopatch output" in refused
     assert (out / "notes.txt").read_text() == "mine"
-    assert run("apply", model, direction[0], "-o", out, "-q", "--overwrite").exit_code == 0
+    assert cli("apply", model, direction[0], "-o", out, "-q", "--overwrite").exit_code == 0
     assert not (out / "notes.txt").exists() and (out / RECORD_NAME).exists()
 
 
@@ -175,17 +160,15 @@ def test_wrong_size_direction_is_a_clear_error(model, tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save(torch.randn(HIDDEN + 1), bad)
     out = tmp_path / "out"
-    result = run("apply", model, bad, "-o", out)
-    assert result.exit_code == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(bad) in lines[0] and str(HIDDEN) in lines[0]
+    line = one_error_line(cli("apply", model, bad, "-o", out))
+    assert str(bad) in line and str(HIDDEN) in line
     assert not (out / "model.safetensors.index.json").exists()
 
 
 def test_resume_after_interruption(model, direction, tmp_path):
     out = tmp_path / "out"
-    assert run("apply", model, direction[0], "-o", out, "-q").exit_code == 0
-    finished = tree_hashes(out)
+    assert cli("apply", model, direction[0], "-o", out, "-q").exit_code == 0
+    finished = folder_hashes(out)
     record = json.loads((out / RECORD_NAME).read_text())
     # The state an interrupted run leaves: marker, some shards, no index, no record, a temp file.
     (out / PARTIAL_NAME).write_text(json.dumps(record["fingerprint"]))
@@ -193,9 +176,9 @@ def test_resume_after_interruption(model, direction, tmp_path):
     (out / "model.safetensors.index.json").unlink()
     (out / "model-00002-of-00003.safetensors").unlink()
     (out / ".model-00002-of-00003.safetensors.orthopatch-tmp").write_bytes(b"half")
-    result = run("apply", model, direction[0], "-o", out, "-q")
+    result = cli("apply", model, direction[0], "-o", out, "-q")
     assert result.exit_code == 0 and "resumed" in result.stdout
-    after = tree_hashes(out)
+    after = folder_hashes(out)
     assert after.keys() == finished.keys()
     assert {k: v for k, v in after.items() if k != RECORD_NAME} == {
         k: v for k, v in finished.items() if k != RECORD_NAME}
@@ -206,7 +189,7 @@ def test_single_file_checkpoint(direction, tmp_path):
     tensors = layer(0, gen) | {"model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN, generator=gen).half()}
     src = write_sharded(tmp_path / "single", [tensors], CONFIG | {"num_hidden_layers": 1}, metadata={"format": "pt"})
     out = tmp_path / "out"
-    assert run("apply", src, direction[0], "-o", out, "-q").exit_code == 0
+    assert cli("apply", src, direction[0], "-o", out, "-q").exit_code == 0
     dst = read_tensors(out / "model.safetensors")
     emb = tensors["model.embed_tokens.weight"]
     assert_correctly_rounded(dst["model.embed_tokens.weight"][1], emb, direction[1], 1)

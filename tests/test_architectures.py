@@ -15,6 +15,7 @@ import torch
 
 from orthopatch.apply import ApplyOptions, apply
 from orthopatch.output import RECORD_NAME
+from tests.helpers import far_from_defaults, max_abs_cos, pre_norm_states
 
 transformers = pytest.importorskip("transformers")
 
@@ -93,42 +94,7 @@ def make_model(case: Case) -> Any:
         model = transformers.Gemma3ForConditionalGeneration(config)
     else:
         model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                torch.nn.init.normal_(p, std=0.5)
-            elif p.dim() == 1:  # norm gains (GPT-2's ln_*, everyone's *norm), gpt-oss's attention sinks
-                torch.nn.init.normal_(p, mean=1.0 - case.gain_offset, std=0.5)
-            elif p.dim() >= 2:
-                torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5 if p.dim() == 2 else 0.1)
-    return model.eval()
-
-
-def final_norm(model: Any) -> torch.nn.Module:
-    for path in ("model.norm", "model.language_model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm"):
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
-            continue
-    raise AssertionError(f"no final norm in {type(model).__name__}")
-
-
-def pre_norm_states(model: Any, ids: torch.Tensor) -> list[torch.Tensor]:
-    """The embedding output and every layer's output, all before the final norm."""
-    captured: list[torch.Tensor] = []
-    handle = final_norm(model).register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
-    try:
-        with torch.no_grad():
-            out = model(input_ids=ids, output_hidden_states=True)
-    finally:
-        handle.remove()
-    assert len(captured) == 1
-    return [*out.hidden_states[:-1], captured[0]]
-
-
-def max_abs_cos(states: list[torch.Tensor], r: torch.Tensor) -> float:
-    return max(torch.nn.functional.cosine_similarity(h.double(), r.expand_as(h), dim=-1).abs().max().item()
-               for h in states)
+    return far_from_defaults(model, case.gain_offset)
 
 
 def load(folder: Path) -> Any:

@@ -13,7 +13,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,19 @@ from orthopatch.checkpoint import INDEX_NAME
 from orthopatch.errors import OrthopatchError
 from orthopatch.output import PARTIAL_NAME, RECORD_NAME, temporaries
 from orthopatch.safetensors_header import read_header
-from orthopatch.synthetic import LlamaShape, write_checkpoint
-
-from guarded import TINY, comparable_files, folder_hashes, model_and_reference, save_direction, untouched
+from orthopatch.synthetic import LlamaShape
+from tests.helpers import (
+    TINY,
+    Converted,
+    comparable_files,
+    folder_hashes,
+    one_error_line,
+    orthopatch_command,
+    run_orthopatch,
+    save_direction,
+    tiny_llama,
+    untouched,
+)
 
 #: About 300 MB in 21 shards: long enough that kills land in every phase of a run.
 SHAPE = LlamaShape(hidden=1024, intermediate=2816, vocab=32000, layers=8, heads=8, kv_heads=4)
@@ -46,8 +55,7 @@ class Made:
 
 
 def command(made_or_model, direction: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "orthopatch", "apply", str(made_or_model), str(direction), "-o", str(out), "-q",
-            *extra]
+    return orthopatch_command("apply", made_or_model, direction, "-o", out, "-q", *extra)
 
 
 def start(args: list[str]) -> subprocess.Popen:
@@ -66,8 +74,7 @@ def wait_for(path: Path, proc: subprocess.Popen) -> bool:
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> Made:
     root = tmp_path_factory.mktemp("crash")
-    model = write_checkpoint(root / "model", SHAPE, shard_bytes=16 << 20)
-    (model / "tokenizer.json").write_text('{"version": "1.0"}')
+    model = tiny_llama(root / "model", shape=SHAPE, shard_bytes=16 << 20)
     (model / "tokenizer").mkdir()
     (model / "tokenizer" / "extra.txt").write_text("a nested model file")
     direction = root / "refusal_dir.pth"
@@ -186,12 +193,10 @@ def test_a_second_apply_is_refused_while_one_runs(made: Made, tmp_path) -> None:
         before = folder_hashes(out)
         for extra in ((), ("--overwrite",)):
             second = run_to_end(args + list(extra))
-            assert second.returncode == 1
-            assert second.stderr.strip() == (f"orthopatch: error: {out}: another orthopatch run is writing "
-                                             "to this folder")
-        verifying = run_to_end([sys.executable, "-m", "orthopatch", "verify", str(out), "--direction",
-                                str(made.direction), "-q"])
-        assert verifying.returncode == 1 and "is writing to this folder" in verifying.stderr
+            assert one_error_line(second) == (f"orthopatch: error: {out}: another orthopatch run is writing "
+                                              "to this folder")
+        verifying = run_orthopatch("verify", out, "--direction", made.direction, "-q", timeout=180)
+        assert "is writing to this folder" in one_error_line(verifying)
         assert folder_hashes(out) == before  # the refused runs touched nothing
     finally:
         os.kill(first.pid, signal.SIGCONT)
@@ -204,8 +209,8 @@ def test_a_second_apply_is_refused_while_one_runs(made: Made, tmp_path) -> None:
 # --- states a crash can leave, built by hand ------------------------------------------------------
 
 @pytest.fixture
-def small(tmp_path) -> tuple[Path, Path, dict[str, str]]:
-    return model_and_reference(tmp_path)
+def small(converted: Converted) -> tuple[Path, Path, dict[str, str]]:
+    return converted.model, converted.direction, converted.files
 
 
 def test_temporaries_alone_do_not_make_a_folder_foreign(small, tmp_path) -> None:
@@ -219,11 +224,11 @@ def test_temporaries_alone_do_not_make_a_folder_foreign(small, tmp_path) -> None
     assert comparable_files(out) == reference
 
 
-def test_a_resumed_run_removes_every_temporary(small, tmp_path) -> None:
+def test_a_resumed_run_removes_every_temporary(small, converted, tmp_path) -> None:
     """Killed while copying a nested model file: the rerun resumes and cleans subfolders too."""
     model, direction, reference = small
     out = tmp_path / "out"
-    shutil.copytree(tmp_path / "reference", out)
+    shutil.copytree(converted.out, out)
     fingerprint = json.loads((out / RECORD_NAME).read_text())["fingerprint"]
     for name in (RECORD_NAME, INDEX_NAME, "README.md", "tokenizer/vocab.txt"):
         (out / name).unlink()
@@ -236,11 +241,11 @@ def test_a_resumed_run_removes_every_temporary(small, tmp_path) -> None:
     assert comparable_files(out) == reference
 
 
-def test_shards_without_a_marker_are_not_taken_over(small, tmp_path) -> None:
+def test_shards_without_a_marker_are_not_taken_over(small, converted, tmp_path) -> None:
     """Shards and no marker: not provably ours, so refused (and untouched) unless --overwrite."""
     model, direction, reference = small
     out = tmp_path / "out"
-    shutil.copytree(tmp_path / "reference", out)
+    shutil.copytree(converted.out, out)
     (out / RECORD_NAME).unlink()
     (out / INDEX_NAME).unlink()
     with untouched(out):

@@ -7,26 +7,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from orthopatch.cli import main
 from orthopatch.output import RECORD_NAME
-
-from guarded import TINY, comparable_files, folder_hashes, save_direction, tiny_llama, untouched
+from tests.helpers import (
+    TINY,
+    Converted,
+    cli,
+    cli_ok,
+    comparable_files,
+    folder_hashes,
+    save_direction,
+    tiny_llama,
+    untouched,
+)
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("determinism")
-    model = tiny_llama(root / "model")
-    direction = root / "r.pth"
-    save_direction(direction, TINY.hidden)
-    return model, direction
-
-
-def run(*args: str) -> None:
-    result = CliRunner().invoke(main, list(args))
-    assert result.exit_code == 0, result.output
+def source(converted: Converted) -> tuple[Path, Path]:
+    return converted.model, converted.direction
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -37,7 +35,7 @@ def test_two_runs_give_identical_bytes(tmp_path, dtype) -> None:
     direction_bytes = direction.read_bytes()
     with untouched(model):
         for out in ("a", "b"):
-            run("apply", str(model), str(direction), "-o", str(tmp_path / out), "-q")
+            cli_ok("apply", str(model), str(direction), "-o", str(tmp_path / out), "-q")
     assert direction.read_bytes() == direction_bytes
     a, b = folder_hashes(tmp_path / "a"), folder_hashes(tmp_path / "b")
     shards = [name for name in a if name.endswith(".safetensors")]
@@ -52,20 +50,20 @@ def test_no_command_touches_the_source(source, tmp_path) -> None:
     model, direction = source
     out = tmp_path / "out"
     with untouched(model, direction.parent):
-        run("apply", str(model), str(direction), "-o", str(out), "--dry-run")
-        run("apply", str(model), str(direction), "-o", str(out), "-q")
-        run("apply", str(model), str(direction), "-o", str(out), "-q")  # already complete
-        run("verify", str(out), "--direction", str(direction), "--source", str(model), "-q")
-        run("verify", str(out), "--direction", str(direction), "-q")
-        run("apply", str(model), str(direction), "-o", str(out), "-q", "--overwrite")
+        cli_ok("apply", str(model), str(direction), "-o", str(out), "--dry-run")
+        cli_ok("apply", str(model), str(direction), "-o", str(out), "-q")
+        cli_ok("apply", str(model), str(direction), "-o", str(out), "-q")  # already complete
+        cli_ok("verify", str(out), "--direction", str(direction), "--source", str(model), "-q")
+        cli_ok("verify", str(out), "--direction", str(direction), "-q")
+        cli_ok("apply", str(model), str(direction), "-o", str(out), "-q", "--overwrite")
     assert (out / RECORD_NAME).exists()
 
 
 def test_a_rerun_after_completion_changes_nothing(source, tmp_path) -> None:
     model, direction = source
     out = tmp_path / "out"
-    run("apply", str(model), str(direction), "-o", str(out), "-q")
+    cli_ok("apply", str(model), str(direction), "-o", str(out), "-q")
     first = folder_hashes(out)
-    result = CliRunner().invoke(main, ["apply", str(model), str(direction), "-o", str(out), "-q"])
+    result = cli("apply", str(model), str(direction), "-o", str(out), "-q")
     assert result.exit_code == 0 and "already complete" in result.stdout
     assert folder_hashes(out) == first

@@ -7,19 +7,24 @@ import errno
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from orthopatch.checkpoint import INDEX_NAME
-from orthopatch.cli import main
 from orthopatch.output import PARTIAL_NAME, RECORD_NAME, temporaries
 from orthopatch.synthetic import DEMO
 from orthopatch.verify import VerifyOptions, verify
-
-from guarded import comparable_files, model_and_reference, save_direction, tiny_llama, untouched
+from tests.helpers import (
+    Converted,
+    cli,
+    comparable_files,
+    one_error_line,
+    run_orthopatch,
+    save_direction,
+    tiny_llama,
+    untouched,
+)
 
 
 def enospc() -> OSError:
@@ -27,8 +32,8 @@ def enospc() -> OSError:
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
-    return model_and_reference(tmp_path_factory.mktemp("full"))
+def made(converted: Converted) -> tuple[Path, Path, dict[str, str]]:
+    return converted.model, converted.direction, converted.files
 
 
 def after_n_calls(n: int, real):
@@ -77,17 +82,14 @@ def test_a_full_disk_anywhere(made, tmp_path, monkeypatch, where: str) -> None:
     with untouched(model):
         with monkeypatch.context() as m:
             fill_disk(m, where)
-            result = CliRunner().invoke(main, args)
-        assert result.exit_code == 1, result.output
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"orthopatch: error: {out}"), result.stderr
-        assert lines[0].endswith("(no space left on device)")
+            line = one_error_line(cli(*args))
+        assert line.startswith(f"orthopatch: error: {out}") and line.endswith("(no space left on device)")
         assert temporaries(out) == []
         assert not (out / RECORD_NAME).exists() and (out / PARTIAL_NAME).exists()
         if where not in ("record",):
             assert not (out / INDEX_NAME).exists()
         assert not verify(VerifyOptions(out=out, direction=direction, quiet=True)).ok
-        rerun = CliRunner().invoke(main, args)  # room again: the same command finishes the job
+        rerun = cli(*args)  # room again: the same command finishes the job
         assert rerun.exit_code == 0, rerun.output
     assert comparable_files(out) == reference
     assert verify(VerifyOptions(out=out, direction=direction, source=model, quiet=True)).ok
@@ -113,11 +115,8 @@ def test_a_real_full_tmpfs(tmp_path) -> None:
         save_direction(direction, DEMO.hidden)
         out = disk / "out"
         with untouched(model):
-            result = subprocess.run([sys.executable, "-m", "orthopatch", "apply", str(model), str(direction),
-                                     "-o", str(out), "-q"], capture_output=True, text=True, timeout=120)
-        assert result.returncode == 1
-        assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"orthopatch: error: {out}/")
-        assert "no space left on device" in result.stderr and "Traceback" not in result.stderr
+            line = one_error_line(run_orthopatch("apply", model, direction, "-o", out, "-q"))
+        assert line.startswith(f"orthopatch: error: {out}/") and "no space left on device" in line
         assert temporaries(out) == []
         assert not (out / RECORD_NAME).exists() and not (out / INDEX_NAME).exists()
         usage = shutil.disk_usage(disk)

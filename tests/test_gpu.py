@@ -1,28 +1,32 @@
-"""The CUDA path: streamed through pinned buffers, bounded GPU memory; a clear error without CUDA."""
+"""The CUDA path: streamed through pinned buffers, bounded GPU memory; a clear error without CUDA.
+
+Tests marked ``gpu`` are skipped on a machine without CUDA (see conftest.py)."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_kernel import CASES, DTYPES, random_case, stream_one
 
 from orthopatch.projection import project_out, unit_direction
-from orthopatch.synthetic import DEMO, write_checkpoint, write_direction
-
-from handmade import tensor_bytes
-from reference import assert_correctly_rounded
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from orthopatch.synthetic import DEMO, write_direction
+from tests.helpers import (
+    FLOAT_DTYPES,
+    SHAPES_AND_AXES,
+    assert_correctly_rounded,
+    one_error_line,
+    random_case,
+    run_orthopatch,
+    stream_one,
+    tensor_bytes,
+    tiny_llama,
+)
 
 
 @pytest.fixture(scope="module")
 def demo_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu")
-    model = write_checkpoint(root / "model", DEMO, shard_bytes=4 << 20)
+    model = tiny_llama(root / "model", shape=DEMO, shard_bytes=4 << 20)
     r = write_direction(root / "r.pth", DEMO.hidden)
     return model, root / "r.pth", r
 
@@ -31,18 +35,14 @@ def demo_checkpoint(tmp_path_factory):
 def test_device_cuda_without_cuda_is_one_line(demo_checkpoint, tmp_path):
     model, direction, _ = demo_checkpoint
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "orthopatch", "apply", str(model), str(direction), "-o", str(out),
-                           "--device", "cuda", "-q"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cuda" in lines[0].lower() and "Traceback" not in proc.stderr
+    line = one_error_line(run_orthopatch("apply", model, direction, "-o", out, "--device", "cuda", "-q"))
+    assert "cuda" in line.lower()
     assert not out.exists()
 
 
 @pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape,axis", SHAPES_AND_AXES)
 def test_cuda_stream_matches_reference_and_in_memory(tmp_path, dtype, shape, axis):
     w, u = random_case(shape, axis, dtype, seed=11)
     options = {"chunk_bytes": 4096, "block_elements": 512}
@@ -53,7 +53,6 @@ def test_cuda_stream_matches_reference_and_in_memory(tmp_path, dtype, shape, axi
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("retain_bytes", [0, 1 << 30])
 def test_cuda_memory_stays_bounded_for_large_tensors(tmp_path, retain_bytes):
     w, u = random_case((4096, 8192), 0, torch.bfloat16, seed=12)  # 64 MiB stored, 128 MiB in float32
@@ -69,12 +68,10 @@ def test_cuda_memory_stays_bounded_for_large_tensors(tmp_path, retain_bytes):
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_apply_on_cuda(demo_checkpoint, tmp_path):
     model, direction, r = demo_checkpoint
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "orthopatch", "apply", str(model), str(direction), "-o", str(out),
-                           "--device", "cuda", "-q"], capture_output=True, text=True, timeout=300)
+    proc = run_orthopatch("apply", model, direction, "-o", out, "--device", "cuda", "-q", timeout=300)
     assert proc.returncode == 0, proc.stderr
     u = unit_direction(r.to(torch.bfloat16).double())
     for shard in sorted(model.glob("*.safetensors")):

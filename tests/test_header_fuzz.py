@@ -12,7 +12,7 @@ import math
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors import SafetensorError, deserialize
 
@@ -91,7 +91,10 @@ def parse(data: bytes) -> ShardHeader | HeaderError:
         return exc
 
 
-def check_valid(header: ShardHeader, data: bytes) -> None:
+def check_valid(header: ShardHeader, data: bytes, file_size: int | None = None) -> None:
+    """The tensors tile the data buffer from the header's end to the end of the file, without gaps."""
+    file_size = len(data) if file_size is None else file_size
+    assert header.raw == data[:header.data_start]
     cursor = header.data_start
     names = set()
     for t in header.tensors:
@@ -99,7 +102,7 @@ def check_valid(header: ShardHeader, data: bytes) -> None:
         assert t.nbytes * 8 == t.numel * DTYPE_BITS[t.dtype]
         names.add(t.name)
         cursor = t.end
-    assert cursor == len(data) == header.file_size
+    assert cursor == file_size == header.file_size
 
 
 def reference_reads(data: bytes) -> dict | None:
@@ -129,14 +132,36 @@ def test_random_bytes(data: bytes) -> None:
         check_valid(result, data)
 
 
+#: Headers that parse, with the file each one needs: lengths and sizes near them reach every check.
+GOOD_HEADERS = [(b"{}", b""), (b"{}  ", b""), (b'{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}', b"xy")]
+
+
+@st.composite
+def length_and_size(draw) -> tuple[bytes, int, int]:
+    """Bytes after the length field, the length field, and the file size: random, or near a good header."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=64)), draw(st.integers(0, 2 ** 64 - 1)), draw(st.integers(0, 2 ** 40))
+    text, body = draw(st.sampled_from(GOOD_HEADERS))
+    n = len(text) + draw(st.integers(-2, 2))
+    file_size = 8 + len(text) + len(body) + draw(st.sampled_from([0, 0, -1, 1, 1000]))
+    return text + body, max(n, 0), file_size
+
+
 @FUZZ
-@given(st.binary(max_size=64), st.integers(0, 2 ** 64 - 1), st.integers(0, 2 ** 40))
-def test_random_length_and_size(tail: bytes, n: int, file_size: int) -> None:
+@given(length_and_size())
+def test_random_length_and_size(case: tuple[bytes, int, int]) -> None:
+    """Any length field against any file size: a one-line HeaderError naming the file, or a header
+    read entirely from the given bytes whose tensors fill the file exactly."""
+    tail, n, file_size = case
     data = struct.pack("<Q", n) + tail
     try:
-        parse_header(data, file_size, "x")
-    except HeaderError:
-        pass
+        header = parse_header(data, file_size, "x")
+    except HeaderError as exc:
+        assert str(exc).startswith("x: ") and "\n" not in str(exc)
+        return
+    event("parsed")
+    assert header.data_start == 8 + n <= len(data)
+    check_valid(header, data, file_size)
 
 
 @settings(max_examples=200, deadline=None)

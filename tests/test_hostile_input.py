@@ -6,21 +6,17 @@ import json
 import pickle
 import shutil
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from orthopatch import direction as direction_module
-from orthopatch.cli import main
 from orthopatch.direction import load_direction
 from orthopatch.errors import OrthopatchError
-
-from guarded import TINY, save_direction, tiny_llama, untouched
+from tests.helpers import TINY, Converted, cli, one_error_line, save_direction, untouched
 
 HIDDEN = TINY.hidden
 
@@ -36,22 +32,12 @@ class CreatesFile:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Iterator[Path]:
-    model = tiny_llama(tmp_path_factory.mktemp("hostile") / "model")
-    with untouched(model):
-        yield model
+def model(converted: Converted) -> Path:
+    return converted.model
 
 
 def apply_cli(model: Path, direction: Path, out: Path):
-    return CliRunner().invoke(main, ["apply", str(model), str(direction), "-o", str(out), "-q"])
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("orthopatch: error: ") and "Traceback" not in result.output
-    return lines[0]
+    return cli("apply", model, direction, "-o", out, "-q")
 
 
 # --- pickles that would run code ------------------------------------------------------------------
@@ -85,7 +71,7 @@ def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path, model, ma
             good = tmp_path / "good.pth"
             save_direction(good, HIDDEN)
             assert apply_cli(model, good, out).exit_code == 0
-            result = CliRunner().invoke(main, ["verify", str(out), "--direction", str(evil), "-q"])
+            result = cli("verify", out, "--direction", evil, "-q")
     line = one_error_line(result)
     assert not marker.exists()
     assert line.startswith(f"orthopatch: error: {evil}: ")
@@ -303,7 +289,7 @@ def test_a_broken_checkpoint_is_one_line_and_writes_nothing(tmp_path, model, dam
     with untouched(broken):
         for args in (["apply", str(broken), str(direction), "-o", str(out), "-q"],
                      ["apply", str(broken), str(direction), "-o", str(out), "--dry-run"]):
-            line = one_error_line(CliRunner().invoke(main, args))
+            line = one_error_line(cli(*args))
             assert line.startswith(f"orthopatch: error: {where}: "), line
             assert all(word in line for word in words), line
     assert not out.exists()
@@ -312,6 +298,5 @@ def test_a_broken_checkpoint_is_one_line_and_writes_nothing(tmp_path, model, dam
         apply_out = tmp_path / "made"
         shutil.copytree(model, good)
         assert apply_cli(good, direction, apply_out).exit_code == 0
-        line = one_error_line(CliRunner().invoke(main, ["verify", str(apply_out), "--direction", str(direction),
-                                                        "--source", str(broken), "-q"]))
+        line = one_error_line(cli("verify", apply_out, "--direction", direction, "--source", broken, "-q"))
         assert line.startswith(f"orthopatch: error: {where}: ")

@@ -11,22 +11,19 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from orthopatch import hub
-from orthopatch.cli import main
 from orthopatch.errors import OrthopatchError
 from orthopatch.model_card import build_card, read_source_card
 from orthopatch.output import PARTIAL_NAME, RECORD_NAME
-from orthopatch.synthetic import LlamaShape, write_checkpoint, write_direction
+from orthopatch.synthetic import write_direction
+from tests.helpers import TINIEST, cli, cli_ok, one_error_line, run_orthopatch, tiny_llama
 
-SHAPE = LlamaShape(hidden=32, intermediate=64, vocab=64, layers=2, heads=4, kv_heads=2)
 MODEL_ID, DIRECTION_ID = "testorg/Tiny-Llama", "failspy/tiny-abliterated"
 COMMIT, DIRECTION_COMMIT = "a" * 40, "b" * 40
 SOURCE_CARD = "---\nlicense: llama3\nlanguage:\n- en\ntags:\n- llama\n---\n\n# Tiny Llama\n\nThe source card's text.\n"
@@ -52,12 +49,11 @@ def add_to_cache(cache: Path, repo_id: str, commit: str, files: Path) -> Path:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("hf")
-    model = write_checkpoint(root / "build" / "model", SHAPE, shard_bytes=16_000)
+    model = tiny_llama(root / "build" / "model", shape=TINIEST, shard_bytes=16_000)
     (model / "README.md").write_text(SOURCE_CARD)
-    (model / "tokenizer.json").write_text('{"version": "1.0"}')
     direction_files = root / "build" / "direction"
     direction_files.mkdir()
-    r = write_direction(direction_files / "refusal_dir.pth", SHAPE.hidden)
+    r = write_direction(direction_files / "refusal_dir.pth", TINIEST.hidden)
     cache = root / "cache"
     snapshot = add_to_cache(cache, MODEL_ID, COMMIT, model)
     add_to_cache(cache, DIRECTION_ID, DIRECTION_COMMIT, direction_files)
@@ -69,18 +65,17 @@ def tree(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.lstat().st_size for p in sorted(folder.rglob("*"))}
 
 
-def cli(cache: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def cached_cli(cache: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """``python -m orthopatch ARGS`` in ``cwd``, offline, with the test cache as the Hugging Face cache."""
     env = {**os.environ, "HF_HUB_CACHE": str(cache["cache"]), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "orthopatch", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return run_orthopatch(*args, cwd=cwd, env=env)
 
 
 def test_repo_ids_resolve_from_the_cache_without_downloading(cache, tmp_path):
     before = tree(cache["cache"])
     work = tmp_path / "work"
-    result = cli(cache, work, "apply", MODEL_ID, f"{DIRECTION_ID}:refusal_dir.pth", "-q")
+    result = cached_cli(cache, work, "apply", MODEL_ID, f"{DIRECTION_ID}:refusal_dir.pth", "-q")
     assert result.returncode == 0, result.stderr
     out = work / "Tiny-Llama-abliterated"
     assert result.stdout.startswith("Tiny-Llama-abliterated: ")
@@ -119,7 +114,7 @@ def offline(cache, monkeypatch):
     def run_in(cwd: Path, *args: str):
         cwd.mkdir(parents=True, exist_ok=True)
         monkeypatch.chdir(cwd)
-        return CliRunner().invoke(main, list(args))
+        return cli(*args)
 
     return run_in
 
@@ -152,30 +147,23 @@ def test_revision_and_local_path_precedence(cache, tmp_path, offline):
     assert "base_model: Tiny-Llama" in (work / "testorg" / "Tiny-Llama-abliterated" / "README.md").read_text()
 
 
-def one_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("orthopatch: error: "), result.stderr
-    return lines[0]
-
-
 def test_hub_errors_are_one_line(cache, tmp_path, offline, monkeypatch):
     from huggingface_hub import constants
 
     direction = str(cache["direction_file"])
-    line = one_line(offline(tmp_path, "apply", "testorg/Missing", direction))
+    line = one_error_line(offline(tmp_path, "apply", "testorg/Missing", direction))
     assert "testorg/Missing" in line and "--download" in line and str(cache["cache"]) in line
-    line = one_line(offline(tmp_path, "apply", MODEL_ID, f"{DIRECTION_ID}:nope.pth"))
+    line = one_error_line(offline(tmp_path, "apply", MODEL_ID, f"{DIRECTION_ID}:nope.pth"))
     assert f"{DIRECTION_ID}:nope.pth" in line and "'nope.pth'" in line and "HF_HUB_OFFLINE" in line
-    line = one_line(offline(tmp_path, "apply", "testorg/Missing", direction, "--download"))
+    line = one_error_line(offline(tmp_path, "apply", "testorg/Missing", direction, "--download"))
     assert "testorg/Missing" in line and "HF_HUB_OFFLINE" in line
-    line = one_line(offline(tmp_path, "apply", f"{MODEL_ID}@v9", direction))
+    line = one_error_line(offline(tmp_path, "apply", f"{MODEL_ID}@v9", direction))
     assert f"{MODEL_ID}@v9" in line
 
     # No network: a closed port as the Hub.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    line = one_line(offline(tmp_path, "apply", "testorg/Missing", direction, "--download"))
+    line = one_error_line(offline(tmp_path, "apply", "testorg/Missing", direction, "--download"))
     assert "testorg/Missing" in line and "cannot be reached" in line
     assert not list(tmp_path.glob("*-abliterated"))
 
@@ -267,15 +255,14 @@ def test_push_to_hub_uploads_the_finished_folder(cache, tmp_path, pushed):
     from huggingface_hub.utils import filter_repo_objects
 
     out = tmp_path / "out"
-    runner = CliRunner()
-    args = ["apply", str(cache["model"]), str(cache["direction_file"]), "-o", str(out), "-q"]
-    assert runner.invoke(main, args).exit_code == 0
+    args = ["apply", cache["model"], cache["direction_file"], "-o", out, "-q"]
+    cli_ok(*args)
     assert pushed == []
     (out / ".DS_Store").write_bytes(b"hidden")
     (out / ".cache" / "huggingface").mkdir(parents=True)
     (out / ".cache" / "huggingface" / "x.lock").write_text("")
 
-    result = runner.invoke(main, [*args, "--push-to-hub", "me/Tiny-abliterated", "--private"])
+    result = cli(*args, "--push-to-hub", "me/Tiny-abliterated", "--private")
     assert result.exit_code == 0, result.output
     assert "pushed to https://huggingface.co/me/Tiny-abliterated" in result.stdout
     (create, created), (upload, uploaded) = pushed
@@ -290,15 +277,14 @@ def test_push_to_hub_uploads_the_finished_folder(cache, tmp_path, pushed):
 
 def test_push_refused_when_the_output_does_not_verify(cache, tmp_path, pushed):
     out = tmp_path / "out"
-    runner = CliRunner()
-    args = ["apply", str(cache["model"]), str(cache["direction_file"]), "-o", str(out), "-q"]
-    assert runner.invoke(main, args).exit_code == 0
+    args = ["apply", cache["model"], cache["direction_file"], "-o", out, "-q"]
+    cli_ok(*args)
     weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     shard = out / weight_map["lm_head.weight"]  # the last tensor of its shard, never patched
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF  # the output no longer matches the source
     shard.write_bytes(bytes(data))
-    result = runner.invoke(main, [*args, "--push-to-hub", "me/x"])
+    result = cli(*args, "--push-to-hub", "me/x")
     assert result.exit_code == 1 and pushed == []
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("orthopatch: error: not pushed: verification failed:") and "lm_head" in line
@@ -307,23 +293,19 @@ def test_push_refused_when_the_output_does_not_verify(cache, tmp_path, pushed):
 def test_push_failures_and_refusals(cache, tmp_path, pushed, monkeypatch):
     from huggingface_hub import HfApi
 
-    runner = CliRunner()
-    dry = runner.invoke(main, ["apply", str(cache["model"]), str(cache["direction_file"]), "--dry-run",
-                               "--push-to-hub", "me/x"])
+    dry = cli("apply", cache["model"], cache["direction_file"], "--dry-run", "--push-to-hub", "me/x")
     assert dry.exit_code == 2
 
     bad = tmp_path / "bad.pth"
-    torch.save(torch.randn(SHAPE.hidden + 1), bad)
-    failed = runner.invoke(main, ["apply", str(cache["model"]), str(bad), "-o", str(tmp_path / "o1"), "-q",
-                                  "--push-to-hub", "me/x"])
-    assert failed.exit_code == 1 and pushed == []
+    torch.save(torch.randn(TINIEST.hidden + 1), bad)
+    failed = cli("apply", cache["model"], bad, "-o", tmp_path / "o1", "-q", "--push-to-hub", "me/x")
+    assert "bad.pth" in one_error_line(failed) and pushed == []
 
     def no_network(self, repo_id: str, **kwargs):
         raise OSError("[Errno 111] Connection refused\nmore detail")
 
     monkeypatch.setattr(HfApi, "create_repo", no_network)
-    result = runner.invoke(main, ["apply", str(cache["model"]), str(cache["direction_file"]), "-o",
-                                  str(tmp_path / "o2"), "-q", "--push-to-hub", "me/x"])
-    assert result.exit_code == 1
-    assert result.stderr.strip() == "orthopatch: error: me/x: Hub access failed ([Errno 111] Connection refused)"
+    result = cli("apply", cache["model"], cache["direction_file"], "-o", tmp_path / "o2", "-q", "--push-to-hub",
+                 "me/x")
+    assert one_error_line(result) == "orthopatch: error: me/x: Hub access failed ([Errno 111] Connection refused)"
     assert (tmp_path / "o2" / RECORD_NAME).exists()  # the conversion itself stands

@@ -22,20 +22,15 @@ from orthopatch.safetensors_header import read_header
 from orthopatch.stream import TensorPatcher
 from orthopatch.synthetic import DEMO, write_checkpoint
 from orthopatch.writer import ShardWriter
-
-from handmade import safetensors_bytes, tensor_bytes
-from reference import assert_correctly_rounded
-
-# (shape, residual axis): Linear [d_model, d_in], embedding rows, fused experts both ways.
-CASES = [((301, 70), 0), ((70, 301), 1), ((3, 41, 301), 2), ((3, 301, 29), 1)]
-DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-
-
-def random_case(shape: tuple[int, ...], axis: int, dtype: torch.dtype, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(shape, generator=gen).to(dtype)
-    u = unit_direction(torch.randn(shape[axis], generator=gen, dtype=torch.float64))
-    return w, u
+from tests.helpers import (
+    FLOAT_DTYPES,
+    SHAPES_AND_AXES,
+    assert_correctly_rounded,
+    one_tensor_file,
+    random_case,
+    stream_one,
+    tensor_bytes,
+)
 
 
 @pytest.fixture
@@ -46,8 +41,8 @@ def threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape,axis", SHAPES_AND_AXES)
 def test_same_bytes_whatever_the_thread_and_worker_counts(threads, dtype, shape, axis):
     w, u = random_case(shape, axis, dtype)
     results = []
@@ -97,8 +92,14 @@ def test_first_pass_blocks_go_to_fixed_lanes_on_several_threads(monkeypatch):
 
 def test_default_workers(monkeypatch):
     monkeypatch.delenv(WORKERS_ENV, raising=False)
-    assert 1 <= default_workers() <= projection.MAX_WORKERS
+    most = projection.MAX_WORKERS
+    for cpus, expected in ((1, 1), (2, min(2, most)), (most, most), (10 * most, most)):
+        monkeypatch.setattr(projection, "available_cpus", lambda cpus=cpus: cpus)
+        assert default_workers() == expected, cpus
     assert default_workers("cuda") == 1
+    for text, expected in (("0", 1), ("2", min(2, most)), (str(10 * most), most)):
+        monkeypatch.setenv(WORKERS_ENV, text)
+        assert default_workers() == expected, text
     monkeypatch.setenv(WORKERS_ENV, "1")
     assert default_workers() == 1
     assert projection.BlockKernel("cpu").workers == 1
@@ -119,36 +120,6 @@ def test_in_place_projection_matches_project_out():
 
 # -- the streamed path ------------------------------------------------------------------------------
 
-def one_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    path.write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
-
-
-def stream_one(tmp_path: Path, w: torch.Tensor, u: torch.Tensor, axis: int, device: str = "cpu",
-               **patcher_options) -> torch.Tensor:
-    """Patch ``w`` through a file, the pipeline and a shard writer; return what was written."""
-    src = tmp_path / "src.safetensors"
-    one_tensor_file(src, {"w": w})
-    header = read_header(src)
-    entry = header.entry("w")
-    target = PatchTarget(entry=entry, shard=src.name, role="test", axis=axis, layer=0)
-    out = tmp_path / "out.safetensors"
-    segments = [(0, entry.begin), (entry.begin, entry.end)]
-    if entry.end < header.file_size:
-        segments.append((entry.end, header.file_size))
-    patcher = TensorPatcher(device, **patcher_options)
-    seen: list[int] = []
-    fd = os.open(src, os.O_RDONLY)
-    try:
-        with ShardWriter(out, header.file_size, segments) as writer:
-            writer.write(0, 0, memoryview(src.read_bytes()[: entry.begin]))
-            patcher.patch(fd, target, u, writer, seen.append)
-            writer.finish()
-    finally:
-        os.close(fd)
-    assert sum(seen) == entry.nbytes
-    return load_file(out)["w"]
-
-
 PIPELINE_OPTIONS = [
     {},  # defaults: one chunk, the slab kept between passes
     {"workers": 1},
@@ -161,8 +132,8 @@ PIPELINE_OPTIONS = [
 
 
 @pytest.mark.parametrize("options", PIPELINE_OPTIONS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape,axis", SHAPES_AND_AXES)
 def test_streamed_bytes_equal_in_memory_bytes(tmp_path, options, dtype, shape, axis):
     w, u = random_case(shape, axis, dtype, seed=7)
     streamed = stream_one(tmp_path, w, u, axis, **options)
@@ -184,7 +155,7 @@ def test_streamed_scale_and_norms_equal_in_memory(tmp_path, norm_preserving):
 
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("norm_preserving", [False, True])
-@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("shape,axis", SHAPES_AND_AXES)
 def test_compute_only_equals_streamed_and_in_memory(tmp_path, workers, norm_preserving, shape, axis):
     w, u = random_case(shape, axis, torch.bfloat16, seed=11)
     options = {"chunk_bytes": 4096, "block_elements": 512, "norm_preserving": norm_preserving}

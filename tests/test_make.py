@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from orthopatch.output import RECORD_NAME
-from orthopatch.synthetic import LlamaShape, write_checkpoint, write_direction
+from orthopatch.synthetic import write_checkpoint, write_direction
+from tests.helpers import TINIEST
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 
 ROOT = Path(__file__).resolve().parents[1]
 ORTHOPATCH = Path(sys.executable).parent / "orthopatch"
-SHAPE = LlamaShape(hidden=32, intermediate=64, vocab=64, layers=2, heads=4, kv_heads=2)
 
 
 def make(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -35,10 +35,10 @@ def make(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def batch(tmp_path: Path) -> dict:
-    models = [write_checkpoint(tmp_path / "models" / name, SHAPE, shard_bytes=16_000, seed=seed)
+    models = [write_checkpoint(tmp_path / "models" / name, TINIEST, shard_bytes=16_000, seed=seed)
               for name, seed in (("alpha", 1), ("beta", 2))]
     direction = tmp_path / "refusal_dir.pth"
-    r = write_direction(direction, SHAPE.hidden)
+    r = write_direction(direction, TINIEST.hidden)
     return {"models": models, "direction": direction, "r": r, "out": tmp_path / "converted"}
 
 
@@ -101,7 +101,7 @@ def test_convert_runs_once_and_again_when_inputs_change(batch):
     assert make("-q", *convert_args(batch), check=False).returncode == 0
 
     # Another direction: converted again with it.
-    r2 = write_direction(batch["direction"], SHAPE.hidden, seed=7)
+    r2 = write_direction(batch["direction"], TINIEST.hidden, seed=7)
     make(*convert_args(batch))
     for model in batch["models"]:
         check_output(batch, model, r2)

@@ -10,14 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from orthopatch.cli import main
 from orthopatch.output import RECORD_NAME
-
-from handmade import write_sharded
-from reference import assert_correctly_rounded
+from tests.helpers import assert_correctly_rounded, cli, cli_ok, one_error_line, reference, write_sharded
 
 HIDDEN, INTER, VOCAB, LAYERS = 32, 48, 40, 3
 CONFIG = {"model_type": "olmo2", "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": LAYERS,
@@ -85,17 +81,6 @@ def direction_file(folder: Path, rows: int, seed: int = 7) -> tuple[Path, torch.
     return path, r.float().double()
 
 
-def expected(w: torch.Tensor, u: torch.Tensor, axis: int, scale: float = 1.0,
-             norm_preserving: bool = False) -> torch.Tensor:
-    """The float64 reference: every fiber along ``axis`` loses ``scale`` times its ``u`` part, then
-    (norm preserving) gets its original length back."""
-    x = w.to(torch.float64).movedim(axis, -1)
-    y = x - scale * (x @ u).unsqueeze(-1) * u
-    if norm_preserving:
-        y = y * (x.norm(dim=-1, keepdim=True) / y.norm(dim=-1, keepdim=True))
-    return y.movedim(-1, axis)
-
-
 def target_unit(src: dict[str, torch.Tensor], name: str, rows: torch.Tensor) -> torch.Tensor:
     layer, _, gain = TARGETS[name]
     r = unit(rows[0] if layer is None or rows.shape[0] == 1 else rows[layer])
@@ -103,8 +88,7 @@ def target_unit(src: dict[str, torch.Tensor], name: str, rows: torch.Tensor) -> 
 
 
 def run(source: Path, out: Path, direction: Path, *args: str) -> dict:
-    result = CliRunner().invoke(main, ["apply", str(source), str(direction), "-o", str(out), "-q", *args])
-    assert result.exit_code == 0, result.output
+    cli_ok("apply", source, direction, "-o", out, "-q", *args)
     return json.loads((out / RECORD_NAME).read_text())
 
 
@@ -139,7 +123,7 @@ def test_norm_preserving_keeps_every_input_units_length(source: Path, tmp_path: 
     src, out = read_all(source), read_all(tmp_path / "out")
     for name, (_, axis, _) in TARGETS.items():
         u = target_unit(src, name, rows)
-        exact = expected(src[name], u, axis, scale, norm_preserving=True)
+        exact = reference(src[name], u, axis, scale, norm_preserving=True)
         assert_close(out[name], exact, name)
         lengths = out[name].double().norm(dim=axis)
         original = src[name].double().norm(dim=axis)
@@ -157,9 +141,12 @@ def test_per_layer_directions_use_row_i_for_layer_i(source: Path, tmp_path: Path
     src, out = read_all(source), read_all(tmp_path / "out")
     for name, (_, axis, _) in TARGETS.items():
         assert_correctly_rounded(out[name], src[name], target_unit(src, name, r), axis, name=name)
-    # Not the shared direction: row 0 applied to layer 2 would leave a component along row 2.
+    # Not the shared direction: row 0 applied to layer 2 gives other bytes, which keep a component along row 2.
+    shared = reference(src[mlp(2)], target_unit(src, mlp(2), r[:1]), 0).to(out[mlp(2)].dtype)
+    assert not torch.equal(out[mlp(2)], shared)
     u2 = target_unit(src, mlp(2), r)
-    assert not torch.allclose(u2, target_unit(src, mlp(2), r[:1]))
+    along = (u2 @ out[mlp(2)].double()).norm() / out[mlp(2)].double().norm()
+    assert along < 5e-3 < (u2 @ shared.double()).norm() / shared.double().norm()
 
 
 def test_layers_and_no_embeddings_leave_the_rest_byte_identical(source: Path, tmp_path: Path) -> None:
@@ -178,10 +165,8 @@ def test_layers_and_no_embeddings_leave_the_rest_byte_identical(source: Path, tm
 
 def test_layers_outside_the_model_are_refused(source: Path, tmp_path: Path) -> None:
     direction, _ = direction_file(tmp_path, 1)
-    result = CliRunner().invoke(main, ["apply", str(source), str(direction), "-o", str(tmp_path / "o"),
-                                       "--layers", "1:4"])
-    assert result.exit_code == 1
-    assert "layer 3" in result.output and "3 layers" in result.output
+    line = one_error_line(cli("apply", source, direction, "-o", tmp_path / "o", "--layers", "1:4"))
+    assert "layer 3" in line and "3 layers" in line
 
 
 @pytest.mark.parametrize("args", [["--layers", "3:1"], ["--layers", "a"], ["--layers", "1,,2"],
@@ -189,7 +174,7 @@ def test_layers_outside_the_model_are_refused(source: Path, tmp_path: Path) -> N
                                   ["--scale", "nan"]])
 def test_bad_method_options_are_usage_errors(source: Path, tmp_path: Path, args: list[str]) -> None:
     direction, _ = direction_file(tmp_path, 1)
-    result = CliRunner().invoke(main, ["apply", str(source), str(direction), "-o", str(tmp_path / "o"), *args])
+    result = cli("apply", source, direction, "-o", tmp_path / "o", *args)
     assert result.exit_code == 2, result.output
     assert not (tmp_path / "o").exists()
 
@@ -208,8 +193,7 @@ def test_targets_patch_an_unknown_architecture(tmp_path: Path) -> None:
     config = {"model_type": "mystery", "d_model": HIDDEN, "n_layer": 2}
     src_dir = write_sharded(tmp_path / "mystery", [custom_tensors()], config, metadata={"format": "pt"})
     direction, rows = direction_file(tmp_path, 3)  # one row per hidden state
-    unknown = CliRunner().invoke(main, ["apply", str(src_dir), str(direction), "-o", str(tmp_path / "o")])
-    assert unknown.exit_code == 1 and "'mystery'" in unknown.output
+    assert "'mystery'" in one_error_line(cli("apply", src_dir, direction, "-o", tmp_path / "o"))
     specs = [r"tok\.weight:-1", r"blocks\.(?P<layer>\d+)\.out\.(weight|bias):-1"]
     record = run(src_dir, tmp_path / "out", direction, "--layers", "1",
                  *[a for s in specs for a in ("--targets", s)])
@@ -226,8 +210,7 @@ def test_targets_patch_an_unknown_architecture(tmp_path: Path) -> None:
 
 def test_dry_run_shows_gains_layers_and_embedding_tie(source: Path, tmp_path: Path) -> None:
     direction, _ = direction_file(tmp_path, 1)
-    result = CliRunner().invoke(main, ["apply", str(source), str(direction), "-o", str(tmp_path / "o"),
-                                       "--dry-run", "--layers", "1:3"])
+    result = cli("apply", source, direction, "-o", tmp_path / "o", "--dry-run", "--layers", "1:3")
     assert result.exit_code == 0, result.output
     assert "patching layers 1:3, embeddings yes (separate from the output head)" in result.output
     assert "gain=model.layers.2.post_feedforward_layernorm.weight" in result.output

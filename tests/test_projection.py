@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from orthopatch.projection import Layout, project_out, unit_direction
-
-from reference import assert_correctly_rounded
+from tests.helpers import assert_correctly_rounded, random_case
 
 CASES = [
     ((257, 96), 0),  # nn.Linear [d_model, d_in]: o_proj, down_proj
@@ -19,18 +18,14 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape,axis", CASES)
 def test_matches_float64_reference(dtype, shape, axis):
-    gen = torch.Generator().manual_seed(hash((shape, axis)) % 2**31)
-    w = torch.randn(shape, generator=gen).to(dtype)
-    u = unit_direction(torch.randn(shape[axis], generator=gen, dtype=torch.float64))
+    w, u = random_case(shape, axis, dtype, seed=hash((shape, axis)) % 2**31)
     out = project_out(w, u, axis)
     assert out.dtype == dtype and out.shape == w.shape
     assert_correctly_rounded(out, w, u, axis, name=f"{dtype}{shape}")
 
 
 def test_removes_the_component():
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(512, 300, generator=gen).to(torch.bfloat16)
-    u = unit_direction(torch.randn(512, generator=gen, dtype=torch.float64))
+    w, u = random_case((512, 300), 0, torch.bfloat16, seed=0)
     before = (u @ w.double()).norm() / w.double().norm()
     after = (u @ project_out(w, u, 0).double()).norm() / w.double().norm()
     assert before > 0.02
@@ -38,9 +33,7 @@ def test_removes_the_component():
 
 
 def test_result_does_not_depend_on_block_size():
-    gen = torch.Generator().manual_seed(1)
-    w = torch.randn(300, 200, generator=gen).to(torch.bfloat16)
-    u = unit_direction(torch.randn(300, generator=gen, dtype=torch.float64))
+    w, u = random_case((300, 200), 0, torch.bfloat16, seed=1)
     small = project_out(w, u, 0, block_elements=1000)
     large = project_out(w, u, 0, block_elements=1 << 20)
     assert_correctly_rounded(small, w, u, 0)

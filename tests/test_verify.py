@@ -6,40 +6,36 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from orthopatch.apply import ApplyOptions, apply
-from orthopatch.cli import main
 from orthopatch.errors import OrthopatchError
 from orthopatch.output import PARTIAL_NAME, RECORD_NAME
 from orthopatch.plan import Selection
 from orthopatch.safetensors_header import read_header
 from orthopatch.verify import RoundingTally, VerifyOptions, format_table, ulp, verify
-
-from guarded import TINY, save_direction, tiny_llama, untouched
-from handmade import write_sharded
-from reference import reference
-
-INT_VIEWS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
-             torch.float64: torch.int64}
-DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+from tests.helpers import (
+    DTYPES_BY_NAME,
+    INT_VIEWS,
+    TINY,
+    Converted,
+    cli,
+    one_error_line,
+    reference,
+    save_direction,
+    tiny_llama,
+    untouched,
+    write_sharded,
+)
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory) -> Iterator[tuple[Path, Path, Path]]:
+def made(converted: Converted) -> tuple[Path, Path, Path]:
     """A tiny Llama, its direction and its converted copy (never modified: tests copy it first)."""
-    root = tmp_path_factory.mktemp("verify")
-    model = tiny_llama(root / "model")
-    direction = root / "refusal_dir.pth"
-    save_direction(direction, TINY.hidden)
-    apply(ApplyOptions(model=model, direction=direction, out=root / "out", quiet=True))
-    with untouched(model, root / "out"):  # no test changes the source or this output
-        yield model, direction, root / "out"
+    return converted.model, converted.direction, converted.out
 
 
 @pytest.fixture
@@ -49,10 +45,10 @@ def out_copy(made, tmp_path) -> Path:
 
 
 def run_verify(out: Path, direction: Path, source: Path | None = None, *extra: str):
-    args = ["verify", str(out), "--direction", str(direction), "-q", *extra]
+    args = ["verify", out, "--direction", direction, "-q", *extra]
     if source is not None:
-        args += ["--source", str(source)]
-    return CliRunner().invoke(main, args)
+        args += ["--source", source]
+    return cli(*args)
 
 
 def error_lines(result) -> list[str]:
@@ -64,7 +60,7 @@ def load(path: Path, name: str) -> torch.Tensor:
     with open(path, "rb") as f:
         f.seek(entry.begin)
         raw = bytearray(f.read(entry.nbytes))
-    return torch.frombuffer(raw, dtype=DTYPES[entry.dtype]).reshape(entry.shape).clone()
+    return torch.frombuffer(raw, dtype=DTYPES_BY_NAME[entry.dtype]).reshape(entry.shape).clone()
 
 
 def store(path: Path, name: str, tensor: torch.Tensor) -> None:
@@ -110,7 +106,23 @@ def test_the_report_holds_before_and_after(made) -> None:
     assert report.ok and report.identical > 0
     assert {c.role for c in report.checks} == {"embedding", "attention", "mlp"}
     assert len(report.checks) == 1 + 2 * TINY.layers
-    assert "layer" in format_table(report)
+    # One row per layer (attention, then mlp) and one for the embedding, each cell "before -> after"
+    # with the share ‖component along u‖ / ‖W‖ of that tensor's check.
+    share = {(c.layer, c.role): tuple((part[0] / part[1]) ** 0.5 for part in (c.before, c.after))
+             for c in report.checks}
+    cells = {}
+    for line in format_table(report).splitlines()[2:]:
+        words = line.split()
+        key = None if words[0] == "embedding" else int(words[0])
+        roles = ["embedding"] if key is None else ["attention", "mlp"]
+        for k, role in enumerate(roles):
+            before, arrow, after = words[1 + 3 * k: 4 + 3 * k]
+            assert arrow == "->"
+            cells[key, role] = (float(before), float(after))
+    assert cells.keys() == share.keys()
+    for key, (before, after) in cells.items():
+        assert before == pytest.approx(share[key][0], rel=6e-3) and after == pytest.approx(share[key][1], rel=6e-3)
+        assert before > 1e-2 and after < 1e-2 * before, key
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64 * 5 + 3])
@@ -322,8 +334,8 @@ def test_verify_waits_for_no_one_while_apply_writes(made, out_copy) -> None:
 
 
 def test_a_missing_folder_is_one_line(tmp_path, made) -> None:
-    result = run_verify(tmp_path / "nothing", made[1])
-    assert result.exit_code == 1 and error_lines(result) == [f"orthopatch: error: {tmp_path / 'nothing'}: not a folder"]
+    line = one_error_line(run_verify(tmp_path / "nothing", made[1]))
+    assert line == f"orthopatch: error: {tmp_path / 'nothing'}: not a folder"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
