@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .architecture import Architecture, custom_architecture, find_architecture
-from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from .architecture import choose_architecture
+from .checkpoint import open_checkpoint
 from .devices import resolve_device
 from .direction import Direction, load_direction
 from .errors import OrthopatchError
 from .executor import target_directions, write_shard
+from .formats import INDEX_NAME
+from .hub import folder_name
 from .model_card import write_model_card
-from .output import OutputFolder, OutputState, copy_model_file, model_files, write_atomic
+from .output import OutputFolder, OutputState, copy_model_file, model_files, shard_done, write_atomic
 from .plan import PatchPlan, Selection, build_plan, format_plan
 from .progress import ByteProgress
 from .stream import TensorPatcher
@@ -73,12 +75,6 @@ class ApplyResult:
     seconds: float = 0.0
 
 
-def choose_architecture(checkpoint: Checkpoint, targets: tuple[str, ...]) -> Architecture:
-    if targets:
-        return custom_architecture(list(targets), checkpoint.config)
-    return find_architecture(checkpoint.config, str(checkpoint.root / "config.json"))
-
-
 def prepare(options: ApplyOptions) -> tuple[PatchPlan, Direction]:
     """Open and cross-check the source, build the plan, load and check the direction."""
     checkpoint = open_checkpoint(options.model)
@@ -121,18 +117,6 @@ def make_record(plan: PatchPlan, direction: Direction, options: ApplyOptions, fp
     }
 
 
-def _shard_done(out: Path, shard_name: str, raw_header: bytes, size: int) -> bool:
-    """A published shard from an interrupted run with the same fingerprint: right size and header."""
-    path = out / shard_name
-    try:
-        if path.stat().st_size != size:
-            return False
-        with open(path, "rb") as f:
-            return f.read(len(raw_header)) == raw_header
-    except OSError:
-        return False
-
-
 def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> ApplyResult:
     """Convert ``options.model`` into ``options.out_path``; see the module docs for the guarantees."""
     log = log or (lambda message: None if options.quiet else print(message, file=sys.stderr))
@@ -163,7 +147,7 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
         directions = target_directions(plan, direction)
         patcher = TensorPatcher(device, scale=options.scale, norm_preserving=options.norm_preserving)
         todo = [s for s in plan.shards
-                if not _shard_done(out_path, s.name, s.header.raw, s.header.file_size)]
+                if not shard_done(out_path, s.name, s.header.raw, s.header.file_size)]
         with ByteProgress(sum(s.header.file_size for s in todo), disable=options.quiet) as progress:
             for shard in todo:
                 progress.set_description(shard.name)
@@ -174,7 +158,7 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
             write_atomic(out_path / INDEX_NAME, plan.checkpoint.index_path.read_bytes())
         seconds = time.monotonic() - started
         record = make_record(plan, direction, options, fp, str(device), seconds)
-        write_model_card(out_path, src, record, base_model=options.base_model,
+        write_model_card(out_path, src, record, base_model=options.base_model or folder_name(src),
                          direction=options.direction_name or options.direction.name)
         out.complete(record)
     resumed = state is OutputState.PARTIAL

@@ -16,10 +16,9 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from .hub import folder_name
+from .formats import CARD_NAME
 from .output import write_atomic
 
-CARD_NAME = "README.md"
 TAGS = ("abliterated", "orthopatch")
 #: Front-matter fields carried over from the source card.
 CARRIED_FIELDS = ("license", "license_name", "license_link", "language", "library_name", "pipeline_tag")
@@ -94,12 +93,10 @@ def build_card(record: dict[str, Any], *, base_model: str, direction: str,
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def write_model_card(out: Path, src: Path, record: dict[str, Any], *, base_model: str | None,
-                     direction: str) -> None:
+def write_model_card(out: Path, src: Path, record: dict[str, Any], *, base_model: str, direction: str) -> None:
     """Write ``out/README.md`` atomically (before the record, which marks the output complete).
 
-    ``base_model`` defaults to the repo id of a Hugging Face cache snapshot, else the folder's name.
+    ``base_model`` and ``direction`` are the names the card gives the source and the direction file.
     """
-    base_model = base_model or folder_name(src)
     card = build_card(record, base_model=base_model, direction=direction, source=read_source_card(src))
     write_atomic(out / CARD_NAME, str(card).encode("utf-8"))

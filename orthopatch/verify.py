@@ -18,9 +18,7 @@ vector (its layer's row of the direction, weighted by its norm gain), as ``apply
 
 from __future__ import annotations
 
-import fcntl
 import math
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,19 +28,19 @@ from typing import Any
 
 import torch
 
-from .apply import choose_architecture
-from .architecture import ROLES
-from .checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, open_checkpoint, read_json
+from .architecture import ROLES, choose_architecture
+from .checkpoint import Checkpoint, open_checkpoint, read_json
 from .direction import Direction, load_direction
 from .errors import OrthopatchError
-from .executor import open_source, target_directions
+from .executor import target_directions
 from .filecopy import pread_into
-from .output import PARTIAL_NAME, RECORD_NAME, temporaries
+from .formats import CONFIG_NAME, INDEX_NAME, PARTIAL_NAME, RECORD_NAME, torch_dtype
+from .output import shared_lock, temporaries
 from .plan import PatchPlan, PatchTarget, Selection, build_plan
 from .progress import ByteProgress
 from .projection import Layout, accumulate_columns, column_factor, compute_dtype
+from .reader import open_source
 from .safetensors_header import ShardHeader, TensorEntry
-from .stream import TORCH_DTYPES
 
 #: Elements per block of float64 work (8 MiB per temporary).
 CHUNK_ELEMENTS = 1 << 20
@@ -129,28 +127,10 @@ class RowReader:
 
     def rows(self, entry: TensorEntry, width: int, first: int, n: int) -> torch.Tensor:
         """Rows ``first .. first+n`` of ``entry`` seen as ``[rows, width]``, as float64."""
-        stored = TORCH_DTYPES[entry.dtype]
+        stored = torch_dtype(entry.dtype)
         row_bytes = width * stored.itemsize
         raw = self.raw(entry.begin + first * row_bytes, n * row_bytes, entry.name)
         return raw.view(stored).view(n, width).to(torch.float64)
-
-
-@contextmanager
-def shared_lock(out: Path) -> Iterator[None]:
-    """Hold a shared lock on ``out``: refused while an ``apply`` (which locks it exclusively) writes there."""
-    try:
-        fd = os.open(out, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise OrthopatchError(f"cannot open output folder ({exc.strerror})", path=out) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OrthopatchError("an orthopatch run is writing to this folder; verify it when it ends",
-                                  path=out) from None
-        yield
-    finally:
-        os.close(fd)
 
 
 # --- the rounding rule -----------------------------------------------------------------------------
@@ -226,7 +206,7 @@ def check_against_source(src: RowReader, out: RowReader, target: PatchTarget, u:
     layout = Layout.of(entry.shape, target.axis)
     width = layout.dim if layout.rowwise else layout.cols
     step = max(1, chunk_elements // max(width, 1))
-    tally = RoundingTally(TORCH_DTYPES[entry.dtype])
+    tally = RoundingTally(torch_dtype(entry.dtype))
     u_abs = u.abs()
     before = [0.0, 0.0]
     after = [0.0, 0.0]
@@ -291,7 +271,7 @@ def check_orthogonal(out: RowReader, target: PatchTarget, u: torch.Tensor, metho
     """
     entry = target.entry
     check = TensorCheck(entry.name, target.role, target.layer)
-    stored = TORCH_DTYPES[entry.dtype]
+    stored = torch_dtype(entry.dtype)
     layout = Layout.of(entry.shape, target.axis)
     width = layout.dim if layout.rowwise else layout.cols
     step = max(1, chunk_elements // max(width, 1))
