@@ -27,8 +27,9 @@ import torch
 from .errors import OrthopatchError
 from .filecopy import pread_into, start_writeback
 from .formats import torch_dtype
+from .kernel import BlockKernel, project_
 from .plan import PatchTarget
-from .projection import BlockKernel, Layout, compute_dtype, project_
+from .projection import Layout, compute_dtype
 from .safetensors_header import TensorEntry
 from .writer import ShardWriter
 
@@ -85,7 +86,7 @@ class TensorPatcher:
     def __init__(self, device: torch.device | str = "cpu", *, scale: float = 1.0, norm_preserving: bool = False,
                  chunk_bytes: int | None = None, block_elements: int | None = None, workers: int | None = None,
                  ring_buffers: int = RING_BUFFERS, retain_bytes: int = RETAIN_BYTES):
-        """``workers``: the kernel's threads (default :func:`~orthopatch.projection.default_workers`)."""
+        """``workers``: the kernel's threads (default :func:`~orthopatch.kernel.default_workers`)."""
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.scale = scale

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from orthopatch.formats import INDEX_NAME
-from orthopatch.projection import WORKERS_ENV, unit_direction
+from orthopatch.kernel import WORKERS_ENV
+from orthopatch.projection import unit_direction
 from orthopatch.stream import TensorPatcher
 from orthopatch.synthetic import LLAMA3_8B, LLAMA3_70B, LlamaShape, write_checkpoint, write_direction
 

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 from test_kernel import CASES, DTYPES, random_case, stream_one
 
-from orthopatch.projection import project_out, unit_direction
+from orthopatch.kernel import project_out
+from orthopatch.projection import unit_direction
 from orthopatch.synthetic import DEMO, write_checkpoint, write_direction
 
 from handmade import tensor_bytes
