@@ -15,6 +15,7 @@ from .architecture import parse_target
 from .errors import OrthopatchError
 from .hub import push_folder, resolve_direction, resolve_model
 from .plan import Selection, parse_layers
+from .record import Method
 
 
 def _layers_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> frozenset[int] | None:
@@ -119,8 +120,8 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
         direction_source = resolve_direction(str(direction), quiet=quiet)
     model, direction, out = source.path, direction_source.path, out or source.default_out
     options = ApplyOptions(model=model, direction=direction, out=out, device=device, dry_run=dry_run,
-                           overwrite=overwrite, quiet=quiet, selection=Selection(layers, embeddings),
-                           scale=scale, norm_preserving=norm_preserving, targets=targets,
+                           overwrite=overwrite, quiet=quiet,
+                           method=Method(Selection(layers, embeddings), scale, norm_preserving, targets),
                            base_model=source.name, direction_name=direction_source.name)
     with _reported(debug, "interrupted; rerun the same command to continue"):
         result = apply(options)

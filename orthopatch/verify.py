@@ -24,22 +24,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .architecture import ROLES, choose_architecture
-from .checkpoint import Checkpoint, open_checkpoint, read_json
+from .checkpoint import Checkpoint, open_checkpoint
 from .direction import Direction, load_direction
 from .errors import OrthopatchError
 from .executor import target_directions
 from .filecopy import pread_into
 from .formats import CONFIG_NAME, INDEX_NAME, PARTIAL_NAME, RECORD_NAME, torch_dtype
 from .output import shared_lock, temporaries
-from .plan import PatchPlan, PatchTarget, Selection, build_plan
+from .plan import PatchPlan, PatchTarget, build_plan
 from .progress import ByteProgress
 from .projection import Layout, accumulate_columns, column_factor, compute_dtype
 from .reader import open_source
+from .record import Method, Record
 from .safetensors_header import ShardHeader, TensorEntry
 
 #: Elements per block of float64 work (8 MiB per temporary).
@@ -183,16 +183,6 @@ class RoundingTally:
 
 # --- the checks of one tensor ----------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Method:
-    """The recorded options that change the output's bytes."""
-
-    selection: Selection = Selection()
-    scale: float = 1.0
-    norm_preserving: bool = False
-    targets: tuple[str, ...] = ()
-
-
 def _blocks(total: int, step: int) -> Iterator[tuple[int, int]]:
     for first in range(0, total, step):
         yield first, min(step, total - first)
@@ -324,33 +314,11 @@ def compare_bytes(src: RowReader, out: RowReader, entry: TensorEntry, progress: 
 
 # --- the folder ------------------------------------------------------------------------------------
 
-def read_method(record: Any) -> Method:
-    """The options ``apply`` recorded; a ``ValueError`` when the record does not hold them."""
-    options = record.get("options") if isinstance(record, dict) else None
-    if not isinstance(options, dict):
-        raise ValueError("no options")
-    layers = options.get("layers", "all")
-    if layers == "all":
-        chosen = None
-    elif isinstance(layers, list) and all(isinstance(n, int) for n in layers):
-        chosen = frozenset(layers)
-    else:
-        raise ValueError(f"layers {layers!r}")
-    targets = options.get("targets", [])
-    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise ValueError(f"targets {targets!r}")
-    scale = options.get("scale", 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, int | float):
-        raise ValueError(f"scale {scale!r}")
-    return Method(Selection(chosen, bool(options.get("embeddings", True))), float(scale),
-                  bool(options.get("norm_preserving", False)), tuple(targets))
-
-
 def _plan(checkpoint: Checkpoint, method: Method) -> PatchPlan:
     return build_plan(checkpoint, choose_architecture(checkpoint, method.targets), method.selection)
 
 
-def _check_folder(report: VerifyReport, out: Path) -> Any:
+def _check_folder(report: VerifyReport, out: Path) -> Record | None:
     """The record (or None), with failures for what an unfinished or interrupted run leaves."""
     record = None
     record_path = out / RECORD_NAME
@@ -359,7 +327,7 @@ def _check_folder(report: VerifyReport, out: Path) -> Any:
                     path=out)
     else:
         try:
-            record = read_json(record_path)
+            record = Record.read(record_path)
         except OrthopatchError as exc:
             report.failures.append(exc)
     if (out / PARTIAL_NAME).exists():
@@ -369,23 +337,20 @@ def _check_folder(report: VerifyReport, out: Path) -> Any:
     return record
 
 
-def _check_record(report: VerifyReport, record: Any, plan: PatchPlan, direction: Direction) -> None:
-    if not isinstance(record, dict):
+def _check_record(report: VerifyReport, record: Record | None, plan: PatchPlan, direction: Direction) -> None:
+    if record is None:
         return
     path = report.out / RECORD_NAME
-    recorded = record.get("direction", {}).get("sha256") if isinstance(record.get("direction"), dict) else None
-    if recorded is not None and recorded != direction.sha256:
+    if record.direction.sha256 != direction.sha256:
         report.fail("is not the direction file this output was made with (its sha256 differs from the record's)",
                     path=direction.path)
-    listed = record.get("tensors_patched")
-    if isinstance(listed, list):
-        names = [t.get("name") if isinstance(t, dict) else None for t in listed]
-        planned = [t.name for t in plan.targets()]
-        if names != planned:
-            unlisted = [n for n in planned if n not in names] + [n for n in names if n not in planned]
-            odd = unlisted[0] if unlisted else None
-            report.fail(f"the record lists {len(names)} patched tensors where the plan has {len(planned)}",
-                        path=path, tensor=odd)
+    names = [t.name for t in record.tensors_patched]
+    planned = [t.name for t in plan.targets()]
+    if names != planned:
+        unlisted = [n for n in planned if n not in names] + [n for n in names if n not in planned]
+        odd = unlisted[0] if unlisted else None
+        report.fail(f"the record lists {len(names)} patched tensors where the plan has {len(planned)}",
+                    path=path, tensor=odd)
 
 
 def _check_structure(report: VerifyReport, src: Checkpoint, out: Checkpoint) -> set[str]:
@@ -438,12 +403,8 @@ def verify(options: VerifyOptions, log: Log | None = None) -> VerifyReport:
     report = VerifyReport(out_root, options.source)
     with shared_lock(out_root):
         record = _check_folder(report, out_root)
-        try:
-            method = read_method(record)
-        except ValueError as exc:
-            method = Method()
-            if record is not None:
-                report.fail(f"cannot read the options it records ({exc})", path=out_root / RECORD_NAME)
+        method = record.method if record is not None else Method()
+        if record is None:
             report.notes.append("options not recorded: checked as a default apply")
         try:
             out_ckpt = open_checkpoint(out_root)

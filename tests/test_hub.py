@@ -24,6 +24,7 @@ from orthopatch.cli import main
 from orthopatch.errors import OrthopatchError
 from orthopatch.model_card import build_card, read_source_card
 from orthopatch.output import PARTIAL_NAME, RECORD_NAME
+from orthopatch.record import DirectionInfo, Method, PatchedTensor, Record
 from orthopatch.synthetic import LlamaShape, write_checkpoint, write_direction
 
 SHAPE = LlamaShape(hidden=32, intermediate=64, vocab=64, layers=2, heads=4, kv_heads=2)
@@ -233,9 +234,8 @@ def test_source_card_parsing(tmp_path):
     meta, body = read_source_card(tmp_path)
     assert meta["license"] == "llama3" and body.strip().startswith("# Tiny Llama")
 
-    record = {"orthopatch_version": "9.9", "direction": {"sha256": "f" * 64}, "architecture": "llama",
-              "options": {"scale": 0.5, "device": "cuda:0"},
-              "tensors_patched": [{"name": "model.embed_tokens.weight", "role": "embedding"}]}
+    record = Record("9.9", "src", DirectionInfo("d.pth", "f" * 64, 1, 8), "llama", Method(scale=0.5), "cuda:0",
+                    (PatchedTensor("model.embed_tokens.weight", "embedding", None, 1),), 0, 0, 0.0)
     card = build_card(record, base_model="org/name", direction="d.pth", source=(meta, body))
     assert card.data.base_model == "org/name" and card.data.license == "llama3"
     assert card.data.tags[:2] == ["abliterated", "orthopatch"]

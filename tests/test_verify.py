@@ -18,6 +18,7 @@ from orthopatch.cli import main
 from orthopatch.errors import OrthopatchError
 from orthopatch.output import PARTIAL_NAME, RECORD_NAME
 from orthopatch.plan import Selection
+from orthopatch.record import Method
 from orthopatch.safetensors_header import read_header
 from orthopatch.verify import RoundingTally, VerifyOptions, format_table, ulp, verify
 
@@ -138,7 +139,7 @@ def test_recorded_options_are_used(tmp_path, dtype, method) -> None:
     model = tiny_llama(tmp_path / "model", dtype=dtype)
     direction = tmp_path / "r.pth"
     save_direction(direction, TINY.hidden)
-    apply(ApplyOptions(model=model, direction=direction, out=tmp_path / "out", quiet=True, **method))
+    apply(ApplyOptions(model=model, direction=direction, out=tmp_path / "out", quiet=True, method=Method(**method)))
     report = verify(VerifyOptions(out=tmp_path / "out", direction=direction, source=model, quiet=True))
     assert report.ok, [str(f) for f in report.failures]
     planned = 2 * TINY.layers + 1
