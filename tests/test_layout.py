@@ -117,3 +117,14 @@ def test_apply_never_reaches_verify_or_the_hub_push() -> None:
     graph = import_graph()
     assert not {m for m in reachable(graph, "orthopatch.apply") if m.startswith("orthopatch.verify")}
     assert "orthopatch.verify" not in reachable(graph, "orthopatch.hub")
+
+
+def test_verify_shares_no_code_path_with_the_kernel() -> None:
+    """The proof imports nothing, directly or through another module, that computes or writes the output."""
+    graph = import_graph()
+    writers = {"orthopatch.projection", "orthopatch.kernel", "orthopatch.stream", "orthopatch.executor",
+               "orthopatch.apply"}
+    verifiers = [m for m in graph if m == "orthopatch.verify" or m.startswith("orthopatch.verify.")]
+    assert len(verifiers) >= 3
+    for module in verifiers:
+        assert not (reachable(graph, module) | {module}) & writers, module

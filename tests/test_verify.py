@@ -379,18 +379,24 @@ def test_a_record_that_disagrees_fails(made, out_copy, edit, message: str) -> No
 
 def test_reads_are_bounded_blocks(made, monkeypatch) -> None:
     """Never a whole tensor, let alone a shard: every read is a block of at most ``chunk_elements``."""
-    from orthopatch import verify as verify_module
+    from orthopatch.verify import reference
 
     model, direction, out = made
     sizes: list[int] = []
-    real = verify_module.RowReader.raw
+    real_raw, real_read = reference.RawReader.raw, reference.TensorFile.read
 
     def raw(self, offset: int, nbytes: int, tensor: str):
         sizes.append(nbytes)
-        return real(self, offset, nbytes, tensor)
+        return real_raw(self, offset, nbytes, tensor)
 
-    monkeypatch.setattr(verify_module.RowReader, "raw", raw)
-    monkeypatch.setattr(verify_module, "COMPARE_BYTES", 4096)
+    def read(self, name, index):
+        block = real_read(self, name, index)
+        sizes.append(block.numel() * self.dtype(name).itemsize)
+        return block
+
+    monkeypatch.setattr(reference.RawReader, "raw", raw)
+    monkeypatch.setattr(reference.TensorFile, "read", read)
+    monkeypatch.setattr(reference, "COMPARE_BYTES", 4096)
     chunk = 2 * TINY.intermediate  # two rows of a down_proj block, a fraction of a row of nothing
     for source in (model, None):
         assert verify(VerifyOptions(out=out, direction=direction, source=source, quiet=True, chunk_elements=chunk)).ok
