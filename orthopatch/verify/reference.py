@@ -31,6 +31,7 @@ from safetensors import safe_open
 from ..direction import Direction
 from ..errors import OrthopatchError
 from ..filecopy import pread_into
+from ..formats import torch_dtype
 from ..plan import PatchPlan, PatchTarget
 from ..record import Method
 from ..safetensors_header import TensorEntry
@@ -79,8 +80,8 @@ class TensorFile:
                                   tensor=name) from None
 
     def dtype(self, name: str) -> torch.dtype:
-        names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-        return names[self._handle.get_slice(name).get_dtype()]
+        """The stored dtype, as the ``safetensors`` package reads it."""
+        return torch_dtype(self._handle.get_slice(name).get_dtype())
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle.get_slice(name).get_shape())
