@@ -32,10 +32,10 @@ from .reference import (
     CHUNK_ELEMENTS,
     RawReader,
     RoundingTally,
+    TensorFile,
     check_against_source,
     check_orthogonal,
     compare_bytes,
-    tensor_file,
     ulp,
     unit_vectors,
 )
@@ -134,13 +134,12 @@ def _verify_shard(report: VerifyReport, shard: str, targets: tuple[PatchTarget, 
             if entry.nbytes == 0:
                 continue
             u = directions[entry.name]
-            with tensor_file(header.path) as out_file:
-                if src_path is not None:
-                    with tensor_file(src_path) as src_file:
-                        check, problem = check_against_source(src_file, out_file, target, u, method,
-                                                              chunk_elements, progress)
-                else:
-                    check, problem = check_orthogonal(out_file, target, u, method, chunk_elements, progress)
+            out_file = TensorFile(header.path)
+            if src_path is not None:
+                check, problem = check_against_source(TensorFile(src_path), out_file, target, u, method,
+                                                      chunk_elements, progress)
+            else:
+                check, problem = check_orthogonal(out_file, target, u, method, chunk_elements, progress)
             report.checks.append(check)
             report.checked_bytes += entry.nbytes
             if problem:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,37 +66,42 @@ def _first_line(exc: BaseException) -> str:
 
 
 class TensorFile:
-    """A safetensors file opened with the ``safetensors`` package; tensors read as bounded slices."""
+    """A safetensors file read with the ``safetensors`` package, one bounded slice at a time.
 
-    def __init__(self, path: Path, handle: object):
+    ``safe_open`` memory-maps the file, and the pages a read touches count toward the process's
+    resident size for as long as the mapping is open. Every read therefore opens the file and closes
+    it again: memory stays at one block whatever the tensor or shard size, for the price of parsing
+    the header once per block (small next to reading the block).
+    """
+
+    def __init__(self, path: Path):
         self.path = path
-        self._handle = handle
+
+    @contextmanager
+    def _opened(self, name: str) -> Iterator[Any]:
+        try:
+            handle = safe_open(str(self.path), framework="pt")
+        except Exception as exc:  # the library's own refusal: one line naming the file
+            raise OrthopatchError(f"the safetensors library cannot open it ({_first_line(exc)})",
+                                  path=self.path) from None
+        with handle:
+            try:
+                yield handle.get_slice(name)
+            except OrthopatchError:
+                raise
+            except Exception as exc:
+                raise OrthopatchError(f"the safetensors library cannot read it ({_first_line(exc)})",
+                                      path=self.path, tensor=name) from None
 
     def read(self, name: str, index: int | slice | tuple[int | slice, ...]) -> torch.Tensor:
         """``tensor[index]`` of tensor ``name``, as float64 (every read of a patched tensor passes here)."""
-        try:
-            return self._handle.get_slice(name)[index].to(torch.float64)
-        except Exception as exc:  # the library's own refusal: one line naming the file and tensor
-            raise OrthopatchError(f"the safetensors library cannot read it ({_first_line(exc)})", path=self.path,
-                                  tensor=name) from None
+        with self._opened(name) as tensor:
+            return tensor[index].to(torch.float64)
 
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype, as the ``safetensors`` package reads it."""
-        return torch_dtype(self._handle.get_slice(name).get_dtype())
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle.get_slice(name).get_shape())
-
-
-@contextmanager
-def tensor_file(path: Path) -> Iterator[TensorFile]:
-    """Open ``path`` with ``safe_open`` for the duration of one tensor's check (its mapping is then released)."""
-    try:
-        handle = safe_open(str(path), framework="pt")
-    except Exception as exc:
-        raise OrthopatchError(f"the safetensors library cannot open it ({_first_line(exc)})", path=path) from None
-    with handle:
-        yield TensorFile(path, handle)
+        with self._opened(name) as tensor:
+            return torch_dtype(tensor.get_dtype())
 
 
 class RawReader:
@@ -181,8 +187,7 @@ def unit_vectors(plan: PatchPlan, direction: Direction) -> dict[str, torch.Tenso
     ckpt = plan.checkpoint
     gains: dict[str, np.ndarray] = {}
     for name in sorted({t.gain for t in plan.targets() if t.gain}):
-        with tensor_file(ckpt.root / ckpt.weight_map[name]) as f:
-            gains[name] = f.read(name, slice(None)).numpy()
+        gains[name] = TensorFile(ckpt.root / ckpt.weight_map[name]).read(name, slice(None)).numpy()
     out = {}
     for t in plan.targets():
         try:
