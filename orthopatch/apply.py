@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from . import __version__
-from .architecture import Architecture, custom_architecture, find_architecture
-from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from .architecture import choose_architecture
+from .checkpoint import open_checkpoint
 from .devices import resolve_device
 from .direction import Direction, load_direction
 from .errors import OrthopatchError
 from .executor import target_directions, write_shard
+from .formats import INDEX_NAME
+from .hub import folder_name
 from .model_card import write_model_card
-from .output import OutputFolder, OutputState, copy_model_file, model_files, write_atomic
-from .plan import PatchPlan, Selection, build_plan, format_plan
+from .output import OutputFolder, OutputState, copy_model_file, model_files, shard_done, write_atomic
+from .plan import PatchPlan, build_plan, format_plan
 from .progress import ByteProgress
+from .record import Fingerprint, Method, Record
 from .stream import TensorPatcher
-
-RECORD_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -38,10 +36,7 @@ class ApplyOptions:
     dry_run: bool = False
     overwrite: bool = False
     quiet: bool = False
-    selection: Selection = field(default_factory=Selection)
-    scale: float = 1.0
-    norm_preserving: bool = False
-    targets: tuple[str, ...] = ()
+    method: Method = field(default_factory=Method)
     #: How the model card names the source and the direction (default: folder and file names).
     base_model: str | None = None
     direction_name: str | None = None
@@ -53,17 +48,6 @@ class ApplyOptions:
         model = Path(os.path.abspath(self.model))  # a symlinked model folder keeps its own name
         return model.with_name(model.name + "-abliterated")
 
-    def method(self) -> dict[str, Any]:
-        """The options that change the output's bytes (recorded, and part of the fingerprint)."""
-        layers = self.selection.layers
-        return {
-            "layers": sorted(layers) if layers is not None else "all",
-            "embeddings": self.selection.embeddings,
-            "scale": self.scale,
-            "norm_preserving": self.norm_preserving,
-            "targets": list(self.targets),
-        }
-
 
 @dataclass(frozen=True)
 class ApplyResult:
@@ -73,64 +57,13 @@ class ApplyResult:
     seconds: float = 0.0
 
 
-def choose_architecture(checkpoint: Checkpoint, targets: tuple[str, ...]) -> Architecture:
-    if targets:
-        return custom_architecture(list(targets), checkpoint.config)
-    return find_architecture(checkpoint.config, str(checkpoint.root / "config.json"))
-
-
 def prepare(options: ApplyOptions) -> tuple[PatchPlan, Direction]:
     """Open and cross-check the source, build the plan, load and check the direction."""
     checkpoint = open_checkpoint(options.model)
-    arch = choose_architecture(checkpoint, options.targets)
-    plan = build_plan(checkpoint, arch, options.selection)
+    arch = choose_architecture(checkpoint, options.method.targets)
+    plan = build_plan(checkpoint, arch, options.method.selection)
     direction = load_direction(options.direction, plan.hidden_size, plan.num_layers)
     return plan, direction
-
-
-def fingerprint(plan: PatchPlan, direction: Direction, options: ApplyOptions) -> dict[str, Any]:
-    """What identifies a conversion: the source's headers, the direction's bytes, the method."""
-    source = {name: hashlib.sha256(h.raw).hexdigest() + f":{h.file_size}" for name, h in plan.checkpoint.shards.items()}
-    return {
-        "orthopatch": __version__,
-        "source_headers": source,
-        "direction_sha256": direction.sha256,
-        "architecture": plan.architecture.name,
-        "method": options.method(),
-    }
-
-
-def make_record(plan: PatchPlan, direction: Direction, options: ApplyOptions, fp: dict[str, Any],
-                device: str, seconds: float) -> dict[str, Any]:
-    return {
-        "format": RECORD_FORMAT,
-        "orthopatch_version": __version__,
-        "source": str(options.model),
-        "direction": {"file": str(options.direction), "sha256": direction.sha256,
-                      "rows": int(direction.rows.shape[0]), "hidden_size": direction.hidden_size},
-        "architecture": plan.architecture.name,
-        "options": {**options.method(), "device": device},
-        "tensors_patched": [
-            {"name": t.name, "role": t.role, "layer": t.layer, "axis": t.axis, **({"gain": t.gain} if t.gain else {})}
-            for t in plan.targets()
-        ],
-        "patched_bytes": plan.patched_bytes,
-        "total_bytes": plan.total_bytes,
-        "seconds": round(seconds, 3),
-        "fingerprint": fp,
-    }
-
-
-def _shard_done(out: Path, shard_name: str, raw_header: bytes, size: int) -> bool:
-    """A published shard from an interrupted run with the same fingerprint: right size and header."""
-    path = out / shard_name
-    try:
-        if path.stat().st_size != size:
-            return False
-        with open(path, "rb") as f:
-            return f.read(len(raw_header)) == raw_header
-    except OSError:
-        return False
 
 
 def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> ApplyResult:
@@ -145,7 +78,10 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
 
     device = resolve_device(options.device)
     started = time.monotonic()
-    fp = fingerprint(plan, direction, options)
+    method = options.method
+    patcher = TensorPatcher(device, scale=method.scale, norm_preserving=method.norm_preserving)
+    fingerprint = Fingerprint.of(plan, direction.sha256, method, device.type, patcher.kernel.block_elements)
+    fp = fingerprint.to_json()
     src = plan.checkpoint.root
     with OutputFolder(out_path, src) as out:
         state = out.state(fp)
@@ -161,9 +97,8 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
         out.begin(fp)
 
         directions = target_directions(plan, direction)
-        patcher = TensorPatcher(device, scale=options.scale, norm_preserving=options.norm_preserving)
         todo = [s for s in plan.shards
-                if not _shard_done(out_path, s.name, s.header.raw, s.header.file_size)]
+                if not shard_done(out_path, s.name, s.header.raw, s.header.file_size)]
         with ByteProgress(sum(s.header.file_size for s in todo), disable=options.quiet) as progress:
             for shard in todo:
                 progress.set_description(shard.name)
@@ -173,10 +108,12 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
         if plan.checkpoint.index_path is not None:
             write_atomic(out_path / INDEX_NAME, plan.checkpoint.index_path.read_bytes())
         seconds = time.monotonic() - started
-        record = make_record(plan, direction, options, fp, str(device), seconds)
-        write_model_card(out_path, src, record, base_model=options.base_model,
+        record = Record.of(plan, source=options.model, direction_file=options.direction,
+                           direction_sha256=direction.sha256, direction_rows=int(direction.rows.shape[0]),
+                           method=method, device=str(device), seconds=seconds, fingerprint=fingerprint)
+        write_model_card(out_path, src, record, base_model=options.base_model or folder_name(src),
                          direction=options.direction_name or options.direction.name)
-        out.complete(record)
+        out.complete(record.to_json())
     resumed = state is OutputState.PARTIAL
     return ApplyResult(out_path, plan, "resumed" if resumed else "written", seconds)
 

@@ -5,7 +5,7 @@ hidden size, layer count and embedding tie live in ``config.json``, a list of ta
 name patterns the family cannot patch (for example quantized expert blocks). A rule is a regular
 expression over tensor names (group ``layer`` gives the block index, other named groups fill the
 ``gain`` template), the residual axis of the tensors it matches, and optionally the norm gain that
-scales their output before it joins the residual stream (DESIGN.md §2).
+scales their output before it joins the residual stream (see docs/architectures.md).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from .checkpoint import Checkpoint
 from .errors import OrthopatchError
+from .formats import CONFIG_NAME
 
 ROLES = ("embedding", "position_embedding", "attention", "mlp", "other")
 EMBEDDING_ROLES = ("embedding", "position_embedding")
@@ -160,7 +162,7 @@ def known_architectures() -> tuple[Architecture, ...]:
     return tuple(found)
 
 
-def find_architecture(config: dict[str, Any], config_path: str = "config.json") -> Architecture:
+def find_architecture(config: dict[str, Any], config_path: str = CONFIG_NAME) -> Architecture:
     """The architecture for ``config``'s ``model_type``; a clear error naming it when unknown."""
     model_type = config.get("model_type")
     for arch in known_architectures():
@@ -208,3 +210,10 @@ def custom_architecture(specs: list[str], config: dict[str, Any]) -> Architectur
                         tie_keys=base.tie_keys if base else ("tie_word_embeddings",),
                         tied_default=base.tied_default if base else False,
                         description="--targets " + " ".join(specs), custom=True)
+
+
+def choose_architecture(checkpoint: Checkpoint, targets: tuple[str, ...] = ()) -> Architecture:
+    """The architecture a run uses: built from ``--targets`` when given, else found from ``config.json``."""
+    if targets:
+        return custom_architecture(list(targets), checkpoint.config)
+    return find_architecture(checkpoint.config, str(checkpoint.root / CONFIG_NAME))

@@ -11,11 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OrthopatchError
+from .formats import CONFIG_NAME, INDEX_NAME, SHARD_SUFFIX, SINGLE_SHARD_NAME
 from .safetensors_header import ShardHeader, TensorEntry, read_header
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,7 @@ def open_checkpoint(root: str | Path) -> Checkpoint:
         shards: dict[str, ShardHeader] = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = root / shard
-            if Path(shard).name != shard or not shard.endswith(".safetensors"):
+            if Path(shard).name != shard or not shard.endswith(SHARD_SUFFIX):
                 raise OrthopatchError(f"index names an unexpected shard file {shard!r}", path=index_path)
             if not shard_path.is_file():
                 first = next(name for name, where in weight_map.items() if where == shard)
@@ -86,8 +83,9 @@ def open_checkpoint(root: str | Path) -> Checkpoint:
                     )
         return Checkpoint(root, config, shards, dict(weight_map), index_path)
 
-    single = root / SINGLE_NAME
+    single = root / SINGLE_SHARD_NAME
     if single.is_file():
         header = read_header(single)
-        return Checkpoint(root, config, {SINGLE_NAME: header}, {n: SINGLE_NAME for n in header.names()}, None)
-    raise OrthopatchError(f"no {INDEX_NAME} or {SINGLE_NAME} in the model folder", path=root)
+        weight_map = {n: SINGLE_SHARD_NAME for n in header.names()}
+        return Checkpoint(root, config, {SINGLE_SHARD_NAME: header}, weight_map, None)
+    raise OrthopatchError(f"no {INDEX_NAME} or {SINGLE_SHARD_NAME} in the model folder", path=root)

@@ -13,8 +13,9 @@ from . import __version__
 from .apply import ApplyOptions, apply, dry_run_text
 from .architecture import parse_target
 from .errors import OrthopatchError
-from .hub import push_folder, resolve_direction, resolve_model, verify_before_push
+from .hub import push_folder, resolve_direction, resolve_model
 from .plan import Selection, parse_layers
+from .record import Method
 
 
 def _layers_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> frozenset[int] | None:
@@ -37,6 +38,16 @@ def _scale_option(_ctx: click.Context, _param: click.Parameter, value: float) ->
     if value != value or value in (float("inf"), float("-inf")):
         raise click.BadParameter("must be a finite number")
     return value
+
+
+def _verify_before_push(out: Path, direction: Path, source: Path, *, quiet: bool = False) -> None:
+    """Refuse to push anything but a finished conversion that ``orthopatch verify --source`` accepts."""
+    from .verify import VerifyOptions, verify
+
+    report = verify(VerifyOptions(out=out, direction=direction, source=source, quiet=quiet))
+    if not report.ok:
+        more = f" (and {len(report.failures) - 1} more)" if len(report.failures) > 1 else ""
+        raise OrthopatchError(f"not pushed: verification failed: {report.failures[0]}{more}")
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
@@ -109,8 +120,8 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
         direction_source = resolve_direction(str(direction), quiet=quiet)
     model, direction, out = source.path, direction_source.path, out or source.default_out
     options = ApplyOptions(model=model, direction=direction, out=out, device=device, dry_run=dry_run,
-                           overwrite=overwrite, quiet=quiet, selection=Selection(layers, embeddings),
-                           scale=scale, norm_preserving=norm_preserving, targets=targets,
+                           overwrite=overwrite, quiet=quiet,
+                           method=Method(Selection(layers, embeddings), scale, norm_preserving, targets),
                            base_model=source.name, direction_name=direction_source.name)
     with _reported(debug, "interrupted; rerun the same command to continue"):
         result = apply(options)
@@ -125,7 +136,7 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
                    f"{result.seconds:.1f} s ({result.state})")
     if push_to_hub:
         with _reported(debug):
-            verify_before_push(result.out, options.direction, options.model, quiet=quiet)
+            _verify_before_push(result.out, options.direction, options.model, quiet=quiet)
             url = push_folder(result.out, push_to_hub, private=private)
         click.echo(f"{result.out}: pushed to {url}")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .apply import ApplyOptions, apply
 from .errors import OrthopatchError
+from .formats import CONFIG_NAME
 from .synthetic import DEMO, write_checkpoint, write_direction
 from .verify import VerifyOptions, format_table, summary, verify
 
@@ -13,7 +14,7 @@ from .verify import VerifyOptions, format_table, summary, verify
 def run_demo(folder: Path, quiet: bool = False) -> list[str]:
     """Return report lines; raise :class:`OrthopatchError` if ``verify`` finds the output wrong."""
     model, direction_path = folder / "Llama-demo", folder / "refusal_dir.pth"
-    if not (model / "config.json").exists():
+    if not (model / CONFIG_NAME).exists():
         write_checkpoint(model, DEMO, shard_bytes=4 << 20)
     write_direction(direction_path, DEMO.hidden)
     result = apply(ApplyOptions(model=model, direction=direction_path, quiet=quiet, overwrite=True))

@@ -7,13 +7,12 @@ and every patched tensor its own segment.
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .direction import Direction
@@ -21,7 +20,8 @@ from .errors import OrthopatchError
 from .filecopy import RangeCopier
 from .plan import PatchPlan, PatchTarget, ShardPlan
 from .projection import unit_direction
-from .stream import TensorPatcher, as_tensor, read_small_tensor
+from .reader import open_source, read_small_tensor
+from .stream import TensorPatcher
 from .writer import ShardWriter
 
 Progress = Callable[[int], None]
@@ -45,21 +45,6 @@ def shard_segments(shard: ShardPlan) -> list[tuple[int, int, PatchTarget | None]
     return segments
 
 
-@contextmanager
-def open_source(path: Path) -> Iterator[int]:
-    """A read-only descriptor on a source file, hinted for sequential reading."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise OrthopatchError(f"cannot open ({exc.strerror})", path=path) from None
-    try:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        yield fd
-    finally:
-        os.close(fd)
-
-
 def target_directions(plan: PatchPlan, direction: Direction) -> dict[str, torch.Tensor]:
     """The unit vector each target is projected against: its layer's row, weighted by its norm gain."""
     gains: dict[str, torch.Tensor] = {}
@@ -69,7 +54,7 @@ def target_directions(plan: PatchPlan, direction: Direction) -> dict[str, torch.
             gains[name] = read_small_tensor(fd, plan.checkpoint.entry(name))
     out = {}
     for target in plan.targets():
-        r = as_tensor(direction.for_layer(target.layer))
+        r = torch.from_numpy(np.ascontiguousarray(direction.for_layer(target.layer), dtype=np.float64))
         try:
             out[target.name] = unit_direction(r, gains.get(target.gain) if target.gain else None, target.gain_offset)
         except ValueError as exc:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OrthopatchError
+from .formats import CARD_NAME
 
 #: What ``--download`` fetches of a model repo: top-level weights, configs, tokenizer files, card, licence.
 DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt",
-                     "*.jinja", "README.md", "LICENSE*"]
+                     "*.jinja", CARD_NAME, "LICENSE*"]
 #: Never fetched: subfolders (``original/`` holds the unconverted Meta weights, another full copy).
 DOWNLOAD_IGNORE = ["*/*"]
 #: Never uploaded: hidden files (the partial marker, temporary files, tool caches).
@@ -215,13 +216,3 @@ def push_folder(out: Path, repo_id: str, *, private: bool = False, message: str 
         raise hub_error(exc, repo_id) from exc
     return str(getattr(commit, "commit_url", None) or repo_url)
 
-
-
-def verify_before_push(out: Path, direction: Path, source: Path, *, quiet: bool = False) -> None:
-    """Refuse to push anything but a finished conversion that ``orthopatch verify --source`` accepts."""
-    from .verify import VerifyOptions, verify
-
-    report = verify(VerifyOptions(out=out, direction=direction, source=source, quiet=quiet))
-    if not report.ok:
-        more = f" (and {len(report.failures) - 1} more)" if len(report.failures) > 1 else ""
-        raise OrthopatchError(f"not pushed: verification failed: {report.failures[0]}{more}")

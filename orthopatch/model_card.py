@@ -16,10 +16,10 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from .hub import folder_name
+from .formats import CARD_NAME
 from .output import write_atomic
+from .record import Record
 
-CARD_NAME = "README.md"
 TAGS = ("abliterated", "orthopatch")
 #: Front-matter fields carried over from the source card.
 CARRIED_FIELDS = ("license", "license_name", "license_link", "language", "library_name", "pipeline_tag")
@@ -52,18 +52,18 @@ def _value(value: Any) -> str:
     return str(value)
 
 
-def build_card(record: dict[str, Any], *, base_model: str, direction: str,
+def build_card(record: Record, *, base_model: str, direction: str,
                source: tuple[dict[str, Any], str] = ({}, "")) -> ModelCard:
-    """The model card for a finished conversion described by ``record`` (see ``apply.make_record``)."""
+    """The model card for a finished conversion described by ``record``."""
     meta, body = source
     source_tags = meta.get("tags") or []
     tags = list(dict.fromkeys([*TAGS, *(t for t in source_tags if isinstance(t, str))]))
     data = ModelCardData(base_model=base_model, tags=tags,
                          **{k: meta[k] for k in CARRIED_FIELDS if meta.get(k) is not None})
-    tensors = record.get("tensors_patched", [])
-    roles = Counter(t.get("role", "?") for t in tensors)
-    options = {k: v for k, v in record.get("options", {}).items() if k != "device"}
-    version = record.get("orthopatch_version", "?")
+    tensors = record.tensors_patched
+    roles = Counter(t.role for t in tensors)
+    options = record.method.to_json()
+    version = record.orthopatch_version
     lines = [
         f"# {base_model.split('/')[-1]}, abliterated",
         "",
@@ -74,15 +74,15 @@ def build_card(record: dict[str, Any], *, base_model: str, direction: str,
         "| | |",
         "|---|---|",
         f"| direction | `{direction}` |",
-        f"| direction sha256 | `{record.get('direction', {}).get('sha256', '?')}` |",
-        f"| architecture | {record.get('architecture', '?')} |",
+        f"| direction sha256 | `{record.direction.sha256}` |",
+        f"| architecture | {record.architecture} |",
         f"| tensors patched | {len(tensors)} ({', '.join(f'{role}: {n}' for role, n in sorted(roles.items()))}) |",
         *(f"| {key} | {_value(value)} |" for key, value in options.items()),
         f"| orthopatch | {version} |",
         "",
         "<details><summary>Patched tensors</summary>",
         "",
-        *(f"- `{t['name']}`" for t in tensors),
+        *(f"- `{t.name}`" for t in tensors),
         "",
         "</details>",
         "",
@@ -94,12 +94,10 @@ def build_card(record: dict[str, Any], *, base_model: str, direction: str,
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def write_model_card(out: Path, src: Path, record: dict[str, Any], *, base_model: str | None,
-                     direction: str) -> None:
+def write_model_card(out: Path, src: Path, record: Record, *, base_model: str, direction: str) -> None:
     """Write ``out/README.md`` atomically (before the record, which marks the output complete).
 
-    ``base_model`` defaults to the repo id of a Hugging Face cache snapshot, else the folder's name.
+    ``base_model`` and ``direction`` are the names the card gives the source and the direction file.
     """
-    base_model = base_model or folder_name(src)
     card = build_card(record, base_model=base_model, direction=direction, source=read_source_card(src))
     write_atomic(out / CARD_NAME, str(card).encode("utf-8"))

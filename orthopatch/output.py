@@ -1,4 +1,4 @@
-"""The output folder: its lock, its state (new, partial, complete, foreign) and its small files.
+"""The output folder: its locks, its state (new, partial, complete, foreign) and its small files.
 
 Order of writing, so that an interrupted run never looks finished: a hidden partial marker holding
 the run's fingerprint, the shards (each published by rename), the other model files, the index,
@@ -12,14 +12,15 @@ import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .errors import OrthopatchError
-from .writer import TMP_SUFFIX, fsync_dir, io_error, temp_path
+from .formats import INDEX_NAME, PARTIAL_NAME, RECORD_NAME, TMP_SUFFIX
+from .writer import fsync_dir, io_error, temp_path
 
-RECORD_NAME = "orthopatch.json"
-PARTIAL_NAME = ".orthopatch-partial.json"
 #: Weight files of other formats, never copied: the output is a safetensors model.
 SKIPPED_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf", ".safetensors")
 SKIPPED_DIRS = ("original",)
@@ -65,6 +66,37 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def shard_done(out: Path, shard_name: str, raw_header: bytes, size: int) -> bool:
+    """Whether ``out`` holds a published shard of the right size and header (from an interrupted run
+    with the same fingerprint: shards are published only when complete)."""
+    path = out / shard_name
+    try:
+        if path.stat().st_size != size:
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(raw_header)) == raw_header
+    except OSError:
+        return False
+
+
+@contextmanager
+def shared_lock(out: Path) -> Iterator[None]:
+    """Hold a shared lock on ``out``: refused while an ``apply`` (which locks it exclusively) writes there."""
+    try:
+        fd = os.open(out, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OrthopatchError(f"cannot open output folder ({exc.strerror})", path=out) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OrthopatchError("an orthopatch run is writing to this folder; verify it when it ends",
+                                  path=out) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 class OutputFolder:
@@ -161,7 +193,7 @@ def model_files(src: Path) -> list[Path]:
             continue
         if rel == Path(RECORD_NAME):
             continue  # a source that is itself an orthopatch output: its record is not ours
-        if path.is_file() and not path.name.endswith(SKIPPED_SUFFIXES) and path.name != "model.safetensors.index.json":
+        if path.is_file() and not path.name.endswith(SKIPPED_SUFFIXES) and path.name != INDEX_NAME:
             found.append(rel)
     return found
 

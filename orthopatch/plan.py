@@ -12,10 +12,8 @@ from dataclasses import dataclass
 from .architecture import EMBEDDING_ROLES, Architecture, TargetRule
 from .checkpoint import Checkpoint
 from .errors import OrthopatchError
+from .formats import CONFIG_NAME, FLOAT_DTYPES
 from .safetensors_header import ShardHeader, TensorEntry
-
-#: Stored dtypes the projection can rewrite.
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 @dataclass(frozen=True)
@@ -133,7 +131,7 @@ def model_sizes(checkpoint: Checkpoint, arch: Architecture) -> tuple[int, int | 
     hidden = arch.hidden_size(checkpoint.config)
     if hidden is None:
         raise OrthopatchError(
-            f"no hidden size ({' or '.join(arch.hidden_size_keys)}) in config", path=checkpoint.root / "config.json"
+            f"no hidden size ({' or '.join(arch.hidden_size_keys)}) in config", path=checkpoint.root / CONFIG_NAME
         )
     return hidden, arch.num_layers(checkpoint.config)
 

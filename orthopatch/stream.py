@@ -22,17 +22,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .errors import OrthopatchError
 from .filecopy import pread_into, start_writeback
+from .formats import torch_dtype
+from .kernel import BlockKernel, project_
 from .plan import PatchTarget
-from .projection import BlockKernel, Layout, compute_dtype, project_
+from .projection import Layout, compute_dtype
 from .safetensors_header import TensorEntry
 from .writer import ShardWriter
-
-TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 #: Bytes of stored data per chunk (one ``pread``/``pwrite``); rounded to whole kernel blocks.
 CHUNK_BYTES = 8 << 20
@@ -44,13 +43,6 @@ RING_BUFFERS = 4
 RETAIN_BYTES = 512 << 20
 
 Progress = Callable[[int], None]
-
-
-def read_small_tensor(fd: int, entry: TensorEntry) -> torch.Tensor:
-    """Read a small tensor (a norm gain) whole, as float64 on the CPU."""
-    raw = bytearray(entry.nbytes)
-    pread_into(fd, memoryview(raw), entry.begin)
-    return torch.frombuffer(raw, dtype=TORCH_DTYPES[entry.dtype]).to(torch.float64).reshape(entry.shape)
 
 
 @dataclass(frozen=True)
@@ -94,7 +86,7 @@ class TensorPatcher:
     def __init__(self, device: torch.device | str = "cpu", *, scale: float = 1.0, norm_preserving: bool = False,
                  chunk_bytes: int | None = None, block_elements: int | None = None, workers: int | None = None,
                  ring_buffers: int = RING_BUFFERS, retain_bytes: int = RETAIN_BYTES):
-        """``workers``: the kernel's threads (default :func:`~orthopatch.projection.default_workers`)."""
+        """``workers``: the kernel's threads (default :func:`~orthopatch.kernel.default_workers`)."""
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.scale = scale
@@ -210,8 +202,8 @@ class TensorPatcher:
         ``src_path`` (the file behind ``src_fd``) only names the file in errors.
         """
         entry = target.entry
-        stored = TORCH_DTYPES[entry.dtype]
-        itemsize = torch.empty(0, dtype=stored).element_size()
+        stored = torch_dtype(entry.dtype)
+        itemsize = stored.itemsize
         layout = Layout.of(entry.shape, target.axis)
         row_bytes = layout.width * itemsize
         if row_bytes == 0 or entry.nbytes == 0:
@@ -266,6 +258,3 @@ class TensorPatcher:
 
         self._run(io, chunks, slots, stored, layout.cols, second, read=not retain, write=True)
 
-
-def as_tensor(vector: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float64))

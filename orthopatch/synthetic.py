@@ -13,9 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import INDEX_NAME
-
-_DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+from .formats import CONFIG_NAME, DTYPE_NAMES, INDEX_NAME, PT_METADATA
 
 
 @dataclass(frozen=True)
@@ -119,10 +117,10 @@ def write_checkpoint(folder: Path, shape: LlamaShape, *, shard_bytes: int = 2 <<
     weight_map, total = {}, 0
     for k, members in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        header, offset = {"__metadata__": dict(PT_METADATA)}, 0
         for name, tshape in members:
             nbytes = itemsize * torch.Size(tshape).numel()
-            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(tshape),
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(tshape),
                             "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
             weight_map[name] = fname
@@ -135,7 +133,7 @@ def write_checkpoint(folder: Path, shape: LlamaShape, *, shard_bytes: int = 2 <<
                 pool.write(f, tshape, norm=name.endswith("norm.weight"))
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2))
-    (folder / "config.json").write_text(json.dumps(shape.config(), indent=2))
+    (folder / CONFIG_NAME).write_text(json.dumps(shape.config(), indent=2))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return folder
 

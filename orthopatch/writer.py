@@ -9,8 +9,7 @@ import threading
 from pathlib import Path
 
 from .errors import OrthopatchError
-
-TMP_SUFFIX = ".orthopatch-tmp"
+from .formats import TMP_SUFFIX
 
 
 def temp_path(final: Path) -> Path:

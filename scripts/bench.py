@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from orthopatch.projection import WORKERS_ENV, unit_direction
+from orthopatch.formats import INDEX_NAME
+from orthopatch.kernel import WORKERS_ENV
+from orthopatch.projection import unit_direction
 from orthopatch.stream import TensorPatcher
 from orthopatch.synthetic import LLAMA3_8B, LLAMA3_70B, LlamaShape, write_checkpoint, write_direction
 
@@ -146,7 +148,7 @@ def whole_shard_baseline(src: Path, direction: Path, out: Path) -> None:
     out.mkdir(parents=True)
     r = torch.load(direction, map_location="cpu").to(torch.float32).flatten()
     u = r / r.norm()
-    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index = json.loads((src / INDEX_NAME).read_text())
     for shard in sorted(set(index["weight_map"].values())):
         tensors = load_file(src / shard)
         for name, w in tensors.items():

@@ -21,7 +21,7 @@ from click.testing import CliRunner, Result
 from safetensors.torch import load_file
 
 from orthopatch.cli import main
-from orthopatch.output import RECORD_NAME
+from orthopatch.formats import RECORD_NAME
 from orthopatch.plan import PatchTarget
 from orthopatch.projection import unit_direction
 from orthopatch.safetensors_header import read_header

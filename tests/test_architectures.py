@@ -15,6 +15,7 @@ import torch
 
 from orthopatch.apply import ApplyOptions, apply
 from orthopatch.output import RECORD_NAME
+from orthopatch.record import Method
 from tests.helpers import far_from_defaults, max_abs_cos, pre_norm_states
 
 transformers = pytest.importorskip("transformers")
@@ -189,7 +190,7 @@ def test_an_incomplete_patch_is_visible(built: Built, request) -> None:
     targets = INCOMPLETE[case_id(case)]
     out = built.src.parent / "incomplete"
     apply(ApplyOptions(model=built.src, direction=built.direction, out=out, device="cpu", quiet=True,
-                       overwrite=True, targets=tuple(targets)))
+                       overwrite=True, method=Method(targets=tuple(targets))))
     after = max_abs_cos(pre_norm_states(load(out), built.ids), built.r)
     print(f"{case_id(case)} incomplete: max |cos| after {after:.4f}")
     assert after > 2 * AFTER

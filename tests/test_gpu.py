@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orthopatch.projection import project_out, unit_direction
+from orthopatch.kernel import project_out
+from orthopatch.projection import unit_direction
 from orthopatch.synthetic import DEMO, write_direction
 from tests.helpers import (
     FLOAT_DTYPES,

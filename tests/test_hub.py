@@ -21,6 +21,7 @@ from orthopatch import hub
 from orthopatch.errors import OrthopatchError
 from orthopatch.model_card import build_card, read_source_card
 from orthopatch.output import PARTIAL_NAME, RECORD_NAME
+from orthopatch.record import DirectionInfo, Method, PatchedTensor, Record
 from orthopatch.synthetic import write_direction
 from tests.helpers import TINIEST, cli, cli_ok, one_error_line, run_orthopatch, tiny_llama
 
@@ -221,9 +222,8 @@ def test_source_card_parsing(tmp_path):
     meta, body = read_source_card(tmp_path)
     assert meta["license"] == "llama3" and body.strip().startswith("# Tiny Llama")
 
-    record = {"orthopatch_version": "9.9", "direction": {"sha256": "f" * 64}, "architecture": "llama",
-              "options": {"scale": 0.5, "device": "cuda:0"},
-              "tensors_patched": [{"name": "model.embed_tokens.weight", "role": "embedding"}]}
+    record = Record("9.9", "src", DirectionInfo("d.pth", "f" * 64, 1, 8), "llama", Method(scale=0.5), "cuda:0",
+                    (PatchedTensor("model.embed_tokens.weight", "embedding", None, 1),), 0, 0, 0.0)
     card = build_card(record, base_model="org/name", direction="d.pth", source=(meta, body))
     assert card.data.base_model == "org/name" and card.data.license == "llama3"
     assert card.data.tags[:2] == ["abliterated", "orthopatch"]

@@ -13,11 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orthopatch import filecopy, projection
+from orthopatch import filecopy, kernel
 from orthopatch.errors import OrthopatchError
 from orthopatch.executor import target_directions, write_shard
+from orthopatch.kernel import LANES, WORKERS_ENV, default_workers, project_, project_out
 from orthopatch.plan import PatchTarget, ShardPlan
-from orthopatch.projection import LANES, WORKERS_ENV, Layout, default_workers, project_, project_out, unit_direction
+from orthopatch.projection import Layout, unit_direction
 from orthopatch.safetensors_header import read_header
 from orthopatch.stream import TensorPatcher
 from orthopatch.synthetic import DEMO, write_checkpoint
@@ -71,13 +72,13 @@ def test_large_blocks_same_bytes_whatever_the_thread_and_worker_counts(threads, 
 def test_first_pass_blocks_go_to_fixed_lanes_on_several_threads(monkeypatch):
     """Two workers really share the first pass, each lane staying on one thread."""
     seen: list[tuple[str, int]] = []
-    accumulate = projection.accumulate_columns
+    accumulate = kernel.accumulate_columns
 
     def recording(block, u_part, coeff, sumsq=None):
         seen.append((threading.current_thread().name, coeff.data_ptr()))
         accumulate(block, u_part, coeff, sumsq)
 
-    monkeypatch.setattr(projection, "accumulate_columns", recording)
+    monkeypatch.setattr(kernel, "accumulate_columns", recording)
     w, u = random_case((64, 48), 0, torch.float32)
     project_out(w, u, 0, block_elements=48 * 4, workers=2)  # 16 blocks of 4 rows
     assert len(seen) == 16 and len({name for name, _ in seen}) == 2
@@ -92,9 +93,9 @@ def test_first_pass_blocks_go_to_fixed_lanes_on_several_threads(monkeypatch):
 
 def test_default_workers(monkeypatch):
     monkeypatch.delenv(WORKERS_ENV, raising=False)
-    most = projection.MAX_WORKERS
+    most = kernel.MAX_WORKERS
     for cpus, expected in ((1, 1), (2, min(2, most)), (most, most), (10 * most, most)):
-        monkeypatch.setattr(projection, "available_cpus", lambda cpus=cpus: cpus)
+        monkeypatch.setattr(kernel, "available_cpus", lambda cpus=cpus: cpus)
         assert default_workers() == expected, cpus
     assert default_workers("cuda") == 1
     for text, expected in (("0", 1), ("2", min(2, most)), (str(10 * most), most)):
@@ -102,8 +103,8 @@ def test_default_workers(monkeypatch):
         assert default_workers() == expected, text
     monkeypatch.setenv(WORKERS_ENV, "1")
     assert default_workers() == 1
-    assert projection.BlockKernel("cpu").workers == 1
-    assert projection.BlockKernel("cpu", workers=2).workers == 2
+    assert kernel.BlockKernel("cpu").workers == 1
+    assert kernel.BlockKernel("cpu", workers=2).workers == 2
     monkeypatch.setenv(WORKERS_ENV, "many")
     with pytest.raises(OrthopatchError, match=WORKERS_ENV):
         default_workers()

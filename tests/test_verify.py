@@ -15,6 +15,7 @@ from orthopatch.apply import ApplyOptions, apply
 from orthopatch.errors import OrthopatchError
 from orthopatch.output import PARTIAL_NAME, RECORD_NAME
 from orthopatch.plan import Selection
+from orthopatch.record import Method
 from orthopatch.safetensors_header import read_header
 from orthopatch.verify import RoundingTally, VerifyOptions, format_table, ulp, verify
 from tests.helpers import (
@@ -150,7 +151,7 @@ def test_recorded_options_are_used(tmp_path, dtype, method) -> None:
     model = tiny_llama(tmp_path / "model", dtype=dtype)
     direction = tmp_path / "r.pth"
     save_direction(direction, TINY.hidden)
-    apply(ApplyOptions(model=model, direction=direction, out=tmp_path / "out", quiet=True, **method))
+    apply(ApplyOptions(model=model, direction=direction, out=tmp_path / "out", quiet=True, method=Method(**method)))
     report = verify(VerifyOptions(out=tmp_path / "out", direction=direction, source=model, quiet=True))
     assert report.ok, [str(f) for f in report.failures]
     planned = 2 * TINY.layers + 1
@@ -390,18 +391,24 @@ def test_a_record_that_disagrees_fails(made, out_copy, edit, message: str) -> No
 
 def test_reads_are_bounded_blocks(made, monkeypatch) -> None:
     """Never a whole tensor, let alone a shard: every read is a block of at most ``chunk_elements``."""
-    from orthopatch import verify as verify_module
+    from orthopatch.verify import reference
 
     model, direction, out = made
     sizes: list[int] = []
-    real = verify_module.RowReader.raw
+    real_raw, real_read = reference.RawReader.raw, reference.TensorFile.read
 
     def raw(self, offset: int, nbytes: int, tensor: str):
         sizes.append(nbytes)
-        return real(self, offset, nbytes, tensor)
+        return real_raw(self, offset, nbytes, tensor)
 
-    monkeypatch.setattr(verify_module.RowReader, "raw", raw)
-    monkeypatch.setattr(verify_module, "COMPARE_BYTES", 4096)
+    def read(self, name, index):
+        block = real_read(self, name, index)
+        sizes.append(block.numel() * self.dtype(name).itemsize)
+        return block
+
+    monkeypatch.setattr(reference.RawReader, "raw", raw)
+    monkeypatch.setattr(reference.TensorFile, "read", read)
+    monkeypatch.setattr(reference, "COMPARE_BYTES", 4096)
     chunk = 2 * TINY.intermediate  # two rows of a down_proj block, a fraction of a row of nothing
     for source in (model, None):
         assert verify(VerifyOptions(out=out, direction=direction, source=source, quiet=True, chunk_elements=chunk)).ok

@@ -1,0 +1,155 @@
+"""``orthopatch verify``: re-open an output folder and check every tensor, in bounded blocks.
+
+Structure first (:mod:`.structure`): the record, no interrupted-run marker or temporaries, every
+shard header valid and the index agreeing with the shards, and with ``--source`` the same headers,
+index and config as the source. Then the data (:mod:`.reference`): unchanged tensors byte for byte,
+patched tensors against a float64 computation that shares no code with the kernel, read through the
+``safetensors`` package. The plan is rebuilt with the method recorded in ``orthopatch.json``, and
+each target's unit vector (its layer's row of the direction, weighted by its norm gain) is computed
+again. Findings are collected in a :class:`~.report.VerifyReport`; only unreadable input raises.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..architecture import choose_architecture
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..direction import load_direction
+from ..errors import OrthopatchError
+from ..output import shared_lock
+from ..plan import PatchPlan, PatchTarget, build_plan
+from ..progress import ByteProgress
+from ..reader import open_source
+from ..record import Method
+from .reference import (
+    CHUNK_ELEMENTS,
+    RawReader,
+    RoundingTally,
+    TensorFile,
+    check_against_source,
+    check_orthogonal,
+    compare_bytes,
+    ulp,
+    unit_vectors,
+)
+from .report import TensorCheck, VerifyReport, format_table, summary
+from .structure import check_folder, check_record, check_structure
+
+__all__ = ["RoundingTally", "TensorCheck", "VerifyOptions", "VerifyReport", "format_table", "summary", "ulp",
+           "verify"]
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """Everything ``verify`` needs; the CLI only builds one of these."""
+
+    out: Path
+    direction: Path
+    source: Path | None = None
+    quiet: bool = False
+    chunk_elements: int = CHUNK_ELEMENTS
+
+
+def _plan(checkpoint: Checkpoint, method: Method) -> PatchPlan:
+    return build_plan(checkpoint, choose_architecture(checkpoint, method.targets), method.selection)
+
+
+def verify(options: VerifyOptions, log: Log | None = None) -> VerifyReport:
+    """Check ``options.out``; failures are collected in the report, broken files raise at once."""
+    log = log or (lambda message: None if options.quiet else print(message, file=sys.stderr))
+    out_root = options.out
+    if not out_root.is_dir():
+        raise OrthopatchError("not a folder", path=out_root)
+    report = VerifyReport(out_root, options.source)
+    with shared_lock(out_root):
+        record = check_folder(report, out_root)
+        method = record.method if record is not None else Method()
+        if record is None:
+            report.notes.append("options not recorded: checked as a default apply")
+        try:
+            out_ckpt = open_checkpoint(out_root)
+        except OrthopatchError as exc:
+            if report.ok:
+                raise
+            report.failures.append(exc)  # an unfinished folder: say so first, then what is missing
+            return report
+        out_plan = _plan(out_ckpt, method)
+        direction = load_direction(options.direction, out_plan.hidden_size, out_plan.num_layers)
+        report.notes.extend(direction.notes)
+        check_record(report, record, out_plan, direction)
+        if options.source is not None:
+            src_ckpt = open_checkpoint(options.source)
+            plan = _plan(src_ckpt, method)
+            comparable = check_structure(report, src_ckpt, out_ckpt)
+        else:
+            src_ckpt, plan, comparable = None, out_plan, set(out_ckpt.shards)
+            if method.scale != 1.0:
+                report.notes.append(f"scale {method.scale:g} removes only part of the component: without "
+                                    "--source the patched tensors can be measured but not checked")
+        directions = unit_vectors(plan, direction)
+        total = sum(out_ckpt.shards[s.name].file_size for s in plan.shards if s.name in comparable)
+        with ByteProgress(total, disable=options.quiet) as progress:
+            for shard in plan.shards:
+                if shard.name not in comparable:
+                    continue
+                progress.set_description(shard.name)
+                _verify_shard(report, shard.name, shard.targets, src_ckpt, out_ckpt, directions, method,
+                              options.chunk_elements, progress.update)
+    for note in report.notes:
+        log(f"note: {note}")
+    return report
+
+
+def _verify_shard(report: VerifyReport, shard: str, targets: tuple[PatchTarget, ...], src: Checkpoint | None,
+                  out: Checkpoint, directions: dict[str, torch.Tensor], method: Method, chunk_elements: int,
+                  progress: Callable[[int], None]) -> None:
+    header = out.shards[shard]
+    src_path = src.root / shard if src is not None else None
+    by_name = {t.name: t for t in targets}
+    with open_source(header.path) as out_fd, _maybe_open(src_path) as src_fd:
+        out_raw = RawReader(out_fd, header.path)
+        src_raw = RawReader(src_fd, src_path) if src_path is not None and src_fd is not None else None
+        for entry in header.tensors:
+            target = by_name.get(entry.name)
+            if target is None:
+                if src_raw is not None:
+                    problem = compare_bytes(src_raw, out_raw, entry, progress)
+                    if problem:
+                        report.fail(problem, path=header.path, tensor=entry.name)
+                    else:
+                        report.identical += 1
+                else:
+                    progress(entry.nbytes)
+                report.checked_bytes += entry.nbytes
+                continue
+            if entry.nbytes == 0:
+                continue
+            u = directions[entry.name]
+            out_file = TensorFile(header.path)
+            if src_path is not None:
+                check, problem = check_against_source(TensorFile(src_path), out_file, target, u, method,
+                                                      chunk_elements, progress)
+            else:
+                check, problem = check_orthogonal(out_file, target, u, method, chunk_elements, progress)
+            report.checks.append(check)
+            report.checked_bytes += entry.nbytes
+            if problem:
+                report.fail(problem, path=header.path, tensor=entry.name)
+
+
+@contextmanager
+def _maybe_open(path: Path | None) -> Iterator[int | None]:
+    if path is None:
+        yield None
+        return
+    with open_source(path) as fd:
+        yield fd
