@@ -21,6 +21,7 @@ from typing import Any
 from .checkpoint import Checkpoint
 from .errors import OrthopatchError
 from .formats import CONFIG_NAME
+from .saferegex import unsafe_reason
 
 ROLES = ("embedding", "position_embedding", "attention", "mlp", "other")
 EMBEDDING_ROLES = ("embedding", "position_embedding")
@@ -179,16 +180,21 @@ def find_architecture(config: dict[str, Any], config_path: str = CONFIG_NAME) ->
 def parse_target(spec: str) -> TargetRule:
     """One ``--targets REGEX:AXIS`` option as a rule (the axis is the part after the last colon)."""
     pattern, sep, axis = spec.rpartition(":")
+    shown = repr(spec) if len(spec) <= 200 else repr(spec[:200]) + "..."
     if not sep or not pattern:
-        raise OrthopatchError(f"--targets {spec!r}: expected REGEX:AXIS")
+        raise OrthopatchError(f"--targets {shown}: expected REGEX:AXIS")
     try:
         compiled = re.compile(pattern)
         role = "other" if "layer" in compiled.groupindex else "embedding"
-        return TargetRule(role, compiled, int(axis))
-    except re.error as exc:
-        raise OrthopatchError(f"--targets {spec!r}: bad regular expression ({exc})") from None
+        rule = TargetRule(role, compiled, int(axis))
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise OrthopatchError(f"--targets {shown}: bad regular expression ({exc})") from None
     except ValueError:
-        raise OrthopatchError(f"--targets {spec!r}: axis {axis!r} is not an integer") from None
+        raise OrthopatchError(f"--targets {shown}: axis {axis[:40]!r} is not an integer") from None
+    reason = unsafe_reason(pattern)
+    if reason is not None:
+        raise OrthopatchError(f"--targets {shown}: refused: {reason}")
+    return rule
 
 
 def custom_architecture(specs: list[str], config: dict[str, Any]) -> Architecture:

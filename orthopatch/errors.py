@@ -18,8 +18,21 @@ class OrthopatchError(Exception):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        where = [p for p in (self.path, f"tensor {self.tensor!r}" if self.tensor else None) if p]
-        return ": ".join([*where, self.message])
+        where = [p for p in (quoted(self.path) if self.path else None,
+                             f"tensor {self.tensor!r}" if self.tensor else None) if p]
+        return one_line(": ".join([*where, self.message]))
+
+
+def quoted(name: str) -> str:
+    """``name`` as it is when it prints on one line, else as a Python string literal (``'a\\nb'``)."""
+    return name if name.isprintable() else repr(name)
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other unprintable characters escaped, so a message stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class HeaderError(OrthopatchError):

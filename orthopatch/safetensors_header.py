@@ -13,8 +13,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HeaderError
+from .errors import HeaderError, OrthopatchError
 from .formats import DTYPE_BITS
+from .smallfile import open_regular
 
 MAX_HEADER_BYTES = 100_000_000
 MAX_U64 = 2**64 - 1
@@ -183,7 +184,11 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
     """Open ``path`` read-only, read just its header and validate it against the file size."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        fd = open_regular(path, "shard")
+    except OrthopatchError as exc:
+        raise HeaderError(exc.message, path=path) from None
+    try:
+        with open(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) == 8:

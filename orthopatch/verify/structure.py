@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..checkpoint import Checkpoint
@@ -19,7 +20,7 @@ def check_folder(report: VerifyReport, out: Path) -> Record | None:
     """The record (or None), with failures for what an unfinished or interrupted run leaves."""
     record = None
     record_path = out / RECORD_NAME
-    if not record_path.is_file():
+    if not os.path.lexists(record_path):
         report.fail(f"no {RECORD_NAME}: the conversion did not finish (or this is not an orthopatch output)",
                     path=out)
     else:
