@@ -77,7 +77,7 @@ def verify(options: VerifyOptions, log: Log | None = None) -> VerifyReport:
         method = record.method if record is not None else Method()
         if record is None:
             report.notes.append("options not recorded: checked as a default apply")
-        claim = describe_method(method) if record is not None else "nothing (no record): checked as a default apply"
+        claim = describe_method(method) if record is not None else None
         if record is not None and method.scale == 0:
             report.fail("the record claims scale 0, which removes nothing (apply refuses it): this output is "
                         "not abliterated", path=out_root / RECORD_NAME)
@@ -117,9 +117,9 @@ def verify(options: VerifyOptions, log: Log | None = None) -> VerifyReport:
 
 def _verify_shard(report: VerifyReport, shard: str, targets: tuple[PatchTarget, ...], src: Checkpoint | None,
                   out: Checkpoint, directions: dict[str, torch.Tensor], method: Method, chunk_elements: int,
-                  progress: Callable[[int], None], claim: str) -> None:
+                  progress: Callable[[int], None], claim: str | None) -> None:
     """Check one shard's tensors; a patched tensor that fails is described against ``claim``, what the
-    record says was done."""
+    record says was done (None without a record)."""
     header = out.shards[shard]
     src_path = src.root / shard if src is not None else None
     by_name = {t.name: t for t in targets}
@@ -153,8 +153,8 @@ def _verify_shard(report: VerifyReport, shard: str, targets: tuple[PatchTarget, 
             if check.nonfinite:
                 problem = f"holds {check.nonfinite:,} non-finite values (NaN or Inf)"
             elif problem and src_raw is not None and compare_bytes(src_raw, out_raw, entry, _ignore) is None:
-                problem = f"is unchanged from the source, but the record claims {claim}"
-            elif problem:
+                problem = "is unchanged from the source" + (f", but the record claims {claim}" if claim else "")
+            elif problem and claim:
                 problem = f"{problem} (the record claims {claim})"
             if problem:
                 report.fail(problem, path=header.path, tensor=entry.name)
