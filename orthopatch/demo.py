@@ -15,9 +15,13 @@ from .verify import VerifyOptions, format_table, summary, verify
 def run_demo(folder: Path, quiet: bool = False) -> list[str]:
     """Return report lines; raise :class:`OrthopatchError` if ``verify`` finds the output wrong."""
     model, direction_path = folder / "Llama-demo", folder / "refusal_dir.pth"
-    if not (model / CONFIG_NAME).exists():
-        write_checkpoint(model, DEMO, shard_bytes=4 << 20)
-    write_direction(direction_path, DEMO.hidden)
+    try:
+        if not (model / CONFIG_NAME).exists():
+            write_checkpoint(model, DEMO, shard_bytes=4 << 20)
+        write_direction(direction_path, DEMO.hidden)
+    except OSError as exc:
+        raise OrthopatchError(f"cannot write the demo's model ({exc.strerror or exc})",
+                              path=exc.filename or folder) from None
     result = apply(ApplyOptions(model=model, direction=direction_path, quiet=quiet, overwrite=True))
     report = verify(VerifyOptions(out=result.out, direction=direction_path, source=model, quiet=quiet))
     if not report.ok:

@@ -153,3 +153,10 @@ def test_the_demo_says_where_its_files_are_and_what_to_try(tmp_path) -> None:
     for command in tries:  # every suggestion runs as printed
         args = command.split("#")[0].split()[1:]
         assert cli(*args, "-q").exit_code == 0, command
+
+
+def test_the_demo_in_a_folder_it_cannot_write_is_one_line(tmp_path) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("a file")
+    line = one_error_line(cli("demo", not_a_folder, "-q"))
+    assert "cannot write the demo's model (Not a directory)" in line and str(not_a_folder) in line
