@@ -72,9 +72,9 @@ def _shape_of(value: Any) -> tuple[int, ...] | None:
     import torch
 
     if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided or value.is_complex() or value.dtype == torch.bool or value.is_meta:
+        if value.layout != torch.strided or value.is_nested or value.is_complex() or value.dtype == torch.bool:
             return None
-        if value.is_quantized:
+        if value.is_meta or value.is_quantized:
             return None
         return tuple(value.shape)
     if isinstance(value, np.ndarray) and value.dtype.kind in "fiu":
@@ -97,17 +97,21 @@ def _to_numpy(value: Any, path: Path) -> np.ndarray:
 
 
 def _check_size(value: Any, path: Path, key: str | None = None) -> None:
-    """Refuse a tensor whose metadata claims more than a direction file holds, before it is touched."""
+    """Refuse a tensor whose metadata claims more than a direction file holds, before it is touched.
+
+    Only tensors that could be used (:func:`_shape_of`) are ever converted, so only they are checked.
+    """
     import torch
 
-    if not isinstance(value, torch.Tensor | np.ndarray):
+    shape = _shape_of(value)
+    if shape is None:
         return
     what = f"tensor {key!r}" if key is not None else "tensor"
-    numel = math.prod(value.shape)
+    numel = math.prod(shape)
     if numel > MAX_DIRECTION_ELEMENTS:
-        raise OrthopatchError(f"{what} of shape {list(value.shape)} holds {numel:,} elements, more than a "
+        raise OrthopatchError(f"{what} of shape {list(shape)} holds {numel:,} elements, more than a "
                               f"direction has (at most {MAX_DIRECTION_ELEMENTS:,})", path=path)
-    if isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_meta:
+    if isinstance(value, torch.Tensor):
         if any(stride == 0 and size > 1 for size, stride in zip(value.shape, value.stride(), strict=True)):
             raise OrthopatchError(f"{what} of shape {list(value.shape)} is an expanded view (stride 0), "
                                   "not a saved direction", path=path)
@@ -118,6 +122,8 @@ def _check_size(value: Any, path: Path, key: str | None = None) -> None:
 def _describe(value: Any, shape: tuple[int, ...] | None) -> str:
     if shape is not None:
         return str(list(shape))
+    if getattr(value, "is_nested", False):
+        return "a nested tensor"
     dtype = getattr(value, "dtype", None)
     shape = getattr(value, "shape", None)
     if dtype is not None and shape is not None:

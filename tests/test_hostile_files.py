@@ -462,3 +462,13 @@ def test_matching_outside_patterns_is_time_bounded(model, direction, monkeypatch
     slow = "model" + ".*" * 12 + "Z:0"
     line = one_error_line(cli("apply", model, direction, "--targets", slow, "--dry-run"))
     assert "took more than 0.5 s" in line
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_nested_tensors_are_not_directions(tmp_path) -> None:
+    nested = torch.nested.nested_tensor([torch.ones(HIDDEN), torch.ones(HIDDEN)])
+    torch.save(nested, tmp_path / "n.pth")
+    with pytest.raises(OrthopatchError, match="holds a nested tensor, not a dense real-valued tensor"):
+        load_direction(tmp_path / "n.pth", HIDDEN)
+    torch.save({"nested": nested, "refusal_dir": torch.ones(HIDDEN)}, tmp_path / "d.pth")
+    assert load_direction(tmp_path / "d.pth", HIDDEN).rows.shape == (1, HIDDEN)
