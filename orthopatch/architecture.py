@@ -19,7 +19,7 @@ from importlib import resources
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .errors import OrthopatchError
+from .errors import OrthopatchError, shortened
 from .formats import CONFIG_NAME
 from .saferegex import unsafe_reason
 
@@ -171,7 +171,7 @@ def find_architecture(config: dict[str, Any], config_path: str = CONFIG_NAME) ->
             return arch
     supported = sorted(t for a in known_architectures() for t in a.model_types)
     raise OrthopatchError(
-        f"unknown model_type {model_type!r} (supported: {', '.join(supported)}; "
+        f"unknown model_type {shortened(model_type)} (supported: {', '.join(supported)}; "
         "use --targets REGEX:AXIS for others)",
         path=config_path,
     )

@@ -472,3 +472,11 @@ def test_nested_tensors_are_not_directions(tmp_path) -> None:
         load_direction(tmp_path / "n.pth", HIDDEN)
     torch.save({"nested": nested, "refusal_dir": torch.ones(HIDDEN)}, tmp_path / "d.pth")
     assert load_direction(tmp_path / "d.pth", HIDDEN).rows.shape == (1, HIDDEN)
+
+
+def test_megabyte_names_are_cut_in_messages(model, direction, tmp_path) -> None:
+    config = json.loads((model / "config.json").read_text())
+    config["model_type"] = "x" * 1_000_000
+    (model / "config.json").write_text(json.dumps(config))
+    line = refused(model, direction, tmp_path / "out", "unknown model_type 'xxx", "(1,000,000 characters)")
+    assert len(line) < 2000
