@@ -69,7 +69,11 @@ def _not_a_model(root: Path) -> OrthopatchError:
         return OrthopatchError("is a file, not a model folder (give the folder that holds config.json and "
                                "the *.safetensors weights)", path=root)
     if not root.is_dir():
-        return OrthopatchError(f"is {describe_kind(root.stat().st_mode)}, not a model folder", path=root)
+        try:
+            kind = describe_kind(root.stat().st_mode)
+        except OSError as exc:
+            return OrthopatchError(f"cannot read ({exc.strerror or exc})", path=root)
+        return OrthopatchError(f"is {kind}, not a model folder", path=root)
     return OrthopatchError(f"no {INDEX_NAME} or {SINGLE_SHARD_NAME} in the model folder", path=root)
 
 

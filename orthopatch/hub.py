@@ -85,12 +85,15 @@ def folder_name(path: Path) -> str:
     """What a model card calls a local folder: the repo id of a cache snapshot, else the name as given."""
     if cached := cached_repo_name(path):
         return cached
-    return path.name if path.name not in ("", ".", "..") else path.resolve().name
+    return path.name if path.name not in ("", ".", "..") else Path(os.path.abspath(path)).name
 
 
 def cached_repo_name(path: Path) -> str | None:
     """``ORG/NAME`` when ``path`` is a snapshot folder of the Hugging Face cache, else ``None``."""
-    parts = path.resolve().parts
+    try:
+        parts = path.resolve().parts
+    except (OSError, RuntimeError):  # a symlink loop: not a cache folder; opening it will say what it is
+        return None
     if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
         org_name = parts[-3].removeprefix("models--").split("--")
         return "/".join(org_name) if all(org_name) else None

@@ -108,9 +108,13 @@ class OutputFolder:
 
     def __init__(self, root: Path, src: Path):
         self.root = root
-        if root.resolve() == src.resolve() or src.resolve() in root.resolve().parents:
+        try:
+            real, real_src = root.resolve(), src.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise OrthopatchError(f"cannot resolve the output folder's path ({exc})", path=root) from None
+        if real == real_src or real_src in real.parents:
             raise OrthopatchError("output folder must not be the source folder or inside it", path=root)
-        if root.resolve() in src.resolve().parents:
+        if real in real_src.parents:
             raise OrthopatchError("output folder must not contain the source folder", path=root)
         try:
             root.mkdir(parents=True, exist_ok=True)

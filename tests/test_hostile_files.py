@@ -480,3 +480,14 @@ def test_megabyte_names_are_cut_in_messages(model, direction, tmp_path) -> None:
     (model / "config.json").write_text(json.dumps(config))
     line = refused(model, direction, tmp_path / "out", "unknown model_type 'xxx", "(1,000,000 characters)")
     assert len(line) < 2000
+
+
+@pytest.mark.parametrize("where", ["model", "direction", "out"])
+def test_symlink_loops_are_one_line(model, direction, tmp_path, where) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop.name)
+    args = {"model": (loop, direction, tmp_path / "out"), "direction": (model, loop, tmp_path / "out"),
+            "out": (model, direction, loop)}[where]
+    with untouched(model):
+        line = one_error_line(cli("apply", *args[:2], "-o", args[2], "-q"))
+    assert str(loop) in line and ("symbolic links" in line or "Symlink loop" in line), line
