@@ -170,6 +170,9 @@ def find_architecture(config: dict[str, Any], config_path: str = CONFIG_NAME) ->
         if model_type in arch.model_types:
             return arch
     supported = sorted(t for a in known_architectures() for t in a.model_types)
+    if model_type is None:
+        raise OrthopatchError(f"has no model_type (supported: {', '.join(supported)}; use --targets REGEX:AXIS "
+                              "for others)", path=config_path)
     raise OrthopatchError(
         f"unknown model_type {shortened(model_type)} (supported: {', '.join(supported)}; "
         "use --targets REGEX:AXIS for others)",

@@ -61,6 +61,7 @@ def test_a_path_to_model_safetensors_means_its_folder(tmp_path, direction) -> No
     ("gguf-file", ["GGUF is not supported", "convert_hf_to_gguf"]),
     ("gguf-folder", ["GGUF is not supported"]),
     ("no-config", ["no config.json in the model folder"]),
+    ("no-model-type", ["config.json: has no model_type", "--targets"]),
     ("swapped", ["tensor file, not a model folder", "MODEL comes first, then DIRECTION"]),
     ("a-file", ["is a file, not a model folder"]),
     ("missing", ["no such file or folder"]),
@@ -80,6 +81,9 @@ def test_model_path_mistakes_each_say_what_is_wrong(pristine, tmp_path, directio
     elif mistake == "no-config":
         shutil.copytree(pristine, model)
         (model / "config.json").unlink()
+    elif mistake == "no-model-type":
+        shutil.copytree(pristine, model)
+        (model / "config.json").write_text(json.dumps({"hidden_size": HIDDEN, "num_hidden_layers": 3}))
     elif mistake == "a-file":
         model = tmp_path / "notes.txt"
         model.write_text("hello")
@@ -87,7 +91,7 @@ def test_model_path_mistakes_each_say_what_is_wrong(pristine, tmp_path, directio
     with untouched(pristine):
         line = one_error_line(cli(*args, "-q"))
     assert all(word in line for word in words), line
-    named = direction if mistake == "swapped" else model
+    named = {"swapped": direction, "no-model-type": model / "config.json"}.get(mistake, model)
     assert line.startswith(f"orthopatch: error: {named}: "), line
     assert not list(tmp_path.glob("*-abliterated"))
 
