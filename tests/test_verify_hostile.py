@@ -4,6 +4,7 @@ tensors do not show, non-finite values, and the recorded direction used when non
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -131,15 +132,19 @@ def test_verify_uses_the_recorded_direction_when_it_is_unchanged(made) -> None:
     assert "verified" in result.stdout
 
 
-@pytest.mark.parametrize("change", ["moved", "rewritten"])
-def test_a_changed_recorded_direction_asks_for_direction(made, change) -> None:
+@pytest.mark.parametrize("change, reason", [("moved", "no longer exists"), ("rewritten", "sha256 differs"),
+                                            ("fifo", "is not a regular file")])
+def test_a_changed_recorded_direction_asks_for_direction(made, change, reason) -> None:
     model, direction, out = made
     if change == "moved":
         direction.rename(direction.with_name("elsewhere.pth"))
-    else:
+    elif change == "rewritten":
         torch.save(torch.randn(64), direction)
+    else:
+        direction.unlink()
+        os.mkfifo(direction)
     line = one_error_line(cli(*verify_args(out, None, model)))
-    assert "--direction" in line and str(out / RECORD_NAME) in line
+    assert "--direction" in line and str(out / RECORD_NAME) in line and reason in line
 
 
 def test_without_a_record_verify_asks_for_direction(made) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from ..architecture import choose_architecture
 from ..checkpoint import Checkpoint, open_checkpoint, read_json
-from ..direction import file_sha256, load_direction
+from ..direction import MAX_DIRECTION_BYTES, file_sha256, load_direction
 from ..errors import OrthopatchError, quoted
 from ..formats import RECORD_NAME
 from ..output import shared_lock
@@ -190,15 +190,15 @@ def recorded_direction(out: Path) -> Path:
         raise OrthopatchError("no --direction given, and the record names no direction file: pass --direction",
                               path=record_path)
     path = Path(file)
-    try:
-        found = file_sha256(path) if os.path.isfile(path) else None
-    except OrthopatchError:
-        found = None
-    if found is None:
-        reason = "no longer exists"
-    elif found != sha256:
-        reason = "has changed since (its sha256 differs)"
+    found = None
+    if not os.path.isfile(path):
+        reason = "is not a regular file" if os.path.lexists(path) else "no longer exists"
+    elif os.path.getsize(path) > MAX_DIRECTION_BYTES:
+        reason = "is too large for a direction"
     else:
+        found = file_sha256(path)
+        reason = "has changed since (its sha256 differs)"
+    if found == sha256:
         return path
     raise OrthopatchError(f"no --direction given, and the direction file it records ({quoted(file)}) {reason}: "
                           "pass --direction", path=record_path)
