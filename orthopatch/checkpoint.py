@@ -109,7 +109,7 @@ def open_checkpoint(root: str | Path) -> Checkpoint:
                                       path=index_path, tensor=first)
             shards[shard] = read_header(shard_path)
         for name, shard in weight_map.items():
-            if name not in shards[shard].names():
+            if name not in shards[shard].by_name:
                 raise OrthopatchError(
                     f"index places this tensor in {shard}, which does not hold it", path=index_path, tensor=name
                 )

@@ -11,6 +11,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from .errors import HeaderError, OrthopatchError
@@ -55,11 +56,13 @@ class ShardHeader:
     def data_start(self) -> int:
         return len(self.raw)
 
+    @cached_property
+    def by_name(self) -> dict[str, TensorEntry]:
+        """Each tensor by name (a header may list a million: lookups must not scan them)."""
+        return {t.name: t for t in self.tensors}
+
     def entry(self, name: str) -> TensorEntry:
-        for t in self.tensors:
-            if t.name == name:
-                return t
-        raise KeyError(name)
+        return self.by_name[name]
 
     def names(self) -> list[str]:
         return [t.name for t in self.tensors]

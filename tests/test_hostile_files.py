@@ -491,3 +491,18 @@ def test_symlink_loops_are_one_line(model, direction, tmp_path, where) -> None:
     with untouched(model):
         line = one_error_line(cli("apply", *args[:2], "-o", args[2], "-q"))
     assert str(loop) in line and ("symbolic links" in line or "Symlink loop" in line), line
+
+
+def test_a_shard_listing_a_hundred_thousand_tensors_is_planned(model, direction, tmp_path) -> None:
+    """Lookups by name are dictionary lookups: a header of 100,000 (empty) tensors is planned in seconds,
+    where scanning the list for each name would never finish (the fixture's alarm would end the test)."""
+    extra = {"__metadata__": {"format": "pt"}}
+    extra |= {f"junk.{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(100_000)}
+    text = json.dumps(extra).encode()
+    (model / "junk.safetensors").write_bytes(struct.pack("<Q", len(text)) + text)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    index["weight_map"] |= {name: "junk.safetensors" for name in extra if name != "__metadata__"}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = cli("apply", model, direction, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "junk.safetensors: 0 of 100000 tensors patched" in result.stdout
