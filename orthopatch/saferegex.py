@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -84,9 +85,12 @@ def time_limit(seconds: float, what: str) -> Iterator[None]:
         raise OrthopatchError(f"{what} took more than {seconds:g} s: a pattern backtracks too much on these names")
 
     previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    pending, _ = signal.setitimer(signal.ITIMER_REAL, seconds)  # an alarm set by the caller, if any
+    started = time.monotonic()
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if pending:  # the caller's alarm goes on, less the time spent here
+            signal.setitimer(signal.ITIMER_REAL, max(pending - (time.monotonic() - started), 1e-3))
