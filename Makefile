@@ -2,16 +2,24 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch, installed first so that the package's range never pulls a CUDA build.
+# torch, installed first so that the package's range never picks a build by itself. From the standard
+# index this pin is the CUDA build on Linux; for the CPU build there, name PyTorch's CPU index:
+#   make install TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu'
 TORCH_SPEC ?= torch==2.13.0
+# One stamp per spec: a changed TORCH_SPEC finds no stamp and installs torch again.
+TORCH_STAMP := $(VENV)/.torch-$(firstword $(shell printf '%s' '$(TORCH_SPEC)' | cksum))
 
 .PHONY: install test lint demo bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(TORCH_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	rm -f $(VENV)/.torch-*
+	touch $@
+
+$(VENV)/.installed: setup.cfg pyproject.toml $(TORCH_STAMP)
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 

@@ -10,18 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .architecture import choose_architecture
-from .checkpoint import open_checkpoint
+from .checkpoint import model_folder, open_checkpoint
 from .devices import resolve_device
 from .direction import Direction, load_direction
-from .errors import OrthopatchError
+from .errors import OrthopatchError, quoted
 from .executor import target_directions, write_shard
-from .formats import INDEX_NAME
+from .formats import CARD_NAME, INDEX_NAME
 from .hub import folder_name
-from .model_card import write_model_card
+from .model_card import read_source_card, write_model_card
 from .output import OutputFolder, OutputState, copy_model_file, model_files, shard_done, write_atomic
-from .plan import PatchPlan, build_plan, format_plan
+from .plan import PatchPlan, ShardPlan, build_plan, format_plan
 from .progress import ByteProgress
 from .record import Fingerprint, Method, Record
+from .smallfile import read_small_bytes
 from .stream import TensorPatcher
 
 
@@ -45,7 +46,7 @@ class ApplyOptions:
     def out_path(self) -> Path:
         if self.out is not None:
             return self.out
-        model = Path(os.path.abspath(self.model))  # a symlinked model folder keeps its own name
+        model = Path(os.path.abspath(model_folder(self.model)))  # a symlinked model folder keeps its name
         return model.with_name(model.name + "-abliterated")
 
 
@@ -69,7 +70,10 @@ def prepare(options: ApplyOptions) -> tuple[PatchPlan, Direction]:
 def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> ApplyResult:
     """Convert ``options.model`` into ``options.out_path``; see the module docs for the guarantees."""
     log = log or (lambda message: None if options.quiet else print(message, file=sys.stderr))
+    if options.method.scale == 0:
+        raise OrthopatchError("scale 0 removes nothing: the output would be a copy recorded as abliterated")
     plan, direction = prepare(options)
+    source_card = read_source_card(plan.checkpoint.root)  # read (and checked) before anything is written
     for note in direction.notes:
         log(f"note: {note}")
     out_path = options.out_path
@@ -93,29 +97,42 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
                                       path=out_path)
             out.clear()
             state = OutputState.NEW
-        out.remove_temporaries()
+        files = model_files(src)
+        written = [Path(s.name) for s in plan.shards] + files.copied + [Path(INDEX_NAME), Path(CARD_NAME)]
+        out.remove_temporaries(written)
         out.begin(fp)
+        for rel, why in files.skipped:
+            log(f"note: not copied: {quoted(str(rel))} {why}")
 
         directions = target_directions(plan, direction)
         todo = [s for s in plan.shards
                 if not shard_done(out_path, s.name, s.header.raw, s.header.file_size)]
+        log(plan_line(plan, device, todo))
         with ByteProgress(sum(s.header.file_size for s in todo), disable=options.quiet) as progress:
             for shard in todo:
-                progress.set_description(shard.name)
+                progress.set_description(quoted(shard.name))
                 write_shard(shard, src, out_path, directions, patcher, progress.update)
-        for rel in model_files(src):
+        for rel in files.copied:
             copy_model_file(src, out_path, rel)
         if plan.checkpoint.index_path is not None:
-            write_atomic(out_path / INDEX_NAME, plan.checkpoint.index_path.read_bytes())
+            write_atomic(out_path / INDEX_NAME, read_small_bytes(plan.checkpoint.index_path, "index"))
         seconds = time.monotonic() - started
-        record = Record.of(plan, source=options.model, direction_file=options.direction,
+        record = Record.of(plan, source=options.model, direction_file=Path(os.path.abspath(options.direction)),
                            direction_sha256=direction.sha256, direction_rows=int(direction.rows.shape[0]),
                            method=method, device=str(device), seconds=seconds, fingerprint=fingerprint)
         write_model_card(out_path, src, record, base_model=options.base_model or folder_name(src),
-                         direction=options.direction_name or options.direction.name)
+                         direction=options.direction_name or options.direction.name, source=source_card)
         out.complete(record.to_json())
     resumed = state is OutputState.PARTIAL
     return ApplyResult(out_path, plan, "resumed" if resumed else "written", seconds)
+
+
+def plan_line(plan: PatchPlan, device: object, todo: list[ShardPlan]) -> str:
+    """One line of plan before the progress bar: architecture, device, what is patched and copied."""
+    n = sum(1 for _ in plan.targets())
+    left = "" if len(todo) == len(plan.shards) else f", {len(todo)} of {len(plan.shards)} shards left to write"
+    return (f"{plan.architecture.name} on {device}: patching {n} tensors ({plan.patched_bytes:,} bytes), "
+            f"copying {plan.total_bytes - plan.patched_bytes:,} bytes unchanged{left}")
 
 
 def dry_run_text(result: ApplyResult) -> str:

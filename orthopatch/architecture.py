@@ -19,8 +19,9 @@ from importlib import resources
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .errors import OrthopatchError
+from .errors import OrthopatchError, shortened
 from .formats import CONFIG_NAME
+from .saferegex import unsafe_reason
 
 ROLES = ("embedding", "position_embedding", "attention", "mlp", "other")
 EMBEDDING_ROLES = ("embedding", "position_embedding")
@@ -169,8 +170,11 @@ def find_architecture(config: dict[str, Any], config_path: str = CONFIG_NAME) ->
         if model_type in arch.model_types:
             return arch
     supported = sorted(t for a in known_architectures() for t in a.model_types)
+    if model_type is None:
+        raise OrthopatchError(f"has no model_type (supported: {', '.join(supported)}; use --targets REGEX:AXIS "
+                              "for others)", path=config_path)
     raise OrthopatchError(
-        f"unknown model_type {model_type!r} (supported: {', '.join(supported)}; "
+        f"unknown model_type {shortened(model_type)} (supported: {', '.join(supported)}; "
         "use --targets REGEX:AXIS for others)",
         path=config_path,
     )
@@ -179,16 +183,21 @@ def find_architecture(config: dict[str, Any], config_path: str = CONFIG_NAME) ->
 def parse_target(spec: str) -> TargetRule:
     """One ``--targets REGEX:AXIS`` option as a rule (the axis is the part after the last colon)."""
     pattern, sep, axis = spec.rpartition(":")
+    shown = repr(spec) if len(spec) <= 200 else repr(spec[:200]) + "..."
     if not sep or not pattern:
-        raise OrthopatchError(f"--targets {spec!r}: expected REGEX:AXIS")
+        raise OrthopatchError(f"--targets {shown}: expected REGEX:AXIS")
     try:
         compiled = re.compile(pattern)
         role = "other" if "layer" in compiled.groupindex else "embedding"
-        return TargetRule(role, compiled, int(axis))
-    except re.error as exc:
-        raise OrthopatchError(f"--targets {spec!r}: bad regular expression ({exc})") from None
+        rule = TargetRule(role, compiled, int(axis))
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise OrthopatchError(f"--targets {shown}: bad regular expression ({exc})") from None
     except ValueError:
-        raise OrthopatchError(f"--targets {spec!r}: axis {axis!r} is not an integer") from None
+        raise OrthopatchError(f"--targets {shown}: axis {axis[:40]!r} is not an integer") from None
+    reason = unsafe_reason(pattern)
+    if reason is not None:
+        raise OrthopatchError(f"--targets {shown}: refused: {reason}")
+    return rule
 
 
 def custom_architecture(specs: list[str], config: dict[str, Any]) -> Architecture:

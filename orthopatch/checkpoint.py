@@ -5,7 +5,7 @@ Nothing here reads tensor data; everything is decided from headers and small JSO
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,10 @@ from typing import Any
 from .errors import OrthopatchError
 from .formats import CONFIG_NAME, INDEX_NAME, SHARD_SUFFIX, SINGLE_SHARD_NAME
 from .safetensors_header import ShardHeader, TensorEntry, read_header
+from .smallfile import describe_kind, read_small_json
+
+#: Suffixes of tensor files that hold a direction, not a model.
+DIRECTION_SUFFIXES = (".pth", ".pt", ".npy")
 
 
 @dataclass(frozen=True)
@@ -34,26 +38,60 @@ class Checkpoint:
 
 
 def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise OrthopatchError("file not found", path=path) from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise OrthopatchError(f"cannot read JSON ({exc})", path=path) from None
+    """A small JSON file of the folder: a regular file, of bounded size and nesting (one-line errors)."""
+    return read_small_json(path)
+
+
+def model_folder(path: Path) -> Path:
+    """The folder a MODEL argument means: the path itself, or the folder of a ``.safetensors`` file given."""
+    if path.suffix == ".safetensors" and path.is_file() and (path.parent / CONFIG_NAME).exists():
+        return path.parent
+    return path
+
+
+def _not_a_model(root: Path) -> OrthopatchError:
+    """Why ``root`` is not a safetensors model folder, with what to do about it."""
+    if not os.path.lexists(root):
+        return OrthopatchError("no such file or folder", path=root)
+    suffix = root.suffix.lower()
+    if root.is_file() and suffix == ".gguf" or any(root.glob("*.gguf")):
+        return OrthopatchError(
+            "GGUF is not supported: orthopatch reads safetensors checkpoints; patch the original safetensors "
+            "model, then convert the result (llama.cpp's convert_hf_to_gguf.py)", path=root)
+    if root.is_file() and suffix in DIRECTION_SUFFIXES:
+        return OrthopatchError("this is a tensor file, not a model folder: MODEL comes first, then DIRECTION "
+                               "(orthopatch apply MODEL DIRECTION)", path=root)
+    if root.is_file() and suffix == ".bin" or any(root.glob("*.bin")):
+        return OrthopatchError(
+            "holds PyTorch .bin weights, not safetensors: convert them first (transformers: "
+            "from_pretrained(...).save_pretrained(OUT, safe_serialization=True))", path=root)
+    if root.is_file():
+        return OrthopatchError("is a file, not a model folder (give the folder that holds config.json and "
+                               "the *.safetensors weights)", path=root)
+    if not root.is_dir():
+        try:
+            kind = describe_kind(root.stat().st_mode)
+        except OSError as exc:
+            return OrthopatchError(f"cannot read ({exc.strerror or exc})", path=root)
+        return OrthopatchError(f"is {kind}, not a model folder", path=root)
+    return OrthopatchError(f"no {INDEX_NAME} or {SINGLE_SHARD_NAME} in the model folder", path=root)
 
 
 def open_checkpoint(root: str | Path) -> Checkpoint:
     """Read ``config.json``, the index (if any) and every shard header; check they agree."""
-    root = Path(root)
-    if not root.is_dir():
-        raise OrthopatchError("not a model folder", path=root)
+    root = model_folder(Path(root))
+    if not root.is_dir() or not (os.path.lexists(root / INDEX_NAME) or os.path.lexists(root / SINGLE_SHARD_NAME)):
+        raise _not_a_model(root)
     config_path = root / CONFIG_NAME
-    config = read_json(config_path) if config_path.exists() else {}
+    if not os.path.lexists(config_path):
+        raise OrthopatchError(f"no {CONFIG_NAME} in the model folder (it names the architecture and its sizes)",
+                              path=root)
+    config = read_json(config_path)
     if not isinstance(config, dict):
         raise OrthopatchError("config is not a JSON object", path=config_path)
 
     index_path = root / INDEX_NAME
-    if index_path.exists():
+    if os.path.lexists(index_path):
         index = read_json(index_path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map or not all(
@@ -65,13 +103,13 @@ def open_checkpoint(root: str | Path) -> Checkpoint:
             shard_path = root / shard
             if Path(shard).name != shard or not shard.endswith(SHARD_SUFFIX):
                 raise OrthopatchError(f"index names an unexpected shard file {shard!r}", path=index_path)
-            if not shard_path.is_file():
+            if not os.path.lexists(shard_path):
                 first = next(name for name, where in weight_map.items() if where == shard)
                 raise OrthopatchError(f"index places this tensor in shard {shard!r}, which does not exist",
                                       path=index_path, tensor=first)
             shards[shard] = read_header(shard_path)
         for name, shard in weight_map.items():
-            if name not in shards[shard].names():
+            if name not in shards[shard].by_name:
                 raise OrthopatchError(
                     f"index places this tensor in {shard}, which does not hold it", path=index_path, tensor=name
                 )
@@ -83,9 +121,6 @@ def open_checkpoint(root: str | Path) -> Checkpoint:
                     )
         return Checkpoint(root, config, shards, dict(weight_map), index_path)
 
-    single = root / SINGLE_SHARD_NAME
-    if single.is_file():
-        header = read_header(single)
-        weight_map = {n: SINGLE_SHARD_NAME for n in header.names()}
-        return Checkpoint(root, config, {SINGLE_SHARD_NAME: header}, weight_map, None)
-    raise OrthopatchError(f"no {INDEX_NAME} or {SINGLE_SHARD_NAME} in the model folder", path=root)
+    header = read_header(root / SINGLE_SHARD_NAME)
+    weight_map = {n: SINGLE_SHARD_NAME for n in header.names()}
+    return Checkpoint(root, config, {SINGLE_SHARD_NAME: header}, weight_map, None)

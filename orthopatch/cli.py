@@ -10,9 +10,9 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .apply import ApplyOptions, apply, dry_run_text
+from .apply import ApplyOptions, ApplyResult, apply, dry_run_text
 from .architecture import parse_target
-from .errors import OrthopatchError
+from .errors import OrthopatchError, quoted
 from .hub import push_folder, resolve_direction, resolve_model
 from .plan import Selection, parse_layers
 from .record import Method
@@ -37,6 +37,8 @@ def _targets_option(_ctx: click.Context, _param: click.Parameter, value: tuple[s
 def _scale_option(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise click.BadParameter("must be a finite number")
+    if value == 0:
+        raise click.BadParameter("0 removes nothing: the output would be a copy recorded as abliterated")
     return value
 
 
@@ -48,6 +50,25 @@ def _verify_before_push(out: Path, direction: Path, source: Path, *, quiet: bool
     if not report.ok:
         more = f" (and {len(report.failures) - 1} more)" if len(report.failures) > 1 else ""
         raise OrthopatchError(f"not pushed: verification failed: {report.failures[0]}{more}")
+
+
+def _seconds(seconds: float) -> str:
+    """A duration with the digits the clock can back: milliseconds below 10 s, then tenths, then seconds."""
+    if seconds < 10:
+        return f"{seconds:.3f} s"
+    return f"{seconds:.1f} s" if seconds < 100 else f"{seconds:.0f} s"
+
+
+def result_line(result: ApplyResult) -> str:
+    """What a finished ``apply`` did, on one line: tensors and bytes patched, bytes copied, time."""
+    plan = result.plan
+    n = sum(1 for _ in plan.targets())
+    out = quoted(str(result.out))
+    if result.state == "already complete":
+        return f"{out}: already complete, nothing to do"
+    return (f"{out}: {n} tensors patched ({plan.patched_bytes:,} bytes), "
+            f"{plan.total_bytes - plan.patched_bytes:,} bytes copied unchanged, "
+            f"in {_seconds(result.seconds)} ({result.state})")
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
@@ -128,12 +149,7 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
     if result.state == "dry-run":
         click.echo(dry_run_text(result))
         return
-    n = sum(1 for _ in result.plan.targets())
-    if result.state == "already complete":
-        click.echo(f"{result.out}: already complete, nothing to do")
-    else:
-        click.echo(f"{result.out}: {n} tensors patched, {result.plan.total_bytes:,} bytes in "
-                   f"{result.seconds:.1f} s ({result.state})")
+    click.echo(result_line(result))
     if push_to_hub:
         with _reported(debug):
             _verify_before_push(result.out, options.direction, options.model, quiet=quiet)
@@ -158,22 +174,25 @@ def demo_command(folder: Path, quiet: bool) -> None:
 
 @main.command("verify")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--direction", required=True, type=click.Path(path_type=Path),
-              help="The direction file the output was made with (or REPO_ID:PATH).")
+@click.option("--direction", type=click.Path(path_type=Path),
+              help="The direction file the output was made with (or REPO_ID:PATH) [default: the file OUT's "
+                   "orthopatch.json records, if its sha256 is unchanged].")
 @click.option("--source", type=click.Path(path_type=Path),
               help="The source model folder or cached repo id: compare every tensor with it "
                    "(unchanged ones byte for byte).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
-def verify_command(out: Path, direction: Path, source: Path | None, quiet: bool, debug: bool) -> None:
+def verify_command(out: Path, direction: Path | None, source: Path | None, quiet: bool, debug: bool) -> None:
     """Re-open OUT, written by apply, and check every shard and patched tensor; exit 1 on any failure.
 
     Without --source, each patched tensor must have no component along the direction beyond rounding
     noise; with it, each must equal the source projected in float64 and rounded once.
     """
-    from .verify import VerifyOptions, format_table, summary, verify
+    from .verify import VerifyOptions, format_table, recorded_direction, summary, verify
 
     with _reported(debug):
+        if direction is None:
+            direction = recorded_direction(out)
         direction = resolve_direction(str(direction), quiet=quiet).path
         source = resolve_model(str(source), quiet=quiet).path if source is not None else None
         report = verify(VerifyOptions(out=out, direction=direction, source=source, quiet=quiet))

@@ -8,9 +8,11 @@ per hidden state ``[n_layers + 1, d]``; a dict is accepted when it holds exactly
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,14 @@ from typing import Any
 import numpy as np
 
 from .errors import OrthopatchError
+from .smallfile import check_regular, open_regular
 
 NORM_TOLERANCE = 1e-3
-#: Larger files are not directions (a per-layer direction of a 70B model is about 3 MB).
+#: Larger files are not directions (a per-layer direction of a 70B model is about 3 MB); a zip
+#: (``torch.save``) may not unpack to more either.
 MAX_DIRECTION_BYTES = 256 << 20
+#: Most elements one tensor of a direction file may hold (256 MiB as float64).
+MAX_DIRECTION_ELEMENTS = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -55,30 +61,69 @@ class Direction:
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(open_regular(path, "direction file"), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def _to_numpy(value: Any) -> np.ndarray | None:
-    """A real-valued dense array as float64, or None for anything else (complex, sparse, objects)."""
+def _shape_of(value: Any) -> tuple[int, ...] | None:
+    """The shape of a dense real-valued tensor or array, read from its metadata; None for anything else."""
     import torch
 
     if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided or value.is_complex() or value.dtype == torch.bool or value.is_meta:
+        if value.layout != torch.strided or value.is_nested or value.is_complex() or value.dtype == torch.bool:
             return None
-        if value.is_quantized:
+        if value.is_meta or value.is_quantized:
             return None
-        return value.detach().to("cpu", torch.float64).numpy()
+        return tuple(value.shape)
     if isinstance(value, np.ndarray) and value.dtype.kind in "fiu":
-        return value.astype(np.float64)
+        return value.shape
     return None
 
 
-def _describe(value: Any, array: np.ndarray | None) -> str:
-    if array is not None:
-        return str(list(array.shape))
+def _to_numpy(value: Any, path: Path) -> np.ndarray:
+    """A dense real-valued tensor (see :func:`_shape_of`) as float64, once its size is known to be sane.
+
+    A tensor can claim far more elements than its file holds: a view with stride 0 repeats one
+    element 2³³ times in a few bytes. Element count and strides are checked before any conversion.
+    """
+    import torch
+
+    _check_size(value, path)
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", torch.float64).numpy()
+    return value.astype(np.float64)
+
+
+def _check_size(value: Any, path: Path, key: str | None = None) -> None:
+    """Refuse a tensor whose metadata claims more than a direction file holds, before it is touched.
+
+    Only tensors that could be used (:func:`_shape_of`) are ever converted, so only they are checked.
+    """
+    import torch
+
+    shape = _shape_of(value)
+    if shape is None:
+        return
+    what = f"tensor {key!r}" if key is not None else "tensor"
+    numel = math.prod(shape)
+    if numel > MAX_DIRECTION_ELEMENTS:
+        raise OrthopatchError(f"{what} of shape {list(shape)} holds {numel:,} elements, more than a "
+                              f"direction has (at most {MAX_DIRECTION_ELEMENTS:,})", path=path)
+    if isinstance(value, torch.Tensor):
+        if any(stride == 0 and size > 1 for size, stride in zip(value.shape, value.stride(), strict=True)):
+            raise OrthopatchError(f"{what} of shape {list(value.shape)} is an expanded view (stride 0), "
+                                  "not a saved direction", path=path)
+        if value.untyped_storage().nbytes() > MAX_DIRECTION_BYTES:
+            raise OrthopatchError(f"{what} has a storage larger than a direction file may hold", path=path)
+
+
+def _describe(value: Any, shape: tuple[int, ...] | None) -> str:
+    if shape is not None:
+        return str(list(shape))
+    if getattr(value, "is_nested", False):
+        return "a nested tensor"
     dtype = getattr(value, "dtype", None)
     shape = getattr(value, "shape", None)
     if dtype is not None and shape is not None:
@@ -106,14 +151,43 @@ def _refusal(exc: BaseException) -> str:
     return found.group(1).strip() if found else _first_line(exc)
 
 
+def _check_zip(path: Path) -> None:
+    """A ``torch.save`` zip must not unpack to more than a direction file may hold (zip bombs)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not a readable zip: torch.load reports it
+    if unpacked > MAX_DIRECTION_BYTES:
+        raise OrthopatchError(f"file unpacks to {unpacked:,} bytes, too large for a direction", path=path)
+
+
+def _check_npy(path: Path, size: int) -> None:
+    """An ``.npy`` header's shape and dtype, checked before any data is read."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except Exception as exc:
+        raise OrthopatchError(f"cannot load direction ({_first_line(exc)})", path=path) from None
+    if dtype.hasobject:
+        raise OrthopatchError("refused: the array holds Python objects (a pickle, which can run code)", path=path)
+    numel = math.prod(shape)
+    if numel > MAX_DIRECTION_ELEMENTS or numel * dtype.itemsize > size:
+        raise OrthopatchError(f"header claims shape {list(shape)} of {dtype}, more than the file holds "
+                              "or a direction has", path=path)
+
+
 def _read_raw(path: Path) -> Any:
-    size = path.stat().st_size
+    size = check_regular(path, "direction file").st_size
     if size > MAX_DIRECTION_BYTES:
         raise OrthopatchError(f"file is {size:,} bytes, too large for a direction (is it a model file?)", path=path)
     suffix = path.suffix.lower()
     if suffix in (".pth", ".pt", ".bin"):
         import torch
 
+        _check_zip(path)
         try:
             # weights_only: the restricted unpickler builds tensors and plain containers, and refuses
             # any other global (no code runs); an explicit True cannot be overridden by environment.
@@ -128,6 +202,8 @@ def _read_raw(path: Path) -> Any:
         except Exception as exc:  # a hostile or broken file may fail in any way; report it, never crash
             raise OrthopatchError(f"cannot load direction ({_first_line(exc)})", path=path) from None
     if suffix == ".safetensors":
+        # The format's reader checks that every tensor's bytes lie in the file, so the file size
+        # bound above also bounds what is loaded; shapes are checked before conversion below.
         from safetensors.torch import load_file
 
         try:
@@ -135,6 +211,7 @@ def _read_raw(path: Path) -> Any:
         except Exception as exc:
             raise OrthopatchError(f"cannot load direction ({_first_line(exc)})", path=path) from None
     if suffix == ".npy":
+        _check_npy(path, size)
         try:
             return np.load(path, allow_pickle=False)
         except Exception as exc:
@@ -142,39 +219,37 @@ def _read_raw(path: Path) -> Any:
     raise OrthopatchError("unknown direction format (expected .pth, .pt, .safetensors or .npy)", path=path)
 
 
-def _usable(array: np.ndarray, hidden_size: int, num_layers: int | None) -> bool:
-    if array.ndim == 1:
-        return array.shape[0] == hidden_size
-    if array.ndim == 2 and array.shape[1] == hidden_size:
-        return array.shape[0] == 1 or (num_layers is not None and array.shape[0] in (num_layers, num_layers + 1))
+def _usable(shape: tuple[int, ...], hidden_size: int, num_layers: int | None) -> bool:
+    if len(shape) == 1:
+        return shape[0] == hidden_size
+    if len(shape) == 2 and shape[1] == hidden_size:
+        return shape[0] == 1 or (num_layers is not None and shape[0] in (num_layers, num_layers + 1))
     return False
 
 
 def load_direction(path: str | Path, hidden_size: int, num_layers: int | None = None) -> Direction:
     """Load, check against the model's ``hidden_size`` (and layer count), and normalize each row."""
     path = Path(path)
-    if not path.is_file():
-        raise OrthopatchError("direction file not found", path=path)
     raw = _read_raw(path)
 
     if isinstance(raw, dict):
-        found = {k: _to_numpy(v) for k, v in raw.items()}
-        usable = [k for k, a in found.items() if a is not None and _usable(a, hidden_size, num_layers)]
+        for key, value in raw.items():  # every tensor of the file, not only the one used
+            _check_size(value, path, str(key))
+        shapes = {k: _shape_of(v) for k, v in raw.items()}
+        usable = [k for k, s in shapes.items() if s is not None and _usable(s, hidden_size, num_layers)]
         if len(usable) != 1:
-            listing = ", ".join(f"{k!r}: {_describe(raw[k], a)}" for k, a in found.items())
+            listing = ", ".join(f"{k!r}: {_describe(raw[k], s)}" for k, s in shapes.items())
             want = "exactly one" if usable else "a"
             raise OrthopatchError(
                 f"dict needs {want} tensor of shape {_shapes(hidden_size, num_layers)}; found {{{listing}}}",
                 path=path,
             )
-        array = found[usable[0]]
-    else:
-        array = _to_numpy(raw)
-        if array is None:
-            raise OrthopatchError(f"holds {_describe(raw, None)}, not a dense real-valued tensor", path=path)
-    assert array is not None
+        raw = raw[usable[0]]
+    if _shape_of(raw) is None:
+        raise OrthopatchError(f"holds {_describe(raw, None)}, not a dense real-valued tensor", path=path)
+    array = _to_numpy(raw, path)
 
-    if not _usable(array, hidden_size, num_layers):
+    if not _usable(array.shape, hidden_size, num_layers):
         raise OrthopatchError(
             f"direction has shape {list(array.shape)}; the model needs {_shapes(hidden_size, num_layers)}",
             path=path,

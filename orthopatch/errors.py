@@ -18,8 +18,29 @@ class OrthopatchError(Exception):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        where = [p for p in (self.path, f"tensor {self.tensor!r}" if self.tensor else None) if p]
-        return ": ".join([*where, self.message])
+        where = [p for p in (quoted(self.path) if self.path else None,
+                             f"tensor {shortened(self.tensor)}" if self.tensor else None) if p]
+        return one_line(": ".join([*where, self.message]))
+
+
+def quoted(name: str) -> str:
+    """``name`` as it is when it prints on one line, else as a Python string literal (``'a\\nb'``)."""
+    return name if name.isprintable() else repr(name)
+
+
+def shortened(value: object, limit: int = 200) -> str:
+    """``repr(value)``, cut to about ``limit`` characters: a hostile header's name may be megabytes long."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}..." + (f" ({len(value):,} characters)" if isinstance(value, str) else "")
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other unprintable characters escaped, so a message stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class HeaderError(OrthopatchError):

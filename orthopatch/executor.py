@@ -29,11 +29,12 @@ Progress = Callable[[int], None]
 
 def shard_segments(shard: ShardPlan) -> list[tuple[int, int, PatchTarget | None]]:
     """The file as ``(begin, end, target)`` segments: ``target`` None for a run of copied bytes."""
-    patched = {t.entry.begin: t for t in shard.targets}
+    # By name: a zero-size tensor shares its offset with the next one, and has no bytes to patch.
+    patched = {t.name: t for t in shard.targets}
     segments: list[tuple[int, int, PatchTarget | None]] = []
     run_start = 0
     for entry in shard.header.tensors:
-        target = patched.get(entry.begin) if entry.nbytes else None
+        target = patched.get(entry.name) if entry.nbytes else None
         if target is None:
             continue
         if run_start < entry.begin:
@@ -52,6 +53,10 @@ def target_directions(plan: PatchPlan, direction: Direction) -> dict[str, torch.
         shard = plan.checkpoint.weight_map[name]
         with open_source(plan.checkpoint.root / shard) as fd:
             gains[name] = read_small_tensor(fd, plan.checkpoint.entry(name))
+        bad = int((~torch.isfinite(gains[name])).sum())
+        if bad:
+            raise OrthopatchError(f"norm gain holds {bad:,} non-finite values (NaN or Inf); the tensors it "
+                                  "scales cannot be patched", path=plan.checkpoint.root / shard, tensor=name)
     out = {}
     for target in plan.targets():
         r = torch.from_numpy(np.ascontiguousarray(direction.for_layer(target.layer), dtype=np.float64))

@@ -9,16 +9,22 @@ file is fetched alone with ``hf_hub_download`` or taken from the cache. ``HF_HUB
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import model_folder
 from .errors import OrthopatchError
-from .formats import CARD_NAME
+from .formats import CARD_NAME, INDEX_NAME, SINGLE_SHARD_NAME
+from .smallfile import read_small_json
 
-#: What ``--download`` fetches of a model repo: top-level weights, configs, tokenizer files, card, licence.
-DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt",
+#: What ``--download`` fetches of a model repo first: configs, the index, tokenizer files, card, licence.
+#: The weights follow: exactly the shards the index names, or the single ``model.safetensors`` (never
+#: every ``*.safetensors``: Mistral repos also hold ``consolidated.safetensors``, the same weights again).
+DOWNLOAD_PATTERNS = ["*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt",
                      "*.jinja", CARD_NAME, "LICENSE*"]
 #: Never fetched: subfolders (``original/`` holds the unconverted Meta weights, another full copy).
 DOWNLOAD_IGNORE = ["*/*"]
@@ -79,12 +85,15 @@ def folder_name(path: Path) -> str:
     """What a model card calls a local folder: the repo id of a cache snapshot, else the name as given."""
     if cached := cached_repo_name(path):
         return cached
-    return path.name if path.name not in ("", ".", "..") else path.resolve().name
+    return path.name if path.name not in ("", ".", "..") else Path(os.path.abspath(path)).name
 
 
 def cached_repo_name(path: Path) -> str | None:
     """``ORG/NAME`` when ``path`` is a snapshot folder of the Hugging Face cache, else ``None``."""
-    parts = path.resolve().parts
+    try:
+        parts = path.resolve().parts
+    except (OSError, RuntimeError):  # a symlink loop: not a cache folder; opening it will say what it is
+        return None
     if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
         org_name = parts[-3].removeprefix("models--").split("--")
         return "/".join(org_name) if all(org_name) else None
@@ -109,6 +118,34 @@ def _progress(quiet: bool) -> Iterator[None]:
 
     with disable_progress_bars() if quiet else contextlib.nullcontext():
         yield
+
+
+@contextlib.contextmanager
+def _hub_quiet() -> Iterator[None]:
+    """Keep huggingface_hub's own log lines (retries, warnings) off the terminal: errors end as one line."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    logger = hub_logging.get_logger()
+    level = logger.level
+    logger.setLevel(hub_logging.logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def weight_files(folder: Path) -> list[str]:
+    """The weight files a downloaded model folder's index names, or the single ``model.safetensors``."""
+    index = folder / INDEX_NAME
+    if not os.path.lexists(index):
+        return [SINGLE_SHARD_NAME]
+    doc = read_small_json(index, "index")
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise OrthopatchError("index has no weight_map of tensor names to shard files", path=index)
+    return sorted(set(weight_map.values()))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -161,24 +198,30 @@ def resolve_model(text: str, *, download: bool = False, cache_dir: Path | None =
                   quiet: bool = False) -> ModelSource:
     """A local folder as it is, else a repo id from the cache (downloading only if ``download``)."""
     path = Path(text)
-    ref = None if path.exists() else parse_repo_ref(text)
+    ref = None if os.path.lexists(path) else parse_repo_ref(text)
     if ref is None:
-        return ModelSource(path, folder_name(path))
+        folder = model_folder(path)  # the folder of a .safetensors file given as MODEL
+        return ModelSource(folder, folder_name(folder))
 
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        with _progress(quiet):
+        with _progress(quiet), _hub_quiet():
             folder = snapshot_download(ref.repo_id, revision=ref.revision, cache_dir=cache_dir,
-                                       allow_patterns=DOWNLOAD_PATTERNS, ignore_patterns=DOWNLOAD_IGNORE,
-                                       local_files_only=not download)
+                                       allow_patterns=DOWNLOAD_PATTERNS if download else None,
+                                       ignore_patterns=DOWNLOAD_IGNORE, local_files_only=not download)
+            if download:  # then the weights the index names, from the same commit
+                snapshot_download(ref.repo_id, revision=Path(folder).name, cache_dir=cache_dir,
+                                  allow_patterns=weight_files(Path(folder)), ignore_patterns=DOWNLOAD_IGNORE)
     except LocalEntryNotFoundError as exc:
         if download:
             raise hub_error(exc, str(ref)) from exc
-        raise OrthopatchError(f"not a local folder, and not in the Hugging Face cache ({_cache_dir(cache_dir)}); "
-                              "pass --download to fetch its safetensors, config and tokenizer files",
+        raise OrthopatchError(f"no such folder; read as a Hub repo id, it is not in the Hugging Face cache "
+                              f"({_cache_dir(cache_dir)}) either: pass --download to fetch it",
                               path=str(ref)) from None
+    except OrthopatchError:
+        raise
     except Exception as exc:  # network, HTTP and validation errors all end as one line
         raise hub_error(exc, str(ref)) from exc
     return ModelSource(Path(folder), ref.repo_id, ref)
@@ -195,7 +238,7 @@ def resolve_direction(text: str, *, cache_dir: Path | None = None, quiet: bool =
     from huggingface_hub import hf_hub_download
 
     try:
-        with _progress(quiet):
+        with _progress(quiet), _hub_quiet():
             local = hf_hub_download(ref.repo_id, filename, revision=ref.revision, cache_dir=cache_dir)
     except Exception as exc:  # network, HTTP and validation errors all end as one line
         raise hub_error(exc, text, filename=filename) from exc
@@ -203,15 +246,25 @@ def resolve_direction(text: str, *, cache_dir: Path | None = None, quiet: bool =
 
 
 def push_folder(out: Path, repo_id: str, *, private: bool = False, message: str | None = None) -> str:
-    """Create ``repo_id`` if needed and upload ``out`` (hidden files left out); return the commit URL."""
+    """Create ``repo_id`` if needed and upload ``out`` (hidden files left out); return the commit URL.
+
+    huggingface_hub 0.x and 1.x upload large folders resumably, in chunks and with several workers,
+    with ``upload_large_folder``; 2.x dropped it, and its ``upload_folder`` resumes by itself.
+    """
     from huggingface_hub import HfApi
 
     api = HfApi()
     try:
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(repo_id=repo_id, folder_path=out, repo_type="model",
-                                   commit_message=message or f"Upload {out.name} (orthopatch)",
-                                   ignore_patterns=list(UPLOAD_IGNORE))
+        with _hub_quiet():
+            repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            large = getattr(api, "upload_large_folder", None)
+            if large is not None:
+                large(repo_id=repo_id, folder_path=out, repo_type="model", private=private,
+                      ignore_patterns=list(UPLOAD_IGNORE), print_report=False)
+                return str(repo_url)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=out, repo_type="model",
+                                       commit_message=message or f"Upload {out.name} (orthopatch)",
+                                       ignore_patterns=list(UPLOAD_IGNORE))
     except Exception as exc:  # network, HTTP, authentication errors all end as one line
         raise hub_error(exc, repo_id) from exc
     return str(getattr(commit, "commit_url", None) or repo_url)

@@ -8,6 +8,7 @@ card holds nothing that changes between two identical runs (no times, no local p
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -19,27 +20,65 @@ from huggingface_hub import ModelCard, ModelCardData
 from .formats import CARD_NAME
 from .output import write_atomic
 from .record import Record
+from .smallfile import json_depth, read_small_text
 
 TAGS = ("abliterated", "orthopatch")
 #: Front-matter fields carried over from the source card.
 CARRIED_FIELDS = ("license", "license_name", "license_link", "language", "library_name", "pipeline_tag")
-_FRONT_MATTER = re.compile(r"\A\s*---[\r\n]+([\s\S]*?)[\r\n]+---[ \t]*(?:\r\n|\n|\Z)")
+#: Front matter larger or deeper than this is not a model card's: its metadata is dropped, its body kept.
+MAX_FRONT_MATTER_BYTES = 1 << 20
+MAX_FRONT_MATTER_DEPTH = 50
+#: Leading spaces and block-sequence dashes: how far a YAML line is nested.
+_INDENT = re.compile(r"(?:[ \t]|-(?=[ \t]))*")
+
+
+def split_front_matter(content: str) -> tuple[str | None, str]:
+    """``(front matter, body)`` of a card; ``(None, content)`` when it has no ``---`` block on top."""
+    lines = content.splitlines(keepends=True)
+    first = next((i for i, line in enumerate(lines) if line.strip()), len(lines))
+    if first == len(lines) or lines[first].rstrip() != "---":
+        return None, content
+    for end in range(first + 1, len(lines)):
+        if lines[end].rstrip() == "---":
+            return "".join(lines[first + 1:end]), "".join(lines[end + 1:])
+    return None, content
+
+
+def _yaml_depth(text: str) -> int:
+    """An upper bound of how deep YAML text nests: flow brackets plus indentation levels."""
+    indent = max((len(_INDENT.match(line).group()) for line in text.splitlines()), default=0)
+    return json_depth(text.encode("utf-8", errors="replace")) + indent
+
+
+def parse_front_matter(text: str) -> dict[str, Any]:
+    """Front matter as a dict; ``{}`` for anything unreadable, oversized or nested too deeply."""
+    if len(text) > MAX_FRONT_MATTER_BYTES or _yaml_depth(text) > MAX_FRONT_MATTER_DEPTH:
+        return {}
+    try:
+        meta = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def read_source_card(src: Path) -> tuple[dict[str, Any], str]:
-    """The source ``README.md``'s front matter and its body; ``({}, "")`` when there is no card."""
-    try:
-        content = (src / CARD_NAME).read_text(encoding="utf-8", errors="replace")
-    except OSError:
+    """The source ``README.md``'s front matter and its body; ``({}, "")`` when there is no card.
+
+    The card is read as any small file (a regular file of bounded size); unreadable front matter
+    loses only the metadata, the body is kept.
+    """
+    if not os.path.lexists(src / CARD_NAME):
         return {}, ""
-    match = _FRONT_MATTER.match(content)
-    if match is None:
+    content = read_small_text(src / CARD_NAME, "model card", errors="replace")
+    front, body = split_front_matter(content)
+    if front is None:
         return {}, content
-    try:
-        card = ModelCard(content, ignore_metadata_errors=True)
-        return card.data.to_dict(), card.text
-    except (ValueError, yaml.YAMLError):  # unreadable front matter: keep the body, drop the metadata
-        return {}, content[match.end():]
+    return parse_front_matter(front), body
+
+
+def _plain(value: Any) -> bool:
+    """A front-matter value safe to carry: a string, or a list of strings."""
+    return isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _link(base_model: str) -> str:
@@ -56,10 +95,12 @@ def build_card(record: Record, *, base_model: str, direction: str,
                source: tuple[dict[str, Any], str] = ({}, "")) -> ModelCard:
     """The model card for a finished conversion described by ``record``."""
     meta, body = source
-    source_tags = meta.get("tags") or []
-    tags = list(dict.fromkeys([*TAGS, *(t for t in source_tags if isinstance(t, str))]))
+    source_tags = meta.get("tags")
+    source_tags = [source_tags] if isinstance(source_tags, str) else source_tags
+    tags = list(dict.fromkeys([*TAGS, *(t for t in source_tags if isinstance(t, str))]
+                              if isinstance(source_tags, list) else TAGS))
     data = ModelCardData(base_model=base_model, tags=tags,
-                         **{k: meta[k] for k in CARRIED_FIELDS if meta.get(k) is not None})
+                         **{k: meta[k] for k in CARRIED_FIELDS if _plain(meta.get(k))})
     tensors = record.tensors_patched
     roles = Counter(t.role for t in tensors)
     options = record.method.to_json()
@@ -94,10 +135,13 @@ def build_card(record: Record, *, base_model: str, direction: str,
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def write_model_card(out: Path, src: Path, record: Record, *, base_model: str, direction: str) -> None:
+def write_model_card(out: Path, src: Path, record: Record, *, base_model: str, direction: str,
+                     source: tuple[dict[str, Any], str] | None = None) -> None:
     """Write ``out/README.md`` atomically (before the record, which marks the output complete).
 
-    ``base_model`` and ``direction`` are the names the card gives the source and the direction file.
+    ``base_model`` and ``direction`` are the names the card gives the source and the direction file;
+    ``source`` is the source card as :func:`read_source_card` returns it (read now if not given).
     """
-    card = build_card(record, base_model=base_model, direction=direction, source=read_source_card(src))
+    source = source if source is not None else read_source_card(src)
+    card = build_card(record, base_model=base_model, direction=direction, source=source)
     write_atomic(out / CARD_NAME, str(card).encode("utf-8"))

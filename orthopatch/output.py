@@ -12,14 +12,17 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import OrthopatchError
 from .formats import INDEX_NAME, PARTIAL_NAME, RECORD_NAME, TMP_SUFFIX
-from .writer import fsync_dir, io_error, temp_path
+from .smallfile import MAX_SMALL_BYTES, describe_kind, read_small_bytes, read_small_json
+from .writer import discard, fsync_dir, io_error, temp_path
 
 #: Weight files of other formats, never copied: the output is a safetensors model.
 SKIPPED_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf", ".safetensors")
@@ -53,7 +56,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise io_error(exc, path, "write") from None
 
 
@@ -62,9 +65,10 @@ def write_json(path: Path, doc: Any) -> None:
 
 
 def _read_json(path: Path) -> Any:
+    """A marker or record in the output folder, or None when it is unreadable (then it is not ours)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_small_json(path)
+    except OrthopatchError:
         return None
 
 
@@ -104,9 +108,13 @@ class OutputFolder:
 
     def __init__(self, root: Path, src: Path):
         self.root = root
-        if root.resolve() == src.resolve() or src.resolve() in root.resolve().parents:
+        try:
+            real, real_src = root.resolve(), src.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise OrthopatchError(f"cannot resolve the output folder's path ({exc})", path=root) from None
+        if real == real_src or real_src in real.parents:
             raise OrthopatchError("output folder must not be the source folder or inside it", path=root)
-        if root.resolve() in src.resolve().parents:
+        if real in real_src.parents:
             raise OrthopatchError("output folder must not contain the source folder", path=root)
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -139,8 +147,10 @@ class OutputFolder:
         return self.root / PARTIAL_NAME
 
     def state(self, fingerprint: dict[str, Any]) -> OutputState:
-        # Temporaries are what a killed run leaves behind; they never decide what the folder holds.
-        entries = [p for p in self.root.iterdir() if not is_temporary(p)]
+        # A run killed while writing its first marker leaves only the marker's temporary: still empty.
+        # Any other file, a user's file with a temporary-looking name included, makes the folder taken.
+        marker_tmp = temp_path(self.partial_path)
+        entries = [p for p in self.root.iterdir() if p != marker_tmp]
         if not entries:
             return OutputState.NEW
         if self.partial_path.exists():
@@ -161,41 +171,82 @@ class OutputFolder:
 
         An interrupted clear then leaves a folder that no longer looks finished.
         """
-        self.record_path.unlink(missing_ok=True)
-        fsync_dir(self.root)
-        for entry in self.root.iterdir():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        fsync_dir(self.root)
+        try:
+            self.record_path.unlink(missing_ok=True)
+            fsync_dir(self.root)
+            for entry in self.root.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            fsync_dir(self.root)
+        except OSError as exc:
+            raise io_error(exc, Path(exc.filename or self.root), "clear the output folder") from None
 
-    def remove_temporaries(self) -> None:
-        """Delete what interrupted runs left under temporary names, in subfolders too."""
-        for entry in temporaries(self.root):
-            entry.unlink(missing_ok=True)
+    def remove_temporaries(self, written: Iterable[Path]) -> None:
+        """Delete the temporaries an interrupted run of this plan left: those named after ``written``.
+
+        ``written`` are the paths (relative to the folder) the run publishes; only their temporary
+        names are removed, so a file of the user's that merely looks temporary is never deleted.
+        """
+        for rel in [Path(PARTIAL_NAME), Path(RECORD_NAME), *written]:
+            tmp = temp_path(self.root / rel)
+            if tmp.is_file() or tmp.is_symlink():
+                try:
+                    tmp.unlink()
+                except OSError as exc:
+                    raise io_error(exc, tmp, "remove") from None
 
     def begin(self, fingerprint: dict[str, Any]) -> None:
         write_json(self.partial_path, fingerprint)
 
     def complete(self, record: dict[str, Any]) -> None:
         write_json(self.record_path, record)
-        self.partial_path.unlink(missing_ok=True)
-        fsync_dir(self.root)
+        try:
+            self.partial_path.unlink(missing_ok=True)
+            fsync_dir(self.root)
+        except OSError as exc:
+            raise io_error(exc, self.partial_path, "remove") from None
 
 
-def model_files(src: Path) -> list[Path]:
-    """Files of the model folder besides the weights: config, tokenizer, templates, licence, card."""
-    found = []
+@dataclass(frozen=True)
+class ModelFiles:
+    """The model folder's files besides the weights, and those left out with the reason."""
+
+    copied: list[Path]
+    skipped: list[tuple[Path, str]]
+
+
+def model_files(src: Path) -> ModelFiles:
+    """Files of the model folder besides the weights: config, tokenizer, templates, licence, card.
+
+    Only regular files of at most :data:`~orthopatch.smallfile.MAX_SMALL_BYTES` are copied; special
+    files (FIFOs, devices, sockets, links to them) and larger files are skipped and reported, since a
+    model's small files are never either.
+    """
+    copied, skipped = [], []
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
         if any(part.startswith(".") for part in rel.parts) or rel.parts[0] in SKIPPED_DIRS:
             continue
         if rel == Path(RECORD_NAME):
             continue  # a source that is itself an orthopatch output: its record is not ours
-        if path.is_file() and not path.name.endswith(SKIPPED_SUFFIXES) and path.name != INDEX_NAME:
-            found.append(rel)
-    return found
+        if path.name.endswith(SKIPPED_SUFFIXES) or path.name == INDEX_NAME:
+            continue
+        try:
+            st = path.stat()
+        except OSError:
+            skipped.append((rel, "cannot be read (a dangling link?)"))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            skipped.append((rel, f"is {describe_kind(st.st_mode)}"))
+        elif st.st_size > MAX_SMALL_BYTES:
+            skipped.append((rel, f"is {st.st_size:,} bytes, more than a model's small files have"))
+        else:
+            copied.append(rel)
+    return ModelFiles(copied, skipped)
 
 
 def copy_model_file(src: Path, out: Path, rel: Path) -> None:
@@ -209,8 +260,9 @@ def copy_model_file(src: Path, out: Path, rel: Path) -> None:
     tmp = temp_path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(src / rel, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout)
+        data = read_small_bytes(src / rel)  # a regular file, checked again as it is opened
+        with open(tmp, "wb") as fout:
+            fout.write(data)
             fout.flush()
             os.fsync(fout.fileno())
         os.replace(tmp, target)
@@ -218,5 +270,5 @@ def copy_model_file(src: Path, out: Path, rel: Path) -> None:
         for d in new_dirs:
             fsync_dir((out / d).parent)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise io_error(exc, target, "copy") from None

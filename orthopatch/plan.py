@@ -7,13 +7,18 @@ The plan is complete before any tensor byte is read: ``--dry-run`` prints it, ``
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from .architecture import EMBEDDING_ROLES, Architecture, TargetRule
 from .checkpoint import Checkpoint
-from .errors import OrthopatchError
+from .errors import OrthopatchError, quoted
 from .formats import CONFIG_NAME, FLOAT_DTYPES
+from .saferegex import MATCH_SECONDS, time_limit
 from .safetensors_header import ShardHeader, TensorEntry
+
+#: Highest layer index ``--layers`` accepts (a typo must not build a set of a billion numbers).
+MAX_LAYERS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ def parse_layers(text: str) -> frozenset[int]:
             raise OrthopatchError(f"--layers {text!r}: {part!r} is negative")
         if last <= first:
             raise OrthopatchError(f"--layers {text!r}: range {part!r} is empty (STOP is excluded)")
+        if last > MAX_LAYERS:
+            raise OrthopatchError(f"--layers {text!r}: {part!r} goes past {MAX_LAYERS:,}, more layers than a model has")
         layers.update(range(first, last))
     return frozenset(layers)
 
@@ -133,7 +140,19 @@ def model_sizes(checkpoint: Checkpoint, arch: Architecture) -> tuple[int, int | 
         raise OrthopatchError(
             f"no hidden size ({' or '.join(arch.hidden_size_keys)}) in config", path=checkpoint.root / CONFIG_NAME
         )
-    return hidden, arch.num_layers(checkpoint.config)
+    num_layers = arch.num_layers(checkpoint.config)
+    config_path = checkpoint.root / CONFIG_NAME
+    longest = max((max(e.shape, default=0) for h in checkpoint.shards.values() for e in h.tensors), default=0)
+    if not 0 < hidden <= longest:
+        raise OrthopatchError(f"hidden size {hidden:,} is not the size of any tensor axis in the checkpoint "
+                              f"(the longest is {longest:,})", path=config_path)
+    # Every block has tensors of its own: a layer count above the number of tensors is impossible,
+    # and would only make per-layer bookkeeping huge.
+    count = len(checkpoint.weight_map)
+    if num_layers is not None and not 0 <= num_layers <= count:
+        raise OrthopatchError(f"layer count {num_layers:,} is impossible for a checkpoint of {count:,} tensors",
+                              path=config_path)
+    return hidden, num_layers
 
 
 def _match(entry: TensorEntry, arch: Architecture) -> tuple[TargetRule, dict[str, str]] | None:
@@ -217,24 +236,26 @@ def build_plan(checkpoint: Checkpoint, arch: Architecture, selection: Selection 
     found: dict[int, set[str]] = {}
     matched_any = False
     shards = []
-    for shard_name, header in checkpoint.shards.items():
-        targets = []
-        for entry in header.tensors:
-            for rule in arch.unsupported:
-                if rule.pattern.fullmatch(entry.name):
-                    raise OrthopatchError(rule.reason, path=header.path, tensor=entry.name)
-            matched = _match(entry, arch)
-            if matched is None:
-                continue
-            matched_any = True
-            target = _target(entry, shard_name, *matched)
-            if target.layer is not None:
-                found.setdefault(target.layer, set()).add(target.role)
-            if not selection.wants(target.role, target.layer):
-                continue
-            _check_target(target, checkpoint, header, hidden)
-            targets.append(target)
-        shards.append(ShardPlan(shard_name, header, tuple(targets)))
+    # Patterns from --targets (or a record) are outside input: their matching runs in bounded time.
+    with time_limit(MATCH_SECONDS, "matching the --targets patterns") if arch.custom else nullcontext():
+        for shard_name, header in checkpoint.shards.items():
+            targets = []
+            for entry in header.tensors:
+                for rule in arch.unsupported:
+                    if rule.pattern.fullmatch(entry.name):
+                        raise OrthopatchError(rule.reason, path=header.path, tensor=entry.name)
+                matched = _match(entry, arch)
+                if matched is None:
+                    continue
+                matched_any = True
+                target = _target(entry, shard_name, *matched)
+                if target.layer is not None:
+                    found.setdefault(target.layer, set()).add(target.role)
+                if not selection.wants(target.role, target.layer):
+                    continue
+                _check_target(target, checkpoint, header, hidden)
+                targets.append(target)
+            shards.append(ShardPlan(shard_name, header, tuple(targets)))
     if not matched_any:
         raise OrthopatchError(f"no tensor matches the {arch.name} architecture's residual writers",
                               path=checkpoint.root)
@@ -258,11 +279,11 @@ def format_plan(plan: PatchPlan) -> str:
              f"patching layers {format_layers(plan.selection.layers)}, embeddings "
              f"{'yes' if plan.selection.embeddings else 'no'} ({tied})"]
     for shard in plan.shards:
-        lines.append(f"{shard.name}: {len(shard.targets)} of {len(shard.header.tensors)} tensors patched, "
+        lines.append(f"{quoted(shard.name)}: {len(shard.targets)} of {len(shard.header.tensors)} tensors patched, "
                      f"{shard.patched_bytes:,} of {shard.header.file_size:,} bytes")
         for t in shard.targets:
             gain = f" gain={t.gain_offset:g}+{t.gain}" if t.gain_offset else f" gain={t.gain}" if t.gain else ""
-            lines.append(f"  {t.name}  {t.entry.dtype}{list(t.entry.shape)}  axis={t.axis}  "
+            lines.append(f"  {quoted(t.name)}  {t.entry.dtype}{list(t.entry.shape)}  axis={t.axis}  "
                          f"{t.role}  {t.entry.nbytes:,} bytes{gain}")
     n = sum(len(s.targets) for s in plan.shards)
     lines.append(f"total: {n} tensors patched, {plan.patched_bytes:,} bytes rewritten, "

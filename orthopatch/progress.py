@@ -10,8 +10,9 @@ from tqdm import tqdm
 
 class ByteProgress:
     def __init__(self, total: int, disable: bool = False):
+        # The finished bar stays on screen: the last thing before the result line is how it went.
         self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                         disable=disable, dynamic_ncols=True, leave=False)
+                         disable=disable, dynamic_ncols=True, leave=True)
         self._lock = threading.Lock()
 
     def update(self, n: int) -> None:

@@ -9,19 +9,17 @@ from pathlib import Path
 
 import torch
 
-from .errors import OrthopatchError
 from .filecopy import pread_into
 from .formats import torch_dtype
 from .safetensors_header import TensorEntry
+from .smallfile import open_regular
 
 
 @contextmanager
 def open_source(path: Path) -> Iterator[int]:
-    """A read-only descriptor on a source file, hinted for sequential reading."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise OrthopatchError(f"cannot open ({exc.strerror})", path=path) from None
+    """A read-only descriptor on a source file (a regular file: never a FIFO or a device), hinted for
+    sequential reading."""
+    fd = open_regular(path)
     try:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)

@@ -11,10 +11,12 @@ import math
 import os
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
-from .errors import HeaderError
+from .errors import HeaderError, OrthopatchError
 from .formats import DTYPE_BITS
+from .smallfile import open_regular
 
 MAX_HEADER_BYTES = 100_000_000
 MAX_U64 = 2**64 - 1
@@ -54,11 +56,13 @@ class ShardHeader:
     def data_start(self) -> int:
         return len(self.raw)
 
+    @cached_property
+    def by_name(self) -> dict[str, TensorEntry]:
+        """Each tensor by name (a header may list a million: lookups must not scan them)."""
+        return {t.name: t for t in self.tensors}
+
     def entry(self, name: str) -> TensorEntry:
-        for t in self.tensors:
-            if t.name == name:
-                return t
-        raise KeyError(name)
+        return self.by_name[name]
 
     def names(self) -> list[str]:
         return [t.name for t in self.tensors]
@@ -183,7 +187,11 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
     """Open ``path`` read-only, read just its header and validate it against the file size."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        fd = open_regular(path, "shard")
+    except OrthopatchError as exc:
+        raise HeaderError(exc.message, path=path) from None
+    try:
+        with open(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) == 8:

@@ -45,6 +45,27 @@ RETAIN_BYTES = 512 << 20
 Progress = Callable[[int], None]
 
 
+class _NonFinite(Exception):
+    """The tensor being patched holds NaN or Inf (found from its coefficients, counted afterwards)."""
+
+
+def non_finite_error(io: _TensorIO, stored: torch.dtype) -> OrthopatchError:
+    """Count the non-finite values of ``io``'s tensor, reading it again in chunks; the one-line error."""
+    entry, count = io.entry, 0
+    buffer = bytearray(min(entry.nbytes, CHUNK_BYTES))
+    itemsize = torch.empty(0, dtype=stored).element_size()
+    step = len(buffer) // itemsize * itemsize
+    for offset in range(entry.begin, entry.end, step):
+        view = memoryview(buffer)[:min(step, entry.end - offset)]
+        pread_into(io.fd, view, offset)
+        count += int((~torch.isfinite(torch.frombuffer(view, dtype=stored))).sum())
+    if count == 0:
+        return OrthopatchError("the projection overflows (values too large for the arithmetic)",
+                               path=io.path, tensor=entry.name)
+    return OrthopatchError(f"holds {count:,} non-finite values (NaN or Inf); the projection would spread "
+                           "them over whole rows or columns, so it is not patched", path=io.path, tensor=entry.name)
+
+
 @dataclass(frozen=True)
 class Chunk:
     """``count`` rows of a tensor's 2-D view starting at ``row``."""
@@ -216,14 +237,24 @@ class TensorPatcher:
 
         with kernel.running(), self._device_stream():
             u = u.to(device=self.device, dtype=compute_dtype(stored))
-            if layout.rowwise:
-                chunks = split_rows(0, layout.rows, chunk_rows)
-                self._run(io, chunks, self._ring_slots(chunk_rows * row_bytes), stored, layout.width,
-                          lambda c, data: kernel.rows_(data, u, layout), read=True, write=True)
-                return
-            retain = layout.dim * row_bytes <= self.retain_bytes
-            for b in range(layout.batches):
-                self._patch_slab(io, b * layout.dim, layout, chunk_rows, stored, u, retain)
+            try:
+                if layout.rowwise:
+                    chunks = split_rows(0, layout.rows, chunk_rows)
+                    self._run(io, chunks, self._ring_slots(chunk_rows * row_bytes), stored, layout.width,
+                              lambda c, data: self._rows_checked(data, u, layout), read=True, write=True)
+                    return
+                retain = layout.dim * row_bytes <= self.retain_bytes
+                for b in range(layout.batches):
+                    self._patch_slab(io, b * layout.dim, layout, chunk_rows, stored, u, retain)
+            except _NonFinite:
+                raise non_finite_error(io, stored) from None
+
+    def _rows_checked(self, data: torch.Tensor, u: torch.Tensor, layout: Layout) -> None:
+        """Row-wise projection of a chunk; a row's coefficient that is not finite makes its whole row
+        NaN or Inf, so the first column of the result shows every such row (one element per row)."""
+        self.kernel.rows_(data, u, layout)
+        if not bool(torch.isfinite(data[:, 0]).all()):
+            raise _NonFinite
 
     def chunk_rows(self, layout: Layout, row_bytes: int) -> int:
         """Rows per chunk: whole kernel blocks, about ``chunk_bytes`` of stored data."""
@@ -252,6 +283,8 @@ class TensorPatcher:
 
         self._run(io, chunks, slots, stored, layout.cols, first, read=True, write=False)
         coeff, factor = kernel.finish(sums)
+        if not bool(torch.isfinite(coeff).all()):  # any NaN or Inf in a column makes its uᵀW one
+            raise _NonFinite
 
         def second(c: Chunk, data: torch.Tensor) -> None:
             kernel.columns_(data, u[c.row - base:c.row - base + c.count], layout, coeff, factor)

@@ -17,6 +17,15 @@ def temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}{TMP_SUFFIX}")
 
 
+def discard(path: Path | str) -> None:
+    """Remove a temporary file if it is there; a folder that refuses (read-only) keeps it, silently:
+    the error that matters is the one that made the file useless."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -120,10 +129,7 @@ class ShardWriter:
             except OSError:
                 pass
         self.state = WriterState.ABORTED
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
+        discard(self.tmp)
 
     def __enter__(self) -> ShardWriter:
         return self

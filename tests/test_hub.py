@@ -178,26 +178,63 @@ def test_download_fetches_only_weights_config_tokenizer_and_card(cache, tmp_path
 
     def fake_snapshot_download(repo_id: str, **kwargs) -> str:
         calls.append((repo_id, kwargs))
-        if kwargs["local_files_only"]:
+        if kwargs.get("local_files_only"):
             raise LocalEntryNotFoundError("not cached")
         return str(cache["snapshot"])
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    with pytest.raises(OrthopatchError, match="--download"):
+    with pytest.raises(OrthopatchError, match="no such folder.*--download"):
         hub.resolve_model("testorg/Other")
     source = hub.resolve_model("testorg/Other@dev", download=True)
     assert source.path == cache["snapshot"] and source.name == "testorg/Other"
     assert source.default_out == Path("Other-abliterated")
-    (_, offline), (_, online) = calls
-    assert offline["local_files_only"] and not online["local_files_only"] and online["revision"] == "dev"
-    listing = ["model-00001-of-00002.safetensors", "model.safetensors.index.json", "config.json",
+    (_, offline), (_, small), (_, weights) = calls
+    assert offline["local_files_only"] and not small["local_files_only"] and small["revision"] == "dev"
+    assert weights["revision"] == COMMIT  # the weights come from the commit the small files came from
+    shards = sorted(set(json.loads((cache["snapshot"] / "model.safetensors.index.json").read_text())
+                        ["weight_map"].values()))
+    listing = [*shards, "consolidated.safetensors", "model.safetensors.index.json", "config.json",
                "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                "special_tokens_map.json", "chat_template.jinja", "README.md", "LICENSE", ".gitattributes",
                "pytorch_model-00001-of-00002.bin", "original/consolidated.00.pth", "original/params.json",
-               "original/tokenizer.model", "USE_POLICY.md"]
-    fetched = set(filter_repo_objects(listing, allow_patterns=online["allow_patterns"],
-                                      ignore_patterns=online["ignore_patterns"]))
-    assert fetched == set(listing[:11])
+               "original/tokenizer.model", "USE_POLICY.md", "model-00009-of-00009.safetensors"]
+
+    def fetched(kwargs: dict) -> set[str]:
+        return set(filter_repo_objects(listing, allow_patterns=kwargs["allow_patterns"],
+                                       ignore_patterns=kwargs["ignore_patterns"]))
+
+    assert fetched(small) == set(listing[len(shards) + 1:len(shards) + 11])
+    assert fetched(weights) == set(shards)  # not consolidated.safetensors, nor a shard the index does not name
+
+
+def test_download_of_a_single_file_model_fetches_model_safetensors(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    calls = []
+
+    def fake_snapshot_download(repo_id: str, **kwargs) -> str:
+        calls.append(kwargs)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    hub.resolve_model("testorg/Single", download=True)
+    assert calls[-1]["allow_patterns"] == ["model.safetensors"] and calls[-1]["revision"] == COMMIT
+
+
+def test_push_uses_upload_large_folder_where_the_hub_client_has_it(cache, tmp_path, pushed, monkeypatch):
+    from huggingface_hub import HfApi
+
+    def upload_large_folder(self, **kwargs):
+        pushed.append(("upload_large_folder", kwargs))
+
+    monkeypatch.setattr(HfApi, "upload_large_folder", upload_large_folder, raising=False)
+    out = tmp_path / "out"
+    cli_ok("apply", cache["model"], cache["direction_file"], "-o", out, "-q", "--push-to-hub", "me/big")
+    (create, _), (upload, uploaded) = pushed
+    assert upload == "upload_large_folder" and uploaded["repo_type"] == "model"
+    assert Path(uploaded["folder_path"]) == out and uploaded["ignore_patterns"] == list(hub.UPLOAD_IGNORE)
 
 
 def test_parse_repo_ref():

@@ -163,3 +163,27 @@ def test_usage_errors(batch):
     twice = [batch["models"][0], batch["models"][0]]
     result = make(*convert_args(batch, models=twice), check=False)
     assert result.returncode != 0 and "same folder name" in result.stderr
+
+
+def test_a_changed_torch_spec_installs_torch_again(tmp_path):
+    """The torch spec is part of the install's stamp: the same spec installs nothing, another one installs."""
+    log = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
+    fake.chmod(0o755)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(fake)
+
+    def install(spec: str) -> list[str]:
+        log.unlink(missing_ok=True)
+        make("install", f"VENV={venv}", f"PYTHON={fake}", f"TORCH_SPEC={spec}")
+        return log.read_text().splitlines() if log.exists() else []
+
+    assert install("torch==2.13.0") == [f"-m venv {venv}", "-m pip install --quiet torch==2.13.0",
+                                        "-m pip install --quiet -e .[test]"]
+    assert install("torch==2.13.0") == []
+    cpu = "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    assert install(cpu) == [f"-m venv {venv}", f"-m pip install --quiet {cpu}", "-m pip install --quiet -e .[test]"]
+    assert install(cpu) == []
+    assert [p.name for p in venv.glob(".torch-*")] and len(list(venv.glob(".torch-*"))) == 1

@@ -11,6 +11,7 @@ again. Findings are collected in a :class:`~.report.VerifyReport`; only unreadab
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,11 +21,12 @@ from pathlib import Path
 import torch
 
 from ..architecture import choose_architecture
-from ..checkpoint import Checkpoint, open_checkpoint
-from ..direction import load_direction
-from ..errors import OrthopatchError
+from ..checkpoint import Checkpoint, open_checkpoint, read_json
+from ..direction import MAX_DIRECTION_BYTES, file_sha256, load_direction
+from ..errors import OrthopatchError, quoted
+from ..formats import RECORD_NAME
 from ..output import shared_lock
-from ..plan import PatchPlan, PatchTarget, build_plan
+from ..plan import PatchPlan, PatchTarget, build_plan, format_layers
 from ..progress import ByteProgress
 from ..reader import open_source
 from ..record import Method
@@ -42,8 +44,8 @@ from .reference import (
 from .report import TensorCheck, VerifyReport, format_table, summary
 from .structure import check_folder, check_record, check_structure
 
-__all__ = ["RoundingTally", "TensorCheck", "VerifyOptions", "VerifyReport", "format_table", "summary", "ulp",
-           "verify"]
+__all__ = ["RoundingTally", "TensorCheck", "VerifyOptions", "VerifyReport", "format_table", "recorded_direction",
+           "summary", "ulp", "verify"]
 
 Log = Callable[[str], None]
 
@@ -75,6 +77,10 @@ def verify(options: VerifyOptions, log: Log | None = None) -> VerifyReport:
         method = record.method if record is not None else Method()
         if record is None:
             report.notes.append("options not recorded: checked as a default apply")
+        claim = describe_method(method) if record is not None else None
+        if record is not None and method.scale == 0:
+            report.fail("the record claims scale 0, which removes nothing (apply refuses it): this output is "
+                        "not abliterated", path=out_root / RECORD_NAME)
         try:
             out_ckpt = open_checkpoint(out_root)
         except OrthopatchError as exc:
@@ -103,7 +109,7 @@ def verify(options: VerifyOptions, log: Log | None = None) -> VerifyReport:
                     continue
                 progress.set_description(shard.name)
                 _verify_shard(report, shard.name, shard.targets, src_ckpt, out_ckpt, directions, method,
-                              options.chunk_elements, progress.update)
+                              options.chunk_elements, progress.update, claim)
     for note in report.notes:
         log(f"note: {note}")
     return report
@@ -111,7 +117,9 @@ def verify(options: VerifyOptions, log: Log | None = None) -> VerifyReport:
 
 def _verify_shard(report: VerifyReport, shard: str, targets: tuple[PatchTarget, ...], src: Checkpoint | None,
                   out: Checkpoint, directions: dict[str, torch.Tensor], method: Method, chunk_elements: int,
-                  progress: Callable[[int], None]) -> None:
+                  progress: Callable[[int], None], claim: str | None) -> None:
+    """Check one shard's tensors; a patched tensor that fails is described against ``claim``, what the
+    record says was done (None without a record)."""
     header = out.shards[shard]
     src_path = src.root / shard if src is not None else None
     by_name = {t.name: t for t in targets}
@@ -142,8 +150,58 @@ def _verify_shard(report: VerifyReport, shard: str, targets: tuple[PatchTarget, 
                 check, problem = check_orthogonal(out_file, target, u, method, chunk_elements, progress)
             report.checks.append(check)
             report.checked_bytes += entry.nbytes
+            if check.nonfinite:
+                problem = f"holds {check.nonfinite:,} non-finite values (NaN or Inf)"
+            elif problem and src_raw is not None and compare_bytes(src_raw, out_raw, entry, _ignore) is None:
+                problem = "is unchanged from the source" + (f", but the record claims {claim}" if claim else "")
+            elif problem and claim:
+                problem = f"{problem} (the record claims {claim})"
             if problem:
                 report.fail(problem, path=header.path, tensor=entry.name)
+
+
+def _ignore(_: int) -> None:
+    """Progress of a second look that the bar has already counted."""
+
+
+def describe_method(method: Method) -> str:
+    """What a record says was done, in a few words (``scale 1``, ``scale 0.5, norm-preserving``)."""
+    layers = method.selection.layers
+    parts = [f"scale {method.scale:g}"]
+    parts += ["norm-preserving"] if method.norm_preserving else []
+    parts += [f"layers {format_layers(layers)}"] if layers is not None else []
+    parts += ["no embeddings"] if not method.selection.embeddings else []
+    parts += [f"{len(method.targets)} --targets pattern(s)"] if method.targets else []
+    return ", ".join(parts)
+
+
+def recorded_direction(out: Path) -> Path:
+    """The direction file ``out``'s record names, if it still has the recorded sha256 (``verify`` without
+    ``--direction``); a one-line error asking for ``--direction`` otherwise."""
+    record_path = out / RECORD_NAME
+    if not os.path.lexists(record_path):
+        raise OrthopatchError(f"no --direction given, and no {RECORD_NAME} to take it from: pass --direction",
+                              path=out)
+    record = read_json(record_path)
+    direction = record.get("direction") if isinstance(record, dict) else None
+    file = direction.get("file") if isinstance(direction, dict) else None
+    sha256 = direction.get("sha256") if isinstance(direction, dict) else None
+    if not isinstance(file, str) or not isinstance(sha256, str):
+        raise OrthopatchError("no --direction given, and the record names no direction file: pass --direction",
+                              path=record_path)
+    path = Path(file)
+    found = None
+    if not os.path.isfile(path):
+        reason = "is not a regular file" if os.path.lexists(path) else "no longer exists"
+    elif os.path.getsize(path) > MAX_DIRECTION_BYTES:
+        reason = "is too large for a direction"
+    else:
+        found = file_sha256(path)
+        reason = "has changed since (its sha256 differs)"
+    if found == sha256:
+        return path
+    raise OrthopatchError(f"no --direction given, and the direction file it records ({quoted(file)}) {reason}: "
+                          "pass --direction", path=record_path)
 
 
 @contextmanager

@@ -270,6 +270,7 @@ def check_against_source(src: TensorFile, out: TensorFile, target: PatchTarget, 
         for first, index, rows in fibers.row_blocks(chunk_elements):
             x = src.read(name, index).reshape(rows, fibers.dim)
             o = out.read(name, index).reshape(rows, fibers.dim)
+            check.count_nonfinite(o)
             coeff = x @ u
             ref = x - scale * torch.outer(coeff, u)
             bound = x.abs() + abs(scale) * torch.outer(x.abs() @ u_abs, u_abs)
@@ -307,6 +308,7 @@ def check_against_source(src: TensorFile, out: TensorFile, target: PatchTarget, 
             for first, index in blocks:
                 x = src.read(name, index).reshape(-1, fibers.cols)
                 o = out.read(name, index).reshape(-1, fibers.cols)
+                check.count_nonfinite(o)
                 part = u[first:first + x.shape[0]]
                 ref = x - scale * torch.outer(part, coeff)
                 bound = x.abs() + abs(scale) * torch.outer(part.abs(), abs_coeff)
@@ -342,6 +344,7 @@ def check_orthogonal(out: TensorFile, target: PatchTarget, u: torch.Tensor, meth
     if fibers.last:
         for _, index, rows in fibers.row_blocks(chunk_elements):
             o = out.read(name, index).reshape(rows, fibers.dim)
+            check.count_nonfinite(o)
             comp2 += float((o @ u).square().sum())
             norm2 += float((o * o).sum())
             slack2 += float(((ulp(o, stored) / 2) @ u_abs).square().sum())
@@ -352,6 +355,7 @@ def check_orthogonal(out: TensorFile, target: PatchTarget, u: torch.Tensor, meth
             slack = torch.zeros_like(coeff)
             for first, index in fibers.slab_blocks(lead, chunk_elements):
                 o = out.read(name, index).reshape(-1, fibers.cols)
+                check.count_nonfinite(o)
                 coeff += u[first:first + o.shape[0]] @ o
                 slack += u_abs[first:first + o.shape[0]] @ (ulp(o, stored) / 2)
                 norm2 += float((o * o).sum())

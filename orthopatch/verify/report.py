@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..architecture import ROLES
 from ..errors import OrthopatchError
 
@@ -20,6 +22,10 @@ class TensorCheck:
     before: tuple[float, float] | None = None  # (component², norm²) of the source, where known
     after: tuple[float, float] | None = None  # (component², norm²) of the output
     detail: str = ""
+    nonfinite: int = 0  # NaN and Inf values in the output tensor
+
+    def count_nonfinite(self, values: torch.Tensor) -> None:
+        self.nonfinite += values.numel() - int(torch.isfinite(values).sum())
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..checkpoint import Checkpoint
@@ -12,6 +13,7 @@ from ..output import temporaries
 from ..plan import PatchPlan
 from ..record import Record
 from ..safetensors_header import ShardHeader
+from ..smallfile import read_small_bytes
 from .report import VerifyReport
 
 
@@ -19,7 +21,7 @@ def check_folder(report: VerifyReport, out: Path) -> Record | None:
     """The record (or None), with failures for what an unfinished or interrupted run leaves."""
     record = None
     record_path = out / RECORD_NAME
-    if not record_path.is_file():
+    if not os.path.lexists(record_path):
         report.fail(f"no {RECORD_NAME}: the conversion did not finish (or this is not an orthopatch output)",
                     path=out)
     else:
@@ -69,8 +71,8 @@ def check_structure(report: VerifyReport, src: Checkpoint, out: Checkpoint) -> s
                    if src.weight_map.get(n) != out.weight_map.get(n))
         report.fail("the index places this tensor differently from the source's", path=out.root / INDEX_NAME,
                     tensor=odd)
-    src_config, out_config = src.root / CONFIG_NAME, out.root / CONFIG_NAME
-    if src_config.is_file() and (not out_config.is_file() or src_config.read_bytes() != out_config.read_bytes()):
+    src_config, out_config = src.root / CONFIG_NAME, out.root / CONFIG_NAME  # both opened already: regular
+    if read_small_bytes(src_config) != read_small_bytes(out_config):
         report.fail("differs from the source's config", path=out_config)
     return comparable
 
