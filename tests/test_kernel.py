@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -349,14 +350,22 @@ def test_a_failed_patch_stops_the_copy_thread(tmp_path, monkeypatch):
     plan = ShardPlan("model.safetensors", header, (PatchTarget(entry, "model.safetensors", "test", 0, 0),))
     monkeypatch.setattr(filecopy, "COPY_CHUNK", 64 << 10)
     copying = threading.Event()
+    failing = threading.Event()
     copied: list[int] = []
 
     def progress(n: int) -> None:
+        # The first copied chunk waits for the patch to fail; later ones are slowed, so the copy thread
+        # could not finish the shard in the moment between the failure and the stop, however loaded the machine.
         copied.append(n)
-        copying.set()
+        if not copying.is_set():
+            copying.set()
+            failing.wait(10)
+        else:
+            time.sleep(0.005)
 
     def failing_patch(self, fd, target, u, writer, on_progress=None, src_path=None):
         copying.wait(10)
+        failing.set()
         raise OrthopatchError("cannot read tensor data", tensor=target.name)
 
     monkeypatch.setattr(TensorPatcher, "patch", failing_patch)
