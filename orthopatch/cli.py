@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -202,3 +202,67 @@ def verify_command(out: Path, direction: Path | None, source: Path | None, quiet
         click.echo(f"orthopatch: error: {failure}", err=True)
     if not report.ok:
         sys.exit(1)
+
+
+def _prompt_options(command: Callable) -> Callable:
+    """Options shared by measure and evaluate: where prompts come from, and how the model runs."""
+    for option in reversed([
+        click.option("--field", metavar="NAME", help="The field holding the prompt in .jsonl/.json records "
+                     "[default: the first of prompt, instruction, goal, text]."),
+        click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Use at most N prompts of each set."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing --limit prompts."),
+        click.option("--tokenizer", type=click.Path(path_type=Path),
+                     help="Folder of the tokenizer [default: MODEL's own]."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                     show_default=True, help="Arithmetic dtype of the blocks."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+                     help="Prompts per batch inside a block."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress or tables on stderr."),
+        click.option("--debug", is_flag=True, help="Show a traceback on errors."),
+    ]):
+        command = option(command)
+    return command
+
+
+@main.command("measure")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("refusal_dir.pth"), show_default=True,
+              help="The direction file to write (.pth); its record goes beside it as .json.")
+@click.option("--harmful", metavar="FILE", help="Harmful instructions: text (one per line), .jsonl or .json, "
+              "or REPO_ID:PATH [default: the built-in set].")
+@click.option("--harmless", metavar="FILE", help="Harmless instructions, likewise [default: the built-in set].")
+@click.option("--layer", type=int, metavar="L",
+              help="Write the direction at layer L (the stream entering block L) [default: the best-separating "
+                   "layer between 40% and 80% of the depth].")
+@click.option("--per-layer", is_flag=True, help="Write one row per layer, [n_layers + 1, d], as apply reads it.")
+@click.option("--project-harmless/--no-project-harmless", default=True, show_default=True,
+              help="Remove the harmless mean's component from the direction before normalising it.")
+@_prompt_options
+def measure_command(model: Path, out: Path, harmful: str | None, harmless: str | None, layer: int | None,
+                    per_layer: bool, project_harmless: bool, field: str | None, limit: int | None, seed: int,
+                    tokenizer: Path | None, device: str, dtype: str, batch_size: int, quiet: bool,
+                    debug: bool) -> None:
+    """Measure MODEL's refusal direction: mean harmful minus mean harmless residual stream.
+
+    Every prompt goes through block 0, then block 1, and so on: one block's weights are in memory at a
+    time, the checkpoint is read once whatever the number of prompts, and the output head is never read.
+    A table per layer goes to stderr.
+    """
+    if layer is not None and per_layer:
+        raise click.UsageError("--layer and --per-layer exclude each other")
+    from .layerwise import require_transformers
+    from .measure import MeasureOptions, measure, sidecar_path
+
+    with _reported(debug):
+        require_transformers()
+        source = resolve_model(str(model), quiet=quiet)
+        options = MeasureOptions(model=source.path, out=out, harmful=harmful, harmless=harmless, field=field,
+                                 limit=limit, seed=seed, layer=layer, per_layer=per_layer,
+                                 project_harmless=project_harmless, device=device, dtype=dtype,
+                                 batch_size=batch_size, tokenizer=tokenizer, quiet=quiet)
+        result = measure(options)
+    record = result.record
+    where = "one row per layer" if record.per_layer else f"layer {record.layer} ({record.layer_rule})"
+    click.echo(f"{out}: direction of {source.name}, {where}, from {record.harmful.count} harmful and "
+               f"{record.harmless.count} harmless prompts; record in {sidecar_path(out)}")
