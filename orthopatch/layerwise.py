@@ -46,6 +46,7 @@ def require_transformers() -> Any:
     except ImportError:
         raise OrthopatchError(f"this command needs transformers: {INSTALL_HINT}") from None
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 
