@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from orthopatch.prompts import builtin_prompts
-from tiny_models import save_tokenizer, words
+from tests.tiny_models import save_tokenizer, words
 
 HIDDEN = 16
 LAYERS = 3
