@@ -174,7 +174,8 @@ def _check_kl(out: Path, source: Path, device: str, quiet: bool) -> None:
 
     prompts = builtin_kl_prompts()
     mean, peak = kl_check(out, source, prompts, device=device)
-    figure = f"KL divergence from the source on {len(prompts.prompts)} harmless prompts: mean {mean:.4g}, max {peak:.4g}"
+    figure = (f"KL divergence from the source on {len(prompts.prompts)} harmless prompts: "
+              f"mean {mean:.4g}, max {peak:.4g}")
     if mean > KL_WARNING:
         click.echo(f"orthopatch: warning: {figure}, far above the usual cost of abliteration (> {KL_WARNING:g}); "
                    "check the direction (measure --project-harmless) before using this model", err=True)

@@ -133,9 +133,9 @@ class StreamedRunner:
                 break
             logits = self.next_logits([prompts[i] + replies[i] for i in going])
             tokens = logits.argmax(-1).tolist()
-            for i, token in zip(going, tokens):
+            for i, token in zip(going, tokens, strict=True):
                 replies[i].append(token)
-            going = [i for i, t in zip(going, tokens) if t not in eos]
+            going = [i for i, t in zip(going, tokens, strict=True) if t not in eos]
         return replies
 
     def close(self) -> None:

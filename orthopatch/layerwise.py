@@ -295,7 +295,7 @@ class LayerwiseModel:
     def _last_tokens(batches: list[Batch], hidden: list[torch.Tensor]) -> torch.Tensor:
         n = sum(len(b.order) for b in batches)
         out = torch.empty(n, hidden[0].shape[-1], dtype=hidden[0].dtype, device=hidden[0].device)
-        for batch, h in zip(batches, hidden):
+        for batch, h in zip(batches, hidden, strict=True):
             picked = h[torch.arange(h.shape[0], device=h.device), (batch.lengths - 1).to(h.device)]
             out[torch.tensor(batch.order, device=h.device)] = picked
         return out
