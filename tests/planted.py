@@ -50,8 +50,8 @@ def save_planted_model(folder: Path, seed: int = 0) -> torch.Tensor:
     embed[:, 2:] = torch.randn(len(vocab), HIDDEN - 2, generator=g)
     embed[:, 0] = torch.tensor([4.0 if w in flagged else 0.0 for w in vocab])
     head = torch.zeros(len(vocab), HIDDEN)
-    head[vocab.index("cannot"), 0] = 4.0
-    head[vocab.index("sure"), 1] = 1.0
+    head[vocab.index("cannot"), 0] = 48.0
+    head[vocab.index("sure"), 1] = 12.0
 
     weights = {"model.embed_tokens.weight": embed, "lm_head.weight": head}
     for layer in range(LAYERS):
