@@ -30,8 +30,13 @@ def harmful_words() -> set[str]:
     return harmful - harmless
 
 
-def save_planted_model(folder: Path, seed: int = 0) -> torch.Tensor:
-    """Write the model and its tokenizer to ``folder``; return the planted unit direction ``r``."""
+def save_planted_model(folder: Path, seed: int = 0, massive: float = 0.0) -> torch.Tensor:
+    """Write the model and its tokenizer to ``folder``; return the planted unit direction ``r``.
+
+    ``massive`` > 0 also has block 0 copy the prefix's mean of the constant dimension ``e1`` back
+    into it with that gain: a huge-activation channel like those of real models, whose mean differs
+    a little between the sets (a harmful word's larger norm shrinks its normalised ``e1``).
+    """
     import transformers
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -63,6 +68,9 @@ def save_planted_model(folder: Path, seed: int = 0) -> torch.Tensor:
         if layer == 0:
             weights[f"{p}.self_attn.v_proj.weight"][0, 0] = 1.0
             weights[f"{p}.self_attn.o_proj.weight"][0, 0] = 10.0
+            if massive:
+                weights[f"{p}.self_attn.v_proj.weight"][1, 1] = 1.0
+                weights[f"{p}.self_attn.o_proj.weight"][1, 1] = massive
         else:  # token dimensions only: some computation that has nothing to do with e0 or e1
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 w = weights[f"{p}.self_attn.{name}.weight"]

@@ -277,3 +277,19 @@ def test_apply_does_not_import_transformers(tiny_models, tmp_path):
             f"'-o', {str(tmp_path / 'out')!r}, '-q']); "
             "assert r.exit_code == 0, r.output; assert 'transformers' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_projecting_the_harmless_mean_ignores_a_huge_activation_channel(tmp_path):
+    """Why --project-harmless is the default: with a huge-activation channel whose mean differs a
+    little between the sets, the raw difference points mostly along that channel."""
+    from planted import save_planted_model
+
+    folder = tmp_path / "massive"
+    r = save_planted_model(folder, massive=100.0)
+    cos = {}
+    for project in (True, False):
+        result = measure(MeasureOptions(model=folder, out=tmp_path / f"{project}.pth", project_harmless=project,
+                                        device="cpu", quiet=True))
+        cos[project] = abs(result.direction.double() @ r).item()
+    assert cos[True] > 0.99
+    assert cos[False] < 0.8
