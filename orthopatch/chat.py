@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import OrthopatchError
 from .layerwise import require_transformers
-from .prompts import PromptSet
+from .prompts import PromptSet, check_small_file
 
 #: Files of which at least one is in a folder that holds a tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "tiktoken.model")
@@ -20,6 +21,9 @@ def load_tokenizer(folder: Path) -> Any:
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise OrthopatchError(f"no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); "
                               "pass --tokenizer FOLDER", path=folder)
+    for name in TOKENIZER_FILES + ("special_tokens_map.json", "chat_template.jinja", "merges.txt"):
+        if os.path.lexists(folder / name):
+            check_small_file(folder / name, "tokenizer file")
     try:
         return transformers.AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # tokenizers fail in many ways; all end as one line

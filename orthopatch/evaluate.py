@@ -224,8 +224,15 @@ def kl_check(model: Path, source: Path, prompts: PromptSet, *, device: str = "au
             logits.append(runner.next_logits(encode_set(tok, prompts, runner.context_length)))
         finally:
             runner.close()
-    kl = kl_divergence(logits[0], logits[1])
+    kl = kl_divergence(*_same_vocabulary(logits[0], logits[1], model))
     return float(kl.mean()), float(kl.max())
+
+
+def _same_vocabulary(source: torch.Tensor, model: torch.Tensor, where: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    if source.shape != model.shape:
+        raise OrthopatchError(f"the model's output head has {model.shape[-1]} tokens, the source's "
+                              f"{source.shape[-1]}: not the same vocabulary", path=where)
+    return source, model
 
 
 def evaluate(options: EvaluateOptions, log: Callable[[str], None] | None = None) -> EvaluateReport:
@@ -260,7 +267,7 @@ def evaluate(options: EvaluateOptions, log: Callable[[str], None] | None = None)
             bytes_read[label] = runner.bytes_read
         finally:
             runner.close()
-    kl = kl_divergence(logits["source"], logits["model"])
+    kl = kl_divergence(*_same_vocabulary(logits["source"], logits["model"], options.model))
     return EvaluateReport(
         model=str(options.model), source=str(options.source), kl_mean=float(kl.mean()), kl_max=float(kl.max()),
         harmless=PromptRecord(harmless.source, len(harmless.prompts), harmless.sha256),

@@ -30,6 +30,7 @@ from torch import nn
 
 from .checkpoint import CONFIG_NAME, open_checkpoint
 from .errors import OrthopatchError
+from .prompts import check_small_file
 from .reader import CheckpointReader
 
 INSTALL_HINT = "pip install 'orthopatch[measure]'"
@@ -132,6 +133,9 @@ class LayerwiseModel:
     def __init__(self, root: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32):
         transformers = require_transformers()
         self.root = Path(root)
+        if not self.root.is_dir():
+            raise OrthopatchError("not a model folder", path=self.root)
+        check_small_file(self.root / CONFIG_NAME, "model config")
         self.checkpoint = open_checkpoint(self.root)
         self.reader = CheckpointReader(self.checkpoint)
         self.device, self.dtype = device, dtype

@@ -49,8 +49,8 @@ class PromptSet:
         return PromptSet(self.source, tuple(self.prompts[i] for i in keep))
 
 
-def read_text_file(path: Path, what: str = "file") -> str:
-    """A small regular file's text: its type and size are checked before anything is read."""
+def check_small_file(path: Path, what: str = "file") -> None:
+    """A regular file of at most :data:`MAX_TEXT_FILE_BYTES`, or a one-line error naming it."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -61,7 +61,12 @@ def read_text_file(path: Path, what: str = "file") -> str:
         raise OrthopatchError(f"{what} is not a regular file", path=path)
     if info.st_size > MAX_TEXT_FILE_BYTES:
         raise OrthopatchError(f"{what} is {info.st_size:,} bytes, more than the {MAX_TEXT_FILE_BYTES >> 20} MiB "
-                              "a prompt file may have", path=path)
+                              "such a file may have", path=path)
+
+
+def read_text_file(path: Path, what: str = "file") -> str:
+    """A small regular file's text: its type and size are checked before anything is read."""
+    check_small_file(path, what)
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_TEXT_FILE_BYTES + 1)

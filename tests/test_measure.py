@@ -293,3 +293,14 @@ def test_projecting_the_harmless_mean_ignores_a_huge_activation_channel(tmp_path
         cos[project] = abs(result.direction.double() @ r).item()
     assert cos[True] > 0.99
     assert cos[False] < 0.8
+
+
+def test_oversized_config_or_tokenizer_file(tiny_models, tmp_path):
+    import shutil
+
+    for name, what in (("config.json", "model config"), ("tokenizer.json", "tokenizer file")):
+        folder = tmp_path / name
+        shutil.copytree(tiny_models("llama"), folder)
+        with open(folder / name, "r+b") as f:
+            f.truncate(65 << 20)
+        one_line_error(run_measure(str(folder), "-o", str(tmp_path / "d.pth")), str(folder / name), what, "64 MiB")
