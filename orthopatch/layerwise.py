@@ -35,7 +35,10 @@ from .reader import CheckpointReader
 
 INSTALL_HINT = "pip install 'orthopatch[measure]'"
 #: Where causal LMs keep the norm applied after the last block.
-FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm", "norm_f")
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm", "norm_f")
+
+#: Names older checkpoints give the output head (GPT-NeoX's ``embed_out``).
+HEAD_ALIASES = {"lm_head.weight": ("embed_out.weight",)}
 
 Observer = Callable[[int, torch.Tensor], None]
 
@@ -162,8 +165,11 @@ class LayerwiseModel:
         head = model.get_output_embeddings()
         self.head_name = None
         if head is not None:
+            tied = head.weight is self.embedding.weight or bool(
+                getattr(self.config.get_text_config(), "tie_word_embeddings", False))
             own = names[id(head)] + ".weight"
-            self.head_name = own if self.reader.has(own) else self.embedding_name
+            found = [n for n in (own, *HEAD_ALIASES.get(own, ())) if self.reader.has(n)]
+            self.head_name = found[0] if found else self.embedding_name if tied else self._tensor_name(own)
         self.norm = next((getattr(self.base, n) for n in FINAL_NORM_NAMES if isinstance(
             getattr(self.base, n, None), nn.Module)), None)
         self._load_others(names, head)
@@ -191,10 +197,13 @@ class LayerwiseModel:
         raise OrthopatchError(f"cannot find the model's {n} blocks", path=self.root / CONFIG_NAME)
 
     def _tensor_name(self, name: str) -> str:
-        if not self.reader.has(name):
-            raise OrthopatchError(f"the checkpoint has no tensor {name!r}, which transformers' "
-                                  f"{type(self.model).__name__} expects", path=self.root)
-        return name
+        """The checkpoint's name for the model's parameter ``name`` (older files omit the base model's prefix)."""
+        prefix = getattr(self.model, "base_model_prefix", "") + "."
+        for candidate in (name, name.removeprefix(prefix), prefix + name):
+            if self.reader.has(candidate):
+                return candidate
+        raise OrthopatchError(f"the checkpoint has no tensor {name!r}, which transformers' "
+                              f"{type(self.model).__name__} expects", path=self.root)
 
     def _set(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner_name, _, leaf = name.rpartition(".")

@@ -63,6 +63,13 @@ def tiny_config(kind: str, vocab_size: int, **overrides):
         config = transformers.Gemma3TextConfig(**{**common, "num_hidden_layers": 4}, head_dim=8,
                                                sliding_window=4, tie_word_embeddings=True,
                                                layer_types=["sliding_attention", "full_attention"] * 2)
+    elif kind == "gpt2":  # tied, learned positions added in the base model, Conv1D, blocks named h
+        config = transformers.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=128,
+                                         bos_token_id=2, eos_token_id=3)
+    elif kind == "gpt_neox":  # the head is stored as embed_out
+        config = transformers.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=3,
+                                            num_attention_heads=4, intermediate_size=64, max_position_embeddings=128,
+                                            bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
     else:
         raise ValueError(kind)
     for key, value in overrides.items():
