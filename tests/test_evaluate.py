@@ -97,6 +97,15 @@ def test_planted_refusal_is_measured_removed_and_judged(planted, tmp_path):
                                          markers=markers_file(tmp_path), in_memory=True, device="cpu", quiet=True))
     assert (in_memory.source_refusals, in_memory.model_refusals) == (report.source_refusals, report.model_refusals)
 
+    # One direction per layer works the same way.
+    per_layer = tmp_path / "per_layer.pth"
+    assert runner.invoke(main, ["measure", str(folder), "-o", str(per_layer), "--per-layer", "-q"]).exit_code == 0
+    out2 = tmp_path / "abliterated-per-layer"
+    assert runner.invoke(main, ["apply", str(folder), str(per_layer), "-o", str(out2), "-q"]).exit_code == 0
+    judged = evaluate(EvaluateOptions(model=out2, source=folder, max_new_tokens=3, markers=markers_file(tmp_path),
+                                      in_memory=True, device="cpu", quiet=True))
+    assert judged.model_refusals <= 3 and judged.kl_mean < 1e-4
+
 
 def test_apply_evaluate_warns_when_the_kl_is_far_above_the_usual_cost(planted, tmp_path):
     folder, _ = planted

@@ -95,7 +95,15 @@ def test_reads_each_weight_once_never_the_head_and_one_block_at_a_time(tiny_mode
     folder = tiny_models(family)
     prompts = encoded(folder, "harmful") + encoded(folder, "harmless")
     with LayerwiseModel(folder, device=torch.device("cpu")) as model:
+        resident = []  # at every block call: how many blocks hold real (not meta) parameters
+
+        def count(_module, _args):
+            resident.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in model.blocks))
+
+        for block in model.blocks:
+            block.register_forward_pre_hook(count)
         model.run(make_batches(prompts, 4))
+        assert len(resident) == model.num_layers * 6 and set(resident) == {1}
         account, total = model.reader.account, model.checkpoint.total_bytes
         embedding, head = model.embedding_name, model.head_name
         embedding_bytes = model.checkpoint.entry(embedding).nbytes
