@@ -95,6 +95,18 @@ def make_batches(token_ids: list[list[int]], batch_size: int) -> list[Batch]:
     return batches
 
 
+def _converted_on_load(model_type: str) -> bool:
+    """Whether transformers renames or fuses this family's checkpoint tensors when it loads them."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # older transformers load checkpoints as they are
+        return False
+    try:
+        return bool(get_checkpoint_conversion_mapping(model_type))
+    except Exception:
+        return False
+
+
 class _Stop(Exception):
     """Raised by the last stand-in block: everything the blocks receive has been recorded."""
 
@@ -202,8 +214,11 @@ class LayerwiseModel:
         for candidate in (name, name.removeprefix(prefix), prefix + name):
             if self.reader.has(candidate):
                 return candidate
+        hint = ""
+        if _converted_on_load(self.config.model_type):
+            hint = " (transformers converts this family's tensors while loading them, which is not supported here)"
         raise OrthopatchError(f"the checkpoint has no tensor {name!r}, which transformers' "
-                              f"{type(self.model).__name__} expects", path=self.root)
+                              f"{type(self.model).__name__} expects{hint}", path=self.root)
 
     def _set(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner_name, _, leaf = name.rpartition(".")

@@ -316,3 +316,9 @@ def test_oversized_config_or_tokenizer_file(tiny_models, tmp_path):
         with open(folder / name, "r+b") as f:
             f.truncate(65 << 20)
         one_line_error(run_measure(str(folder), "-o", str(tmp_path / "d.pth")), str(folder / name), what, "64 MiB")
+
+
+def test_a_family_transformers_converts_on_load_is_refused_in_one_line(tiny_models, tmp_path):
+    folder = tiny_models("mixtral")
+    one_line_error(run_measure(str(folder), "-o", str(tmp_path / "d.pth")), str(folder), "has no tensor",
+                   "converts this family's tensors")

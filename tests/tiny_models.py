@@ -70,6 +70,8 @@ def tiny_config(kind: str, vocab_size: int, **overrides):
         config = transformers.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=3,
                                             num_attention_heads=4, intermediate_size=64, max_position_embeddings=128,
                                             bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    elif kind == "mixtral":  # transformers fuses the experts while loading
+        config = transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
     else:
         raise ValueError(kind)
     for key, value in overrides.items():
