@@ -322,3 +322,34 @@ def test_a_family_transformers_converts_on_load_is_refused_in_one_line(tiny_mode
     folder = tiny_models("mixtral")
     one_line_error(run_measure(str(folder), "-o", str(tmp_path / "d.pth")), str(folder), "has no tensor",
                    "converts this family's tensors")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_holds_one_block_plus_activations_and_agrees_with_the_cpu(tmp_path):
+    from tiny_models import save_tiny_model
+
+    from orthopatch.layerwise import LayerwiseModel, block_bytes, make_batches
+
+    folder = tmp_path / "wide"
+    save_tiny_model(folder, "llama", shard_size="100MB", hidden_size=1536, intermediate_size=6144,
+                    num_attention_heads=12, num_key_value_heads=4, num_hidden_layers=4)
+    ids = encoded(folder, "harmful") + encoded(folder, "harmless")
+    states = {}
+    for device in ("cpu", "cuda"):
+        seen: dict[int, torch.Tensor] = {}
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with LayerwiseModel(folder, device=torch.device(device)) as model:
+            model.run(make_batches(ids, 8), seen.__setitem__)
+            one_block = block_bytes(model)
+        states[device] = seen
+        if device == "cuda":
+            peak = torch.cuda.max_memory_allocated() - base
+            tokens = sum(len(p) for p in ids) + 8 * max(len(p) for p in ids)  # padding included
+            activations = 16 * tokens * 6144 * 4  # hidden states and one block's intermediates, generously
+            assert peak <= one_block + activations + (64 << 20), (peak, one_block)
+            assert peak < 2 * one_block
+    for layer, cpu in states["cpu"].items():
+        torch.testing.assert_close(states["cuda"][layer], cpu, rtol=1e-3, atol=1e-3 * cpu.abs().max().item())

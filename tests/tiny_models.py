@@ -53,6 +53,7 @@ def tiny_config(kind: str, vocab_size: int, **overrides):
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                   bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    common.update(overrides)
     if kind == "llama":
         config = transformers.LlamaConfig(**common, tie_word_embeddings=False)
     elif kind == "llama-tied":
@@ -74,19 +75,17 @@ def tiny_config(kind: str, vocab_size: int, **overrides):
         config = transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
     else:
         raise ValueError(kind)
-    for key, value in overrides.items():
-        setattr(config, key, value)
     return config
 
 
 def save_tiny_model(folder: Path, kind: str = "llama", *, seed: int = 0, dtype=torch.float32,
-                    shard_size: str = "40KB", tokenizer: bool = True, chat_template: bool = True):
+                    shard_size: str = "40KB", tokenizer: bool = True, chat_template: bool = True, **overrides):
     """A random tiny model of family ``kind`` saved with ``save_pretrained`` (sharded) plus a tokenizer."""
     import transformers
 
     n_words = len(vocabulary())
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(kind, n_words)).eval()
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(kind, n_words, **overrides)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
