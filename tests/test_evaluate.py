@@ -109,10 +109,9 @@ def test_planted_refusal_is_measured_removed_and_judged(planted, tmp_path):
 
 def test_apply_evaluate_warns_when_the_kl_is_far_above_the_usual_cost(planted, tmp_path):
     folder, _ = planted
-    from tiny_models import vocabulary
-
     from orthopatch.checkpoint import open_checkpoint
     from orthopatch.reader import CheckpointReader
+    from tests.tiny_models import vocabulary
 
     # The planted head says "sure" along the constant dimension every token has: ablating that
     # direction changes every harmless prompt's first token.

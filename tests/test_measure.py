@@ -294,7 +294,7 @@ def test_apply_does_not_import_transformers(tiny_models, tmp_path):
 def test_projecting_the_harmless_mean_ignores_a_huge_activation_channel(tmp_path):
     """Why --project-harmless is the default: with a huge-activation channel whose mean differs a
     little between the sets, the raw difference points mostly along that channel."""
-    from planted import save_planted_model
+    from tests.planted import save_planted_model
 
     folder = tmp_path / "massive"
     r = save_planted_model(folder, massive=100.0)
@@ -327,9 +327,8 @@ def test_a_family_transformers_converts_on_load_is_refused_in_one_line(tiny_mode
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_holds_one_block_plus_activations_and_agrees_with_the_cpu(tmp_path):
-    from tiny_models import save_tiny_model
-
     from orthopatch.layerwise import LayerwiseModel, block_bytes, make_batches
+    from tests.tiny_models import save_tiny_model
 
     folder = tmp_path / "wide"
     save_tiny_model(folder, "llama", shard_size="100MB", hidden_size=1536, intermediate_size=6144,
