@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from orthopatch.cli import main
 from orthopatch.evaluate import EvaluateOptions, EvaluateReport, evaluate, is_refusal, kl_divergence
 from orthopatch.prompts import load_markers
+from tests.helpers import cli, one_error_line
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,9 +131,7 @@ def test_bad_markers_and_token_budget(tiny_models, tmp_path):
     folder = str(tiny_models("llama"))
     empty = tmp_path / "markers.txt"
     empty.write_text("# nothing\n")
-    result = CliRunner().invoke(main, ["evaluate", folder, "--source", folder, "--refusal-markers", str(empty), "-q"])
-    assert result.exit_code == 1 and str(empty) in result.stderr and "no refusal markers" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    result = CliRunner().invoke(main, ["evaluate", folder, "--source", folder, "--limit", "2", "--max-new-tokens",
-                                       "120", "-q"])
-    assert result.exit_code == 1 and "plus 120 new tokens; the model's context is 128" in result.stderr
+    line = one_error_line(cli("evaluate", folder, "--source", folder, "--refusal-markers", empty, "-q"))
+    assert str(empty) in line and "no refusal markers" in line
+    line = one_error_line(cli("evaluate", folder, "--source", folder, "--limit", "2", "--max-new-tokens", "120", "-q"))
+    assert "plus 120 new tokens; the model's context is 128" in line

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from orthopatch.cli import main
 from orthopatch.measure import MeasureOptions, MeasureRecord, measure, sidecar_path
 from orthopatch.prompts import builtin_prompts, parse_prompts
+from tests.helpers import cli, one_error_line, pre_norm_states
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,22 +29,9 @@ def reference_states(folder: Path, prompts: list[list[int]]) -> list[torch.Tenso
     Rows 0..n-1 are ``hidden_states[L]``; row n is the last block's output before the final norm.
     """
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    n = model.config.num_hidden_layers
-    rows: list[list[torch.Tensor]] = [[] for _ in range(n + 1)]
-    captured = []
-    norm = next(getattr(model.base_model, name) for name in ("norm", "ln_f", "final_layer_norm")
-                if hasattr(model.base_model, name))
-    handle = norm.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-    try:
-        for ids in prompts:
-            with torch.no_grad():
-                out = model(torch.tensor([ids]), output_hidden_states=True)
-            for layer in range(n):
-                rows[layer].append(out.hidden_states[layer][0, -1].double())
-            rows[n].append(captured.pop()[0, -1].double())
-    finally:
-        handle.remove()
-    return [torch.stack(r) for r in rows]
+    per_prompt = [pre_norm_states(model, torch.tensor([ids])) for ids in prompts]
+    return [torch.stack([states[layer][0, -1].double() for states in per_prompt])
+            for layer in range(len(per_prompt[0]))]
 
 
 def encoded(folder: Path, kind: str) -> list[list[int]]:
@@ -200,15 +188,13 @@ def test_limit_draws_the_same_prompts_for_the_same_seed():
 # -- bad input: one line, exit 1 ----------------------------------------------------------------------
 
 def one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("orthopatch: error: "), result.stderr
+    line = one_error_line(result)
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+        assert fragment in line, line
 
 
 def run_measure(*args: str):
-    return CliRunner().invoke(main, ["measure", *args, "-q"])
+    return cli("measure", *args, "-q")
 
 
 def test_model_without_tokenizer(tiny_models, tmp_path):
@@ -269,12 +255,12 @@ def test_without_transformers_measure_and_evaluate_say_what_to_install(tiny_mode
     monkeypatch.setattr(builtins, "__import__", no_transformers)
     folder = str(tiny_models("llama"))
     one_line_error(run_measure(folder, "-o", str(tmp_path / "d.pth")), "pip install 'orthopatch[measure]'")
-    one_line_error(CliRunner().invoke(main, ["evaluate", folder, "--source", folder]),
+    one_line_error(cli("evaluate", folder, "--source", folder),
                    "pip install 'orthopatch[measure]'")
     direction = tmp_path / "r.pth"
     torch.save(torch.ones(32), direction)
     out = tmp_path / "out"
-    one_line_error(CliRunner().invoke(main, ["apply", folder, str(direction), "-o", str(out), "--evaluate"]),
+    one_line_error(cli("apply", folder, direction, "-o", out, "--evaluate"),
                    "pip install 'orthopatch[measure]'")
     assert not out.exists()  # refused before any work
     done = CliRunner().invoke(main, ["apply", folder, str(direction), "-o", str(out), "-q"])
