@@ -173,7 +173,9 @@ def _check_kl(out: Path, source: Path, device: str, quiet: bool) -> None:
     from .evaluate import KL_WARNING, builtin_kl_prompts, kl_check
 
     prompts = builtin_kl_prompts()
-    mean, peak = kl_check(out, source, prompts, device=device)
+    from .layerwise import RunSettings
+
+    mean, peak = kl_check(out, source, prompts, RunSettings(device=device))
     figure = (f"KL divergence from the source on {len(prompts.prompts)} harmless prompts: "
               f"mean {mean:.4g}, max {peak:.4g}")
     if mean > KL_WARNING:
@@ -277,16 +279,17 @@ def measure_command(model: Path, out: Path, harmful: str | None, harmless: str |
     """
     if layer is not None and per_layer:
         raise click.UsageError("--layer and --per-layer exclude each other")
-    from .layerwise import require_transformers
+    from .layerwise import RunSettings, require_transformers
     from .measure import MeasureOptions, measure, sidecar_path
+    from .prompts import PromptChoice
 
     with _reported(debug):
         require_transformers()
         source = resolve_model(str(model), quiet=quiet)
-        options = MeasureOptions(model=source.path, out=out, harmful=harmful, harmless=harmless, field=field,
-                                 limit=limit, seed=seed, layer=layer, per_layer=per_layer,
-                                 project_harmless=project_harmless, device=device, dtype=dtype,
-                                 batch_size=batch_size, tokenizer=tokenizer, quiet=quiet)
+        options = MeasureOptions(model=source.path, out=out, harmful=harmful, harmless=harmless,
+                                 choice=PromptChoice(field, limit, seed), layer=layer, per_layer=per_layer,
+                                 project_harmless=project_harmless,
+                                 run=RunSettings(device, dtype, batch_size, tokenizer), quiet=quiet)
         result = measure(options)
     record = result.record
     where = "one row per layer" if record.per_layer else f"layer {record.layer} ({record.layer_rule})"
@@ -323,17 +326,18 @@ def evaluate_command(model: Path, source: Path, harmless: str | None, harmful: s
     over the weights; --in-memory is much faster when the model fits.
     """
     from .evaluate import EvaluateOptions, evaluate, format_report
-    from .layerwise import require_transformers
+    from .layerwise import RunSettings, require_transformers
     from .output import write_atomic
+    from .prompts import PromptChoice
 
     with _reported(debug):
         require_transformers()
         model_path = resolve_model(str(model), quiet=quiet).path
         source_path = resolve_model(str(source), quiet=quiet).path
         options = EvaluateOptions(model=model_path, source=source_path, harmless=harmless, harmful=harmful,
-                                  field=field, limit=limit, seed=seed, max_new_tokens=max_new_tokens,
-                                  markers=markers, refusals=not no_refusals, in_memory=in_memory, device=device,
-                                  dtype=dtype, batch_size=batch_size, tokenizer=tokenizer, quiet=quiet)
+                                  choice=PromptChoice(field, limit, seed), max_new_tokens=max_new_tokens,
+                                  markers=markers, refusals=not no_refusals, in_memory=in_memory,
+                                  run=RunSettings(device, dtype, batch_size, tokenizer), quiet=quiet)
         report = evaluate(options)
         if json_path is not None:
             import json

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,10 @@ import torch
 
 from . import __version__
 from .chat import decode, encode_set, load_tokenizer
-from .devices import resolve_device
 from .errors import OrthopatchError
-from .layerwise import LayerwiseModel, make_batches, require_transformers
-from .measure import PromptRecord, compute_dtype
-from .prompts import PromptSet, builtin_prompts, choose_prompts, load_markers
+from .layerwise import LayerwiseModel, RunSettings, make_batches, require_transformers
+from .measure import PromptRecord
+from .prompts import PromptChoice, PromptSet, builtin_prompts, load_markers
 
 RECORD_FORMAT = 1
 #: ``apply --evaluate`` warns above this mean KL (nats) on the built-in harmless set: a first-token
@@ -43,17 +42,12 @@ class EvaluateOptions:
     source: Path
     harmless: str | None = None  # None: the built-in held-out harmless set
     harmful: str | None = None  # None: the built-in held-out harmful set
-    field: str | None = None
-    limit: int | None = None
-    seed: int = 0
+    choice: PromptChoice = field(default_factory=PromptChoice)
     max_new_tokens: int = 32
     markers: Path | None = None
     refusals: bool = True
     in_memory: bool = False
-    device: str = "auto"
-    dtype: str = "float32"
-    batch_size: int = 16
-    tokenizer: Path | None = None
+    run: RunSettings = field(default_factory=RunSettings)
     quiet: bool = False
 
 
@@ -186,10 +180,10 @@ class InMemoryRunner:
 
 
 def _runner(root: Path, options: EvaluateOptions) -> StreamedRunner | InMemoryRunner:
-    device, dtype = resolve_device(options.device), compute_dtype(options.dtype)
+    device, dtype = options.run.torch_device(), options.run.torch_dtype()
     if options.in_memory:
         return InMemoryRunner(root, device, dtype)
-    return StreamedRunner(root, device, dtype, options.batch_size)
+    return StreamedRunner(root, device, dtype, options.run.batch_size)
 
 
 def _eos_ids(tokenizer: Any, root: Path) -> set[int]:
@@ -211,12 +205,10 @@ def is_refusal(reply: str, markers: tuple[str, ...]) -> bool:
     return any(m.lower().replace("’", "'") in text for m in markers)
 
 
-def kl_check(model: Path, source: Path, prompts: PromptSet, *, device: str = "auto", dtype: str = "float32",
-             batch_size: int = 16, tokenizer: Path | None = None) -> tuple[float, float]:
+def kl_check(model: Path, source: Path, prompts: PromptSet, run: RunSettings | None = None) -> tuple[float, float]:
     """Mean and maximum KL(source ‖ model) at the first response position over ``prompts``, streamed."""
-    options = EvaluateOptions(model=model, source=source, device=device, dtype=dtype, batch_size=batch_size,
-                              tokenizer=tokenizer, refusals=False)
-    tok = load_tokenizer(tokenizer or source)
+    options = EvaluateOptions(model=model, source=source, run=run or RunSettings(), refusals=False)
+    tok = load_tokenizer(options.run.tokenizer or source)
     logits = []
     for root in (source, model):
         runner = _runner(root, options)
@@ -241,12 +233,10 @@ def evaluate(options: EvaluateOptions, log: Callable[[str], None] | None = None)
     started = time.monotonic()
     if options.max_new_tokens < 1:
         raise OrthopatchError(f"--max-new-tokens must be at least 1, not {options.max_new_tokens}")
-    harmless = choose_prompts(options.harmless, "harmless_eval", options.field, options.limit, options.seed,
-                              options.quiet)
-    harmful = (choose_prompts(options.harmful, "harmful_eval", options.field, options.limit, options.seed,
-                              options.quiet) if options.refusals else None)
+    harmless = options.choice.choose(options.harmless, "harmless_eval", options.quiet)
+    harmful = options.choice.choose(options.harmful, "harmful_eval", options.quiet) if options.refusals else None
     markers = load_markers(options.markers) if options.refusals else ()
-    tokenizer = load_tokenizer(options.tokenizer or options.source)
+    tokenizer = load_tokenizer(options.run.tokenizer or options.source)
     eos = _eos_ids(tokenizer, options.source)
 
     logits: dict[str, torch.Tensor] = {}

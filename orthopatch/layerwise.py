@@ -71,6 +71,30 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
+#: Arithmetic dtypes a model may run in (``--dtype``).
+RUN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a model is run: device, arithmetic dtype, prompts per batch, and the tokenizer's folder."""
+
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 16
+    tokenizer: Path | None = None  # None: the model folder's own
+
+    def torch_device(self) -> torch.device:
+        from .devices import resolve_device
+
+        return resolve_device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in RUN_DTYPES:
+            raise OrthopatchError(f"unknown dtype {self.dtype!r} (use {', '.join(RUN_DTYPES)})")
+        return RUN_DTYPES[self.dtype]
+
+
 @dataclass(frozen=True)
 class Batch:
     """Right-padded token ids of some prompts, and where each prompt's last token is."""

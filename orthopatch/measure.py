@@ -23,11 +23,10 @@ import torch
 
 from . import __version__
 from .chat import encode_set, load_tokenizer
-from .devices import resolve_device
 from .errors import OrthopatchError
-from .layerwise import LayerwiseModel, make_batches
+from .layerwise import LayerwiseModel, RunSettings, make_batches
 from .output import write_atomic
-from .prompts import PromptSet, choose_prompts
+from .prompts import PromptChoice, PromptSet
 
 RECORD_FORMAT = 1
 #: The default layer is the best-separating one between these fractions of the depth.
@@ -35,8 +34,6 @@ DEFAULT_LAYER_RANGE = (0.4, 0.8)
 #: A difference this small against the harmless mean's norm has no direction (every prompt ends
 #: with the same template tokens, so at layer 0 the last token's state is the same for all of them).
 VANISHING = 1e-6
-
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -47,16 +44,11 @@ class MeasureOptions:
     out: Path
     harmful: str | None = None  # a prompt file or REPO_ID:PATH; None: the built-in set
     harmless: str | None = None
-    field: str | None = None
-    limit: int | None = None
-    seed: int = 0
+    choice: PromptChoice = field(default_factory=PromptChoice)
     layer: int | None = None
     per_layer: bool = False
     project_harmless: bool = True
-    device: str = "auto"
-    dtype: str = "float32"
-    batch_size: int = 16
-    tokenizer: Path | None = None
+    run: RunSettings = field(default_factory=RunSettings)
     #: Token ids instead of prompts (benchmarks on checkpoints that have no tokenizer).
     token_ids: tuple[list[list[int]], list[list[int]]] | None = None
     quiet: bool = False
@@ -196,24 +188,12 @@ def sidecar_path(out: Path) -> Path:
     return out.with_suffix(".json")
 
 
-def _prompt_sets(options: MeasureOptions) -> tuple[PromptSet, PromptSet]:
-    harmful = choose_prompts(options.harmful, "harmful", options.field, options.limit, options.seed, options.quiet)
-    harmless = choose_prompts(options.harmless, "harmless", options.field, options.limit, options.seed, options.quiet)
-    return harmful, harmless
-
-
-def compute_dtype(name: str) -> torch.dtype:
-    if name not in COMPUTE_DTYPES:
-        raise OrthopatchError(f"unknown dtype {name!r} (use {', '.join(COMPUTE_DTYPES)})")
-    return COMPUTE_DTYPES[name]
-
-
 def measure(options: MeasureOptions, log: Callable[[str], None] | None = None) -> MeasureResult:
     """Run the prompts through the model block by block, write the direction and its record."""
     log = log or (lambda message: None if options.quiet else print(message, file=sys.stderr))
     started = time.monotonic()
-    device = resolve_device(options.device)
-    dtype = compute_dtype(options.dtype)
+    device = options.run.torch_device()
+    dtype = options.run.torch_dtype()
     if options.out.suffix.lower() not in (".pth", ".pt"):
         raise OrthopatchError("the direction file must end in .pth or .pt", path=options.out)
     if not options.out.parent.is_dir():
@@ -228,14 +208,15 @@ def measure(options: MeasureOptions, log: Callable[[str], None] | None = None) -
             harmful = PromptSet("token ids", tuple(" ".join(map(str, p)) for p in harmful_ids))
             harmless = PromptSet("token ids", tuple(" ".join(map(str, p)) for p in harmless_ids))
         else:
-            harmful, harmless = _prompt_sets(options)
-            tokenizer = load_tokenizer(options.tokenizer or options.model)
+            harmful = options.choice.choose(options.harmful, "harmful", options.quiet)
+            harmless = options.choice.choose(options.harmless, "harmless", options.quiet)
+            tokenizer = load_tokenizer(options.run.tokenizer or options.model)
             harmful_ids = encode_set(tokenizer, harmful, model.context_length)
             harmless_ids = encode_set(tokenizer, harmless, model.context_length)
         log(f"measuring {options.model}: {len(harmful_ids)} harmful and {len(harmless_ids)} harmless prompts, "
             f"{n} blocks, one at a time on {device}")
         means = _Means(len(harmful_ids), options.project_harmless)
-        model.run(make_batches(harmful_ids + harmless_ids, options.batch_size), means)
+        model.run(make_batches(harmful_ids + harmless_ids, options.run.batch_size), means)
         bytes_read, checkpoint_bytes = model.stats.bytes_read, model.checkpoint.total_bytes
         hidden = model.hidden_size
 
@@ -262,7 +243,7 @@ def measure(options: MeasureOptions, log: Callable[[str], None] | None = None) -
         per_layer=options.per_layer, project_harmless=options.project_harmless,
         harmful=PromptRecord(harmful.source, len(harmful_ids), harmful.sha256),
         harmless=PromptRecord(harmless.source, len(harmless_ids), harmless.sha256),
-        hidden_size=hidden, num_layers=n, device=str(device), dtype=options.dtype, bytes_read=bytes_read,
+        hidden_size=hidden, num_layers=n, device=str(device), dtype=options.run.dtype, bytes_read=bytes_read,
         checkpoint_bytes=checkpoint_bytes, seconds=round(time.monotonic() - started, 3), layers=stats,
         filled_rows=filled)
     buffer = io.BytesIO()

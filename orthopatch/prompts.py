@@ -132,11 +132,18 @@ def load_prompts(spec: str, field: str | None = None, quiet: bool = False) -> Pr
     return PromptSet(spec, tuple(prompts))
 
 
-def choose_prompts(spec: str | None, builtin: str, field: str | None, limit: int | None, seed: int,
-                   quiet: bool = False) -> PromptSet:
-    """The user's file if given, else the built-in set ``builtin``; then ``limit`` of them."""
-    chosen = load_prompts(spec, field, quiet) if spec else builtin_prompts(builtin)
-    return chosen.sample(limit, seed)
+@dataclass(frozen=True)
+class PromptChoice:
+    """Which prompts of a set are used: the JSON field holding them, how many, and the sampling seed."""
+
+    field: str | None = None
+    limit: int | None = None
+    seed: int = 0
+
+    def choose(self, spec: str | None, builtin: str, quiet: bool = False) -> PromptSet:
+        """The user's file ``spec`` if given, else the built-in set ``builtin``; then ``limit`` of them."""
+        chosen = load_prompts(spec, self.field, quiet) if spec else builtin_prompts(builtin)
+        return chosen.sample(self.limit, self.seed)
 
 
 def load_markers(path: Path | None) -> tuple[str, ...]:

@@ -21,12 +21,13 @@ from orthopatch.synthetic import LlamaShape
 
 CHILD = """import json, sys, torch
 from pathlib import Path
+from orthopatch.layerwise import RunSettings
 from orthopatch.measure import MeasureOptions, measure
 src, out, prompts, tokens, vocab, device, dtype = sys.argv[1:8]
 g = torch.Generator().manual_seed(0)
 ids = [torch.randint(int(vocab), (int(tokens),), generator=g).tolist() for _ in range(2 * int(prompts))]
 measure(MeasureOptions(model=Path(src), out=Path(out), token_ids=(ids[:int(prompts)], ids[int(prompts):]),
-                       device=device, dtype=dtype, quiet=True))
+                       run=RunSettings(device, dtype), quiet=True))
 """
 
 

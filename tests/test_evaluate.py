@@ -10,10 +10,12 @@ from click.testing import CliRunner
 
 from orthopatch.cli import main
 from orthopatch.evaluate import EvaluateOptions, EvaluateReport, evaluate, is_refusal, kl_divergence
-from orthopatch.prompts import load_markers
+from orthopatch.layerwise import RunSettings
+from orthopatch.prompts import PromptChoice, load_markers
 from tests.helpers import cli, one_error_line
 
 transformers = pytest.importorskip("transformers")
+CPU = RunSettings("cpu")
 
 
 def markers_file(tmp_path):
@@ -60,7 +62,7 @@ def test_streamed_kl_equals_the_in_memory_kl_and_reads_each_checkpoint_once(tiny
     torch.save(torch.randn(32, generator=torch.Generator().manual_seed(5)), direction)
     out = tmp_path / "out"
     assert CliRunner().invoke(main, ["apply", str(src), str(direction), "-o", str(out), "-q"]).exit_code == 0
-    common = dict(model=out, source=src, limit=6, refusals=False, device="cpu", quiet=True)
+    common = dict(model=out, source=src, choice=PromptChoice(limit=6), refusals=False, run=CPU, quiet=True)
     streamed = evaluate(EvaluateOptions(**common))
     in_memory = evaluate(EvaluateOptions(**common, in_memory=True))
     assert streamed.kl_mean > 1e-6
@@ -95,7 +97,7 @@ def test_planted_refusal_is_measured_removed_and_judged(planted, tmp_path):
     assert report.kl_mean < 1e-4
 
     in_memory = evaluate(EvaluateOptions(model=out, source=folder, max_new_tokens=3,
-                                         markers=markers_file(tmp_path), in_memory=True, device="cpu", quiet=True))
+                                         markers=markers_file(tmp_path), in_memory=True, run=CPU, quiet=True))
     assert (in_memory.source_refusals, in_memory.model_refusals) == (report.source_refusals, report.model_refusals)
 
     # One direction per layer works the same way.
@@ -104,7 +106,7 @@ def test_planted_refusal_is_measured_removed_and_judged(planted, tmp_path):
     out2 = tmp_path / "abliterated-per-layer"
     assert runner.invoke(main, ["apply", str(folder), str(per_layer), "-o", str(out2), "-q"]).exit_code == 0
     judged = evaluate(EvaluateOptions(model=out2, source=folder, max_new_tokens=3, markers=markers_file(tmp_path),
-                                      in_memory=True, device="cpu", quiet=True))
+                                      in_memory=True, run=CPU, quiet=True))
     assert judged.model_refusals <= 3 and judged.kl_mean < 1e-4
 
 

@@ -13,12 +13,14 @@ import torch
 from click.testing import CliRunner
 
 from orthopatch.cli import main
+from orthopatch.layerwise import RunSettings
 from orthopatch.measure import MeasureOptions, MeasureRecord, measure, sidecar_path
-from orthopatch.prompts import builtin_prompts, parse_prompts
+from orthopatch.prompts import PromptChoice, builtin_prompts, parse_prompts
 from tests.helpers import cli, one_error_line, pre_norm_states
 
 transformers = pytest.importorskip("transformers")
 
+CPU = RunSettings("cpu")
 FAMILIES = ["llama", "qwen2", "gemma3", "llama-tied", "gpt2", "gpt_neox"]
 LIMIT = 12
 
@@ -61,8 +63,8 @@ def test_streamed_means_equal_the_whole_model_run(tiny_models, family, tmp_path)
 
     # The written per-layer direction is the normalised difference of those means.
     out = tmp_path / "dir.pth"
-    result = measure(MeasureOptions(model=folder, out=out, limit=LIMIT, per_layer=True, project_harmless=False,
-                                    device="cpu", batch_size=4, quiet=True))
+    result = measure(MeasureOptions(model=folder, out=out, choice=PromptChoice(limit=LIMIT), per_layer=True,
+                                    project_harmless=False, run=RunSettings("cpu", batch_size=4), quiet=True))
     written = torch.load(out, weights_only=True)
     assert written.shape == (n + 1, model.hidden_size) and written.dtype == torch.float32
     # Every prompt ends with the template's assistant opening: at layer 0 the means are equal, and
@@ -127,10 +129,10 @@ def test_measure_writes_a_direction_and_its_record(tiny_models, tmp_path):
 
 def test_layer_option_and_harmless_projection(tiny_models, tmp_path):
     folder = tiny_models("qwen2")
-    raw = measure(MeasureOptions(model=folder, out=tmp_path / "raw.pth", limit=8, layer=2, project_harmless=False,
-                                 device="cpu", quiet=True))
-    projected = measure(MeasureOptions(model=folder, out=tmp_path / "proj.pth", limit=8, layer=2, device="cpu",
-                                       quiet=True))
+    raw = measure(MeasureOptions(model=folder, out=tmp_path / "raw.pth", choice=PromptChoice(limit=8), layer=2,
+                                 project_harmless=False, run=CPU, quiet=True))
+    projected = measure(MeasureOptions(model=folder, out=tmp_path / "proj.pth", choice=PromptChoice(limit=8), layer=2,
+                                       run=CPU, quiet=True))
     assert raw.record.layer == projected.record.layer == 2 and raw.record.layer_rule == "--layer"
     # The projected direction is the raw one less its component along the harmless mean.
     from orthopatch.layerwise import LayerwiseModel, make_batches
@@ -287,7 +289,7 @@ def test_projecting_the_harmless_mean_ignores_a_huge_activation_channel(tmp_path
     cos = {}
     for project in (True, False):
         result = measure(MeasureOptions(model=folder, out=tmp_path / f"{project}.pth", project_harmless=project,
-                                        device="cpu", quiet=True))
+                                        run=CPU, quiet=True))
         cos[project] = abs(result.direction.double() @ r).item()
     assert cos[True] > 0.99
     assert cos[False] < 0.8
