@@ -23,7 +23,9 @@ import torch
 
 from . import __version__
 from .chat import decode, encode_set, load_tokenizer
+from .checkpoint import read_json
 from .errors import OrthopatchError
+from .formats import CONFIG_NAME
 from .layerwise import LayerwiseModel, RunSettings, make_batches, require_transformers
 from .measure import PromptRecord
 from .prompts import PromptChoice, PromptSet, builtin_prompts, load_markers
@@ -190,8 +192,6 @@ def _eos_ids(tokenizer: Any, root: Path) -> set[int]:
     ids = set()
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
-    from .checkpoint import CONFIG_NAME, read_json
-
     config = read_json(root / CONFIG_NAME) if (root / CONFIG_NAME).is_file() else {}
     value = config.get("eos_token_id") if isinstance(config, dict) else None
     for v in value if isinstance(value, list) else [value]:

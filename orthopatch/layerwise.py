@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, open_checkpoint
+from .checkpoint import open_checkpoint
 from .errors import OrthopatchError
+from .formats import CONFIG_NAME
 from .prompts import check_small_file
 from .reader import CheckpointReader
 
