@@ -340,3 +340,12 @@ def test_cuda_holds_one_block_plus_activations_and_agrees_with_the_cpu(tmp_path)
             assert peak < 2 * one_block
     for layer, cpu in states["cpu"].items():
         torch.testing.assert_close(states["cuda"][layer], cpu, rtol=1e-3, atol=1e-3 * cpu.abs().max().item())
+
+
+def test_apply_reaches_none_of_the_modules_that_run_a_model():
+    from tests.test_layout import import_graph, reachable
+
+    graph = import_graph()
+    running = {"orthopatch.layerwise", "orthopatch.measure", "orthopatch.evaluate", "orthopatch.chat"}
+    assert running <= set(graph)
+    assert not reachable(graph, "orthopatch.apply") & running
