@@ -258,7 +258,7 @@ def _prompt_options(command: Callable) -> Callable:
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("refusal_dir.pth"), show_default=True,
               help="The direction file to write (.pth); its record goes beside it as .json.")
 @click.option("--harmful", metavar="FILE", help="Harmful instructions: text (one per line), .jsonl or .json, "
-              "or REPO_ID:PATH [default: the built-in set].")
+              "REPO_ID:PATH or datasets/REPO_ID:PATH on the Hub [default: the built-in set].")
 @click.option("--harmless", metavar="FILE", help="Harmless instructions, likewise [default: the built-in set].")
 @click.option("--layer", type=int, metavar="L",
               help="Write the direction at layer L (the stream entering block L) [default: the best-separating "

@@ -2,7 +2,8 @@
 
 A prompt file is text (one instruction per line; blank lines skipped), ``.jsonl`` (one JSON object
 per line) or ``.json`` (a list of strings or objects); from objects the ``--field`` is taken. A file
-may also be ``REPO_ID:PATH`` on the Hugging Face Hub, fetched like a direction file.
+may also be ``REPO_ID:PATH`` on the Hugging Face Hub (``datasets/REPO_ID:PATH`` in a dataset repo),
+fetched alone like a direction file.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OrthopatchError
-from .hub import resolve_direction
+from .hub import resolve_file
 
 #: No prompt or marker file is larger (an instruction set of a million lines is about 100 MB).
 MAX_TEXT_FILE_BYTES = 64 << 20
@@ -124,8 +125,9 @@ def parse_prompts(path: Path, text: str, field: str | None = None) -> list[str]:
 
 
 def load_prompts(spec: str, field: str | None = None, quiet: bool = False) -> PromptSet:
-    """A prompt file given as a path or ``REPO_ID:PATH``; at least one prompt, or a one-line error."""
-    path = resolve_direction(spec, quiet=quiet).path  # any single file, fetched like a direction
+    """A prompt file given as a path, ``REPO_ID:PATH`` or ``datasets/REPO_ID:PATH``; at least one prompt,
+    or a one-line error."""
+    path = resolve_file(spec, quiet=quiet).path
     prompts = parse_prompts(path, read_text_file(path, "prompt file"), field)
     if not prompts:
         raise OrthopatchError("no prompts in the file", path=path)

@@ -349,3 +349,27 @@ def test_apply_reaches_none_of_the_modules_that_run_a_model():
     running = {"orthopatch.layerwise", "orthopatch.measure", "orthopatch.evaluate", "orthopatch.chat"}
     assert running <= set(graph)
     assert not reachable(graph, "orthopatch.apply") & running
+
+
+def test_prompt_files_from_a_hub_dataset_repo_in_the_cache(tiny_models, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from tests.test_hub import add_to_cache
+
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "harmful.jsonl").write_text("".join(json.dumps({"goal": p}) + "\n"
+                                                 for p in builtin_prompts("harmful").prompts[:5]))
+    cache = tmp_path / "cache"
+    add_to_cache(cache, "someorg/prompts", "c" * 40, files)
+    (cache / "models--someorg--prompts").rename(cache / "datasets--someorg--prompts")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "d.pth"
+    result = run_measure(str(tiny_models("llama")), "-o", str(out), "--harmful",
+                         "datasets/someorg/prompts:harmful.jsonl", "--limit", "5")
+    assert result.exit_code == 0, result.output
+    record = MeasureRecord.from_json(json.loads(sidecar_path(out).read_text()))
+    assert record.harmful.source == "datasets/someorg/prompts:harmful.jsonl" and record.harmful.count == 5
+    missing = run_measure(str(tiny_models("llama")), "-o", str(out), "--harmful", "datasets/someorg/prompts:nope.txt")
+    one_line_error(missing, "datasets/someorg/prompts:nope.txt", "'nope.txt'")
