@@ -28,7 +28,7 @@ from .errors import OrthopatchError
 from .formats import CONFIG_NAME
 from .layerwise import LayerwiseModel, RunSettings, make_batches, require_transformers
 from .measure import PromptRecord
-from .prompts import PromptChoice, PromptSet, builtin_prompts, load_markers
+from .prompts import PromptChoice, PromptSet, builtin_prompts, check_small_file, load_markers
 
 RECORD_FORMAT = 1
 #: ``apply --evaluate`` warns above this mean KL (nats) on the built-in harmless set: a first-token
@@ -189,10 +189,12 @@ def _runner(root: Path, options: EvaluateOptions) -> StreamedRunner | InMemoryRu
 
 
 def _eos_ids(tokenizer: Any, root: Path) -> set[int]:
+    """Tokens that end a reply: the tokenizer's end of sequence and the model config's ``eos_token_id``."""
     ids = set()
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
-    config = read_json(root / CONFIG_NAME) if (root / CONFIG_NAME).is_file() else {}
+    check_small_file(root / CONFIG_NAME, "model config")
+    config = read_json(root / CONFIG_NAME)
     value = config.get("eos_token_id") if isinstance(config, dict) else None
     for v in value if isinstance(value, list) else [value]:
         if isinstance(v, int) and not isinstance(v, bool):
