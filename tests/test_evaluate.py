@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from orthopatch.checkpoint import open_checkpoint
 from orthopatch.cli import main
 from orthopatch.evaluate import EvaluateOptions, EvaluateReport, evaluate, is_refusal, kl_divergence
 from orthopatch.layerwise import RunSettings
@@ -137,3 +138,19 @@ def test_bad_markers_and_token_budget(tiny_models, tmp_path):
     assert str(empty) in line and "no refusal markers" in line
     line = one_error_line(cli("evaluate", folder, "--source", folder, "--limit", "2", "--max-new-tokens", "120", "-q"))
     assert "plus 120 new tokens; the model's context is 128" in line
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_streamed_greedy_replies_equal_transformers_generate(tiny_models, family):
+    from orthopatch.chat import encode_set, load_tokenizer
+    from orthopatch.evaluate import InMemoryRunner, StreamedRunner
+    from orthopatch.prompts import builtin_prompts
+
+    folder = tiny_models(family)
+    prompts = encode_set(load_tokenizer(folder), builtin_prompts("harmful_eval").sample(5, 0), None)
+    streamed = StreamedRunner(folder, torch.device("cpu"), torch.float32, batch_size=2)
+    in_memory = InMemoryRunner(folder, torch.device("cpu"), torch.float32)
+    replies = streamed.greedy(prompts, 6, eos=set())
+    assert replies == in_memory.greedy(prompts, 6, eos=set())
+    assert all(len(r) == 6 for r in replies)
+    assert streamed.bytes_read > 6 * open_checkpoint(folder).total_bytes * 0.5  # one pass per token
