@@ -7,7 +7,8 @@
 - Refusal rate on harmful prompts held out from measurement: greedy generation of
   ``max_new_tokens`` tokens; a reply containing a marker phrase (case-insensitive) is a refusal.
   Streamed, every generated token is one more pass over the weights (the checkpoint is read once per
-  token); ``in_memory`` loads each model whole with transformers and generates with its cache.
+  token; each prompt keeps its own key-value cache, so a pass computes only the new token);
+  ``in_memory`` loads each model whole with transformers and generates with its cache.
 """
 
 from __future__ import annotations
@@ -121,18 +122,7 @@ class StreamedRunner:
         return self.model.logits(self.model.run(make_batches(prompts, self.batch_size))).cpu()
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int, eos: set[int]) -> list[list[int]]:
-        """Each step is one pass over every block for the prompts still going (no cache is kept)."""
-        replies: list[list[int]] = [[] for _ in prompts]
-        going = list(range(len(prompts)))
-        for _ in range(max_new_tokens):
-            if not going:
-                break
-            logits = self.next_logits([prompts[i] + replies[i] for i in going])
-            tokens = logits.argmax(-1).tolist()
-            for i, token in zip(going, tokens, strict=True):
-                replies[i].append(token)
-            going = [i for i, t in zip(going, tokens, strict=True) if t not in eos]
-        return replies
+        return self.model.greedy(prompts, max_new_tokens, eos)
 
     def close(self) -> None:
         self.model.close()

@@ -19,6 +19,7 @@ The output head is read (in row blocks) only when logits are asked for.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -297,14 +298,16 @@ class LayerwiseModel:
             if saved_pad is not None:
                 emb.padding_idx = saved_pad
 
-    def _record(self, embeds: torch.Tensor) -> list[tuple[torch.Tensor, tuple, dict]]:
-        """What each block receives for this batch: (input of block 0, args, kwargs) per block."""
+    def _record(self, embeds: torch.Tensor, **forward: Any) -> list[tuple[torch.Tensor, tuple, dict]]:
+        """What each block receives for this batch: (input of block 0, args, kwargs) per block.
+
+        ``forward`` goes to the model's forward (a key-value cache); without it no cache is used."""
         records: list[tuple[torch.Tensor, tuple, dict]] = []
         originals = list(self.blocks)
         for i, block in enumerate(originals):
             self.blocks[i] = _StandIn(block, records, last=i == len(originals) - 1)
         try:
-            self.base(inputs_embeds=embeds, use_cache=False)
+            self.base(inputs_embeds=embeds, **(forward or {"use_cache": False}))
         except _Stop:
             pass
         finally:
@@ -316,16 +319,18 @@ class LayerwiseModel:
         return records
 
     @torch.inference_mode()
-    def run(self, batches: list[Batch], observe: Observer | None = None) -> torch.Tensor:
+    def run(self, batches: list[Batch], observe: Observer | None = None,
+            forward: list[dict[str, Any]] | None = None) -> torch.Tensor:
         """Run every batch through every block; return the residual stream after the last block at
         each prompt's last token, ``[prompts, hidden]`` (prompts in the callers' order).
 
         ``observe(L, states)`` sees the residual stream entering block ``L`` (``L = num_layers``:
-        leaving the last block) at each prompt's last token, as float64 on the CPU.
+        leaving the last block) at each prompt's last token, as float64 on the CPU. ``forward[b]``
+        goes to the model's forward for batch ``b`` (its key-value cache).
         """
         hidden, records = [], []
-        for batch in batches:
-            recorded = self._record(self._embed(batch))
+        for b, batch in enumerate(batches):
+            recorded = self._record(self._embed(batch), **(forward[b] if forward else {}))
             hidden.append(recorded[0][0])
             records.append([(args, kwargs) for _, args, kwargs in recorded])
         for layer in range(self.num_layers):
@@ -352,6 +357,41 @@ class LayerwiseModel:
             picked = h[torch.arange(h.shape[0], device=h.device), (batch.lengths - 1).to(h.device)]
             out[torch.tensor(batch.order, device=h.device)] = picked
         return out
+
+    # -- greedy generation -------------------------------------------------------------------------
+
+    def _new_cache(self) -> Any:
+        transformers = require_transformers()
+        try:
+            return transformers.DynamicCache(config=self.config)
+        except TypeError:  # older transformers: a cache without the config's layer types
+            return transformers.DynamicCache()
+
+    def _cache_keyword(self) -> str:
+        """What the model's forward calls its key-value cache (``cache`` now, ``past_key_values`` before)."""
+        return "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
+
+    @torch.inference_mode()
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int, eos: set[int]) -> list[list[int]]:
+        """Greedy replies: each generated token is one pass over every block (the weights are read
+        once per token). Each prompt is its own batch with its own key-value cache, so a pass
+        computes only the new token."""
+        caches = [self._new_cache() for _ in prompts]
+        keyword = self._cache_keyword()
+        feed = [list(p) for p in prompts]
+        replies: list[list[int]] = [[] for _ in prompts]
+        going = list(range(len(prompts)))
+        for _ in range(max_new_tokens):
+            if not going:
+                break
+            batches = [Batch(torch.tensor([feed[i]]), torch.tensor([len(feed[i])]), (k,)) for k, i in enumerate(going)]
+            final = self.run(batches, forward=[{keyword: caches[i], "use_cache": True} for i in going])
+            tokens = self.logits(final).argmax(-1).tolist()
+            for i, token in zip(going, tokens, strict=True):
+                replies[i].append(token)
+                feed[i] = [token]
+            going = [i for i, t in zip(going, tokens, strict=True) if t not in eos]
+        return replies
 
     # -- the output head ---------------------------------------------------------------------------
 
