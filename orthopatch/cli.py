@@ -175,7 +175,7 @@ def _check_kl(out: Path, source: Path, device: str, quiet: bool) -> None:
     prompts = builtin_kl_prompts()
     from .layerwise import RunSettings
 
-    mean, peak = kl_check(out, source, prompts, RunSettings(device=device))
+    mean, peak = kl_check(out, source, prompts, RunSettings(device=device), quiet=quiet)
     figure = (f"KL divergence from the source on {len(prompts.prompts)} harmless prompts: "
               f"mean {mean:.4g}, max {peak:.4g}")
     if mean > KL_WARNING:

@@ -106,8 +106,9 @@ def kl_divergence(source_logits: torch.Tensor, model_logits: torch.Tensor) -> to
 class StreamedRunner:
     """Next-token logits and greedy replies from a model run block by block from its shards."""
 
-    def __init__(self, root: Path, device: torch.device, dtype: torch.dtype, batch_size: int):
-        self.model = LayerwiseModel(root, device=device, dtype=dtype)
+    def __init__(self, root: Path, device: torch.device, dtype: torch.dtype, batch_size: int,
+                 progress: bool = False):
+        self.model = LayerwiseModel(root, device=device, dtype=dtype, progress=progress)
         self.batch_size = batch_size
 
     @property
@@ -175,7 +176,7 @@ def _runner(root: Path, options: EvaluateOptions) -> StreamedRunner | InMemoryRu
     device, dtype = options.run.torch_device(), options.run.torch_dtype()
     if options.in_memory:
         return InMemoryRunner(root, device, dtype)
-    return StreamedRunner(root, device, dtype, options.run.batch_size)
+    return StreamedRunner(root, device, dtype, options.run.batch_size, progress=not options.quiet)
 
 
 def _eos_ids(tokenizer: Any, root: Path) -> set[int]:
@@ -197,9 +198,10 @@ def is_refusal(reply: str, markers: tuple[str, ...]) -> bool:
     return any(m.lower().replace("’", "'") in text for m in markers)
 
 
-def kl_check(model: Path, source: Path, prompts: PromptSet, run: RunSettings | None = None) -> tuple[float, float]:
+def kl_check(model: Path, source: Path, prompts: PromptSet, run: RunSettings | None = None,
+             quiet: bool = False) -> tuple[float, float]:
     """Mean and maximum KL(source ‖ model) at the first response position over ``prompts``, streamed."""
-    options = EvaluateOptions(model=model, source=source, run=run or RunSettings(), refusals=False)
+    options = EvaluateOptions(model=model, source=source, run=run or RunSettings(), refusals=False, quiet=quiet)
     tok = load_tokenizer(options.run.tokenizer or source)
     logits = []
     for root in (source, model):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .checkpoint import open_checkpoint
 from .errors import OrthopatchError
@@ -171,7 +173,8 @@ class PassStats:
 class LayerwiseModel:
     """A checkpoint's model built on the meta device, run block by block from the shards."""
 
-    def __init__(self, root: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, root: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32,
+                 progress: bool = False):
         transformers = require_transformers()
         self.root = Path(root)
         if not self.root.is_dir():
@@ -180,6 +183,7 @@ class LayerwiseModel:
         self.checkpoint = open_checkpoint(self.root)
         self.reader = CheckpointReader(self.checkpoint)
         self.device, self.dtype = device, dtype
+        self.progress = progress  # a bar of blocks on stderr for each pass
         self.stats = PassStats()
         try:
             self.config = transformers.AutoConfig.from_pretrained(self.root)
@@ -333,7 +337,9 @@ class LayerwiseModel:
             recorded = self._record(self._embed(batch), **(forward[b] if forward else {}))
             hidden.append(recorded[0][0])
             records.append([(args, kwargs) for _, args, kwargs in recorded])
-        for layer in range(self.num_layers):
+        bar = tqdm(range(self.num_layers), desc=self.root.name, unit="block", file=sys.stderr,
+                   disable=not self.progress, dynamic_ncols=True, leave=False)
+        for layer in bar:
             if observe is not None:
                 observe(layer, self._last_tokens(batches, hidden).double().cpu())
             self._materialise(layer)

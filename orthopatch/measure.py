@@ -198,7 +198,7 @@ def measure(options: MeasureOptions, log: Callable[[str], None] | None = None) -
         raise OrthopatchError("the direction file must end in .pth or .pt", path=options.out)
     if not options.out.parent.is_dir():
         raise OrthopatchError("the output's folder does not exist", path=options.out.parent)
-    with LayerwiseModel(options.model, device=device, dtype=dtype) as model:
+    with LayerwiseModel(options.model, device=device, dtype=dtype, progress=not options.quiet) as model:
         n = model.num_layers
         if options.layer is not None and not 0 <= options.layer <= n:
             raise OrthopatchError(f"--layer {options.layer} is out of range: the model has {n} blocks, "
