@@ -373,3 +373,10 @@ def test_prompt_files_from_a_hub_dataset_repo_in_the_cache(tiny_models, tmp_path
     assert record.harmful.source == "datasets/someorg/prompts:harmful.jsonl" and record.harmful.count == 5
     missing = run_measure(str(tiny_models("llama")), "-o", str(out), "--harmful", "datasets/someorg/prompts:nope.txt")
     one_line_error(missing, "datasets/someorg/prompts:nope.txt", "'nope.txt'")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")
+def test_cuda_requested_without_cuda_is_one_line(tiny_models, tmp_path):
+    folder = str(tiny_models("llama"))
+    one_line_error(run_measure(folder, "-o", str(tmp_path / "d.pth"), "--device", "cuda"), "--device cuda")
+    one_line_error(cli("evaluate", folder, "--source", folder, "--device", "cuda", "-q"), "--device cuda")
