@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,9 +18,8 @@ from typing import Any
 
 from .errors import OrthopatchError
 from .hub import resolve_file
+from .smallfile import MAX_SMALL_BYTES, check_regular, read_small_text
 
-#: No prompt or marker file is larger (an instruction set of a million lines is about 100 MB).
-MAX_TEXT_FILE_BYTES = 64 << 20
 #: The built-in sets: measured on (``harmful``, ``harmless``) and held out for judging (``*_eval``).
 BUILTIN_SETS = ("harmful", "harmless", "harmful_eval", "harmless_eval")
 #: Fields tried, in order, in JSON records when ``--field`` is not given.
@@ -51,31 +48,17 @@ class PromptSet:
 
 
 def check_small_file(path: Path, what: str = "file") -> None:
-    """A regular file of at most :data:`MAX_TEXT_FILE_BYTES`, or a one-line error naming it."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise OrthopatchError(f"{what} not found", path=path) from None
-    except OSError as exc:
-        raise OrthopatchError(f"cannot read {what} ({exc.strerror})", path=path) from None
-    if not stat.S_ISREG(info.st_mode):
-        raise OrthopatchError(f"{what} is not a regular file", path=path)
-    if info.st_size > MAX_TEXT_FILE_BYTES:
-        raise OrthopatchError(f"{what} is {info.st_size:,} bytes, more than the {MAX_TEXT_FILE_BYTES >> 20} MiB "
-                              "such a file may have", path=path)
+    """A regular file of at most :data:`MAX_SMALL_BYTES`, checked before anything reads it; one-line
+    error naming it otherwise."""
+    size = check_regular(path, what).st_size
+    if size > MAX_SMALL_BYTES:
+        raise OrthopatchError(f"{what} is {size:,} bytes, more than the {MAX_SMALL_BYTES:,} such a file may have",
+                              path=path)
 
 
 def read_text_file(path: Path, what: str = "file") -> str:
     """A small regular file's text: its type and size are checked before anything is read."""
-    check_small_file(path, what)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_TEXT_FILE_BYTES + 1)
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise OrthopatchError(f"{what} is not UTF-8 text (byte {exc.start})", path=path) from None
-    except OSError as exc:
-        raise OrthopatchError(f"cannot read {what} ({exc.strerror})", path=path) from None
+    return read_small_text(path, what)
 
 
 def builtin_prompts(kind: str) -> PromptSet:
