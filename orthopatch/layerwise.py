@@ -214,7 +214,11 @@ class LayerwiseModel:
             self.head_name = found[0] if found else self.embedding_name if tied else self._tensor_name(own)
         self.norm = next((getattr(self.base, n) for n in FINAL_NORM_NAMES if isinstance(
             getattr(self.base, n, None), nn.Module)), None)
-        self._load_others(names, head)
+        try:
+            self._load_others(names, head)
+        except BaseException:
+            self.reader.close()
+            raise
 
     # -- structure ---------------------------------------------------------------------------------
 

@@ -239,7 +239,8 @@ def test_prompt_file_that_is_not_a_small_regular_file(tiny_models, tmp_path):
     with open(big, "wb") as f:
         f.truncate(65 << 20)  # sparse: nothing is written or read
     folder = str(tiny_models("llama"))
-    one_line_error(run_measure(folder, "-o", str(tmp_path / "d.pth"), "--harmful", str(big)), str(big), "more than the 67,108,864")
+    one_line_error(run_measure(folder, "-o", str(tmp_path / "d.pth"), "--harmful", str(big)), str(big),
+                   "more than the 67,108,864")
     one_line_error(run_measure(folder, "-o", str(tmp_path / "d.pth"), "--harmful", str(tmp_path)),
                    str(tmp_path), "not a regular file")
     one_line_error(run_measure(folder, "-o", str(tmp_path / "d.pth"), "--harmful", str(tmp_path / "nope.txt")),
@@ -303,7 +304,8 @@ def test_oversized_config_or_tokenizer_file(tiny_models, tmp_path):
         shutil.copytree(tiny_models("llama"), folder)
         with open(folder / name, "r+b") as f:
             f.truncate(65 << 20)
-        one_line_error(run_measure(str(folder), "-o", str(tmp_path / "d.pth")), str(folder / name), what, "more than the 67,108,864")
+        one_line_error(run_measure(str(folder), "-o", str(tmp_path / "d.pth")), str(folder / name), what,
+                       "more than the 67,108,864")
 
 
 def test_a_family_transformers_converts_on_load_is_refused_in_one_line(tiny_models, tmp_path):
