@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -120,12 +120,15 @@ def main() -> None:
               help="Fetch a MODEL repo id that is not in the Hugging Face cache (safetensors, config, tokenizer).")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", help="Upload the finished output to this Hub repo.")
 @click.option("--private", is_flag=True, help="Create the --push-to-hub repo as private.")
+@click.option("--evaluate", "evaluate_kl", is_flag=True,
+              help="After writing, measure the KL divergence from MODEL on a small built-in harmless set, "
+                   "streamed, and warn when it is far above what abliteration usually costs (needs transformers).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
 def apply_command(model: Path, direction: Path, out: Path | None, device: str, dry_run: bool,
                   overwrite: bool, layers: frozenset[int] | None, embeddings: bool, scale: float,
                   norm_preserving: bool, targets: tuple[str, ...], download: bool, push_to_hub: str | None,
-                  private: bool, quiet: bool, debug: bool) -> None:
+                  private: bool, evaluate_kl: bool, quiet: bool, debug: bool) -> None:
     """Write the abliterated copy of MODEL, with DIRECTION projected out of every residual writer.
 
     DIRECTION holds one row [d] (or [1, d]) for every layer, or one row per layer [n_layers, d] or per
@@ -136,6 +139,11 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
     """
     if push_to_hub and dry_run:
         raise click.UsageError("--push-to-hub cannot be combined with --dry-run")
+    if evaluate_kl and not dry_run:
+        from .layerwise import require_transformers
+
+        with _reported(debug):
+            require_transformers()
     with _reported(debug, "interrupted; rerun the same command to continue the download"):
         source = resolve_model(str(model), download=download, quiet=quiet)
         direction_source = resolve_direction(str(direction), quiet=quiet)
@@ -150,11 +158,31 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
         click.echo(dry_run_text(result))
         return
     click.echo(result_line(result))
+    if evaluate_kl:
+        with _reported(debug):
+            _check_kl(result.out, model, device, quiet)
     if push_to_hub:
         with _reported(debug):
             _verify_before_push(result.out, options.direction, options.model, quiet=quiet)
             url = push_folder(result.out, push_to_hub, private=private)
         click.echo(f"{result.out}: pushed to {url}")
+
+
+def _check_kl(out: Path, source: Path, device: str, quiet: bool) -> None:
+    """``apply --evaluate``: the KL figure, and a one-line warning when it is far above the usual cost."""
+    from .evaluate import KL_WARNING, builtin_kl_prompts, kl_check
+
+    prompts = builtin_kl_prompts()
+    from .layerwise import RunSettings
+
+    mean, peak = kl_check(out, source, prompts, RunSettings(device=device), quiet=quiet)
+    figure = (f"KL divergence from the source on {len(prompts.prompts)} harmless prompts: "
+              f"mean {mean:.4g}, max {peak:.4g}")
+    if mean > KL_WARNING:
+        click.echo(f"orthopatch: warning: {figure}, far above the usual cost of abliteration (> {KL_WARNING:g}); "
+                   "check the direction (measure --project-harmless) before using this model", err=True)
+    elif not quiet:
+        click.echo(f"{out}: {figure}", err=True)
 
 
 @main.command("demo")
@@ -202,3 +230,117 @@ def verify_command(out: Path, direction: Path | None, source: Path | None, quiet
         click.echo(f"orthopatch: error: {failure}", err=True)
     if not report.ok:
         sys.exit(1)
+
+
+def _prompt_options(command: Callable) -> Callable:
+    """Options shared by measure and evaluate: where prompts come from, and how the model runs."""
+    for option in reversed([
+        click.option("--field", metavar="NAME", help="The field holding the prompt in .jsonl/.json records "
+                     "[default: the first of prompt, instruction, goal, text]."),
+        click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Use at most N prompts of each set."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing --limit prompts."),
+        click.option("--tokenizer", type=click.Path(path_type=Path),
+                     help="Folder of the tokenizer [default: MODEL's own]."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                     show_default=True, help="Arithmetic dtype of the blocks."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+                     help="Prompts per batch inside a block."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress or tables on stderr."),
+        click.option("--debug", is_flag=True, help="Show a traceback on errors."),
+    ]):
+        command = option(command)
+    return command
+
+
+@main.command("measure")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("refusal_dir.pth"), show_default=True,
+              help="The direction file to write (.pth); its record goes beside it as .json.")
+@click.option("--harmful", metavar="FILE", help="Harmful instructions: text (one per line), .jsonl or .json, "
+              "REPO_ID:PATH or datasets/REPO_ID:PATH on the Hub [default: the built-in set].")
+@click.option("--harmless", metavar="FILE", help="Harmless instructions, likewise [default: the built-in set].")
+@click.option("--layer", type=int, metavar="L",
+              help="Write the direction at layer L (the stream entering block L) [default: the best-separating "
+                   "layer between 40% and 80% of the depth].")
+@click.option("--per-layer", is_flag=True, help="Write one row per layer, [n_layers + 1, d], as apply reads it.")
+@click.option("--project-harmless/--no-project-harmless", default=True, show_default=True,
+              help="Remove the harmless mean's component from the direction before normalising it.")
+@_prompt_options
+def measure_command(model: Path, out: Path, harmful: str | None, harmless: str | None, layer: int | None,
+                    per_layer: bool, project_harmless: bool, field: str | None, limit: int | None, seed: int,
+                    tokenizer: Path | None, device: str, dtype: str, batch_size: int, quiet: bool,
+                    debug: bool) -> None:
+    """Measure MODEL's refusal direction: mean harmful minus mean harmless residual stream.
+
+    Every prompt goes through block 0, then block 1, and so on: one block's weights are in memory at a
+    time, the checkpoint is read once whatever the number of prompts, and the output head is never read.
+    A table per layer goes to stderr.
+    """
+    if layer is not None and per_layer:
+        raise click.UsageError("--layer and --per-layer exclude each other")
+    from .layerwise import RunSettings, require_transformers
+    from .measure import MeasureOptions, measure, sidecar_path
+    from .prompts import PromptChoice
+
+    with _reported(debug):
+        require_transformers()
+        source = resolve_model(str(model), quiet=quiet)
+        options = MeasureOptions(model=source.path, out=out, harmful=harmful, harmless=harmless,
+                                 choice=PromptChoice(field, limit, seed), layer=layer, per_layer=per_layer,
+                                 project_harmless=project_harmless,
+                                 run=RunSettings(device, dtype, batch_size, tokenizer), quiet=quiet)
+        result = measure(options)
+    record = result.record
+    where = "one row per layer" if record.per_layer else f"layer {record.layer} ({record.layer_rule})"
+    click.echo(f"{out}: direction of {source.name}, {where}, from {record.harmful.count} harmful and "
+               f"{record.harmless.count} harmless prompts; record in {sidecar_path(out)}")
+
+
+@main.command("evaluate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--source", required=True, type=click.Path(path_type=Path),
+              help="The model MODEL was made from (folder or cached repo id).")
+@click.option("--harmless", metavar="FILE", help="Harmless prompts for the KL [default: the built-in held-out set].")
+@click.option("--harmful", metavar="FILE",
+              help="Harmful prompts for the refusal rate [default: the built-in held-out set].")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Tokens generated (greedily) per harmful prompt.")
+@click.option("--refusal-markers", "markers", type=click.Path(path_type=Path),
+              help="Phrases (one per line) that make a reply a refusal [default: the built-in list].")
+@click.option("--no-refusals", is_flag=True, help="Only the KL: generate nothing.")
+@click.option("--in-memory", is_flag=True,
+              help="Load each model whole and generate with a cache (when it fits in memory). Streamed, "
+                   "without it, generation reads the weights once per generated token.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the figures to this file.")
+@_prompt_options
+def evaluate_command(model: Path, source: Path, harmless: str | None, harmful: str | None, max_new_tokens: int,
+                     markers: Path | None, no_refusals: bool, in_memory: bool, json_path: Path | None,
+                     field: str | None, limit: int | None, seed: int, tokenizer: Path | None, device: str,
+                     dtype: str, batch_size: int, quiet: bool, debug: bool) -> None:
+    """Judge MODEL against SRC: KL divergence on harmless prompts, refusal rates on harmful ones.
+
+    KL: of the next-token distribution at the first response position, SRC against MODEL (mean and
+    maximum), each model run once, one block at a time. Refusal rate: greedy replies to held-out
+    harmful prompts containing a refusal marker. Streamed, every generated token is one more pass
+    over the weights; --in-memory is much faster when the model fits.
+    """
+    from .evaluate import EvaluateOptions, evaluate, format_report
+    from .layerwise import RunSettings, require_transformers
+    from .output import write_atomic
+    from .prompts import PromptChoice
+
+    with _reported(debug):
+        require_transformers()
+        model_path = resolve_model(str(model), quiet=quiet).path
+        source_path = resolve_model(str(source), quiet=quiet).path
+        options = EvaluateOptions(model=model_path, source=source_path, harmless=harmless, harmful=harmful,
+                                  choice=PromptChoice(field, limit, seed), max_new_tokens=max_new_tokens,
+                                  markers=markers, refusals=not no_refusals, in_memory=in_memory,
+                                  run=RunSettings(device, dtype, batch_size, tokenizer), quiet=quiet)
+        report = evaluate(options)
+        if json_path is not None:
+            import json
+
+            write_atomic(json_path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
+    click.echo(format_report(report))

@@ -31,6 +31,9 @@ DOWNLOAD_IGNORE = ["*/*"]
 #: Never uploaded: hidden files (the partial marker, temporary files, tool caches).
 UPLOAD_IGNORE = [".*", "*/.*"]
 
+#: ``datasets/ORG/NAME:PATH`` names a file of a dataset repo.
+DATASET_PREFIX = "datasets/"
+
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -229,8 +232,17 @@ def resolve_model(text: str, *, download: bool = False, cache_dir: Path | None =
 
 def resolve_direction(text: str, *, cache_dir: Path | None = None, quiet: bool = False) -> DirectionSource:
     """A local file as it is, else ``REPO_ID[@REVISION]:PATH`` fetched alone (or from the cache)."""
+    return resolve_file(text, cache_dir=cache_dir, quiet=quiet)
+
+
+def resolve_file(text: str, *, cache_dir: Path | None = None, quiet: bool = False) -> DirectionSource:
+    """A local file as it is, else one file of a Hub repo, fetched alone (or taken from the cache):
+    ``REPO_ID[@REVISION]:PATH`` in a model repo, ``datasets/REPO_ID[@REVISION]:PATH`` in a dataset repo."""
     path = Path(text)
     repo_part, colon, filename = text.partition(":")
+    repo_type = "model"
+    if repo_part.startswith(DATASET_PREFIX):
+        repo_part, repo_type = repo_part.removeprefix(DATASET_PREFIX), "dataset"
     ref = None if path.exists() or not colon or not filename else parse_repo_ref(repo_part)
     if ref is None:
         return DirectionSource(path, path.name)
@@ -239,7 +251,8 @@ def resolve_direction(text: str, *, cache_dir: Path | None = None, quiet: bool =
 
     try:
         with _progress(quiet), _hub_quiet():
-            local = hf_hub_download(ref.repo_id, filename, revision=ref.revision, cache_dir=cache_dir)
+            local = hf_hub_download(ref.repo_id, filename, revision=ref.revision, cache_dir=cache_dir,
+                                    repo_type=repo_type)
     except Exception as exc:  # network, HTTP and validation errors all end as one line
         raise hub_error(exc, text, filename=filename) from exc
     return DirectionSource(Path(local), text)

@@ -20,6 +20,6 @@ print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
 PY
 "$PY" -c "import orthopatch" 2>/dev/null || "$PY" -m pip install --quiet --no-deps -e .
 
-"$PY" -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log"
+"$PY" -m pytest -q -m gpu tests/test_gpu.py tests/test_measure.py 2>&1 | tee "$OUT/gpu-tests.log"
 "$PY" scripts/bench.py --preset 8b --layers 1 --repeats 2 --device cuda --skip-baseline \
     --workdir "$WORKDIR" --json "$OUT/gpu-bench.json" --clean 2>&1 | tee "$OUT/gpu-bench.log"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +29,31 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Converted]:
     made = model_and_reference(root)
     with untouched(root):
         yield made
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``tiny_models(kind)``: a random tiny model of that family with a tokenizer, built once per session."""
+    pytest.importorskip("transformers")
+    from tests.tiny_models import save_tiny_model
+
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            folder = tmp_path_factory.mktemp(f"tiny-{kind}")
+            save_tiny_model(folder, kind)
+            built[kind] = folder
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor]:
+    """``(folder, r)``: the tiny Llama that refuses along the known unit direction ``r``."""
+    pytest.importorskip("transformers")
+    from tests.planted import save_planted_model
+
+    folder = tmp_path_factory.mktemp("planted") / "model"
+    return folder, save_planted_model(folder)

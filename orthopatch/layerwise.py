@@ -1,0 +1,440 @@
+"""Run a causal language model one block at a time, reading each block's weights once per pass.
+
+transformers builds the model from ``config.json`` with every parameter on the meta device (no
+memory). A pass runs every prompt through block 0, then block 1, and so on (layer-major order):
+
+1. the embedding is given only the rows of the tokens the prompts use (read row by row from the
+   shard), and transformers' own embedding module runs on them (Gemma's √hidden scale included);
+2. each block is replaced by a stand-in that records what the model hands it (the attention mask,
+   the rotary position embeddings, per block since some models alternate sliding and full
+   attention), then the model's forward stops;
+3. block by block: its weights are read from the shards, every batch runs through it with the
+   recorded arguments, the outputs become the next block's inputs, and the weights go back to meta.
+
+Prompts are batched with right padding: under a causal mask a token never sees the padding that
+follows it, so the last real token of each prompt gets exactly the state it would get alone.
+The output head is read (in row blocks) only when logits are asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import open_checkpoint
+from .errors import OrthopatchError
+from .formats import CONFIG_NAME
+from .prompts import check_small_file
+from .reader import CheckpointReader
+
+INSTALL_HINT = "pip install 'orthopatch[measure]'"
+#: Where causal LMs keep the norm applied after the last block.
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm", "norm_f")
+
+#: Names older checkpoints give the output head (GPT-NeoX's ``embed_out``).
+HEAD_ALIASES = {"lm_head.weight": ("embed_out.weight",)}
+
+Observer = Callable[[int, torch.Tensor], None]
+
+
+def require_transformers() -> Any:
+    """The ``transformers`` module, or a one-line error saying how to install it."""
+    try:
+        import transformers
+    except ImportError:
+        raise OrthopatchError(f"this command needs transformers: {INSTALL_HINT}") from None
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every parameter created inside goes to the meta device; buffers (rotary tables) stay real."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+#: Arithmetic dtypes a model may run in (``--dtype``).
+RUN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a model is run: device, arithmetic dtype, prompts per batch, and the tokenizer's folder."""
+
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 16
+    tokenizer: Path | None = None  # None: the model folder's own
+
+    def torch_device(self) -> torch.device:
+        from .devices import resolve_device
+
+        return resolve_device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in RUN_DTYPES:
+            raise OrthopatchError(f"unknown dtype {self.dtype!r} (use {', '.join(RUN_DTYPES)})")
+        return RUN_DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Right-padded token ids of some prompts, and where each prompt's last token is."""
+
+    ids: torch.Tensor  # [B, T] int64
+    lengths: torch.Tensor  # [B] int64
+    order: tuple[int, ...]  # the prompts' indices in the caller's list
+
+
+def make_batches(token_ids: list[list[int]], batch_size: int) -> list[Batch]:
+    """Batches of similar lengths (longest first), padded on the right with each prompt's last token."""
+    if batch_size < 1:
+        raise OrthopatchError(f"batch size must be at least 1, not {batch_size}")
+    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        members = order[start:start + batch_size]
+        width = len(token_ids[members[0]])
+        rows = [token_ids[i] + [token_ids[i][-1]] * (width - len(token_ids[i])) for i in members]
+        batches.append(Batch(torch.tensor(rows, dtype=torch.long),
+                             torch.tensor([len(token_ids[i]) for i in members], dtype=torch.long), tuple(members)))
+    return batches
+
+
+def _converted_on_load(model_type: str) -> bool:
+    """Whether transformers renames or fuses this family's checkpoint tensors when it loads them."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # older transformers load checkpoints as they are
+        return False
+    try:
+        return bool(get_checkpoint_conversion_mapping(model_type))
+    except Exception:
+        return False
+
+
+class _Stop(Exception):
+    """Raised by the last stand-in block: everything the blocks receive has been recorded."""
+
+
+class _StandIn(nn.Module):
+    """Takes a block's place during the recording run: keeps its arguments, passes the input on."""
+
+    def __init__(self, block: nn.Module, records: list[tuple[tuple, dict]], last: bool):
+        super().__init__()
+        self.__dict__["_block"] = block  # not a submodule: attribute look-ups only
+        self._records = records
+        self._last = last
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self._records.append((hidden, tuple(args[1:]), kwargs))
+        if self._last:
+            raise _Stop
+        return hidden
+
+
+@dataclass
+class PassStats:
+    """What a model read and held: bytes from the shards, and the most blocks materialised at once."""
+
+    bytes_read: int = 0
+    peak_blocks: int = 0
+
+
+class LayerwiseModel:
+    """A checkpoint's model built on the meta device, run block by block from the shards."""
+
+    def __init__(self, root: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32,
+                 progress: bool = False):
+        transformers = require_transformers()
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise OrthopatchError("not a model folder", path=self.root)
+        check_small_file(self.root / CONFIG_NAME, "model config")
+        self.checkpoint = open_checkpoint(self.root)
+        self.reader = CheckpointReader(self.checkpoint)
+        self.device, self.dtype = device, dtype
+        self.progress = progress  # a bar of blocks on stderr for each pass
+        self.stats = PassStats()
+        try:
+            self.config = transformers.AutoConfig.from_pretrained(self.root)
+            with parameters_on_meta():
+                model = transformers.AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        except (ValueError, KeyError, OSError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OrthopatchError(f"transformers cannot build this model ({first})",
+                                  path=self.root / CONFIG_NAME) from None
+        self.model = model.eval()
+        if device.type != "cpu":
+            for name, buffer in list(model.named_buffers()):
+                owner_name, _, leaf = name.rpartition(".")
+                owner = model.get_submodule(owner_name) if owner_name else model
+                owner._buffers[leaf] = buffer.to(device)
+        self.base = model.base_model
+        self.blocks_name, self.blocks = self._find_blocks()
+        self.embedding = model.get_input_embeddings()
+        names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        self.embedding_name = self._tensor_name(names[id(self.embedding)] + ".weight")
+        head = model.get_output_embeddings()
+        self.head_name = None
+        if head is not None:
+            tied = head.weight is self.embedding.weight or bool(
+                getattr(self.config.get_text_config(), "tie_word_embeddings", False))
+            own = names[id(head)] + ".weight"
+            found = [n for n in (own, *HEAD_ALIASES.get(own, ())) if self.reader.has(n)]
+            self.head_name = found[0] if found else self.embedding_name if tied else self._tensor_name(own)
+        self.norm = next((getattr(self.base, n) for n in FINAL_NORM_NAMES if isinstance(
+            getattr(self.base, n, None), nn.Module)), None)
+        try:
+            self._load_others(names, head)
+        except BaseException:
+            self.reader.close()
+            raise
+
+    # -- structure ---------------------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.embedding.weight.shape[1])
+
+    @property
+    def context_length(self) -> int | None:
+        value = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        return value if isinstance(value, int) else None
+
+    def _find_blocks(self) -> tuple[str, nn.ModuleList]:
+        n = self.config.get_text_config().num_hidden_layers
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) == n and name.split(".")[-1] in ("layers", "h"):
+                return name, module
+        raise OrthopatchError(f"cannot find the model's {n} blocks", path=self.root / CONFIG_NAME)
+
+    def _tensor_name(self, name: str) -> str:
+        """The checkpoint's name for the model's parameter ``name`` (older files omit the base model's prefix)."""
+        prefix = getattr(self.model, "base_model_prefix", "") + "."
+        for candidate in (name, name.removeprefix(prefix), prefix + name):
+            if self.reader.has(candidate):
+                return candidate
+        hint = ""
+        if _converted_on_load(self.config.model_type):
+            hint = " (transformers converts this family's tensors while loading them, which is not supported here)"
+        raise OrthopatchError(f"the checkpoint has no tensor {name!r}, which transformers' "
+                              f"{type(self.model).__name__} expects{hint}", path=self.root)
+
+    def _set(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+    def _read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        value = self.reader.read(self._tensor_name(name))
+        if tuple(value.shape) != tuple(shape):
+            raise OrthopatchError(f"has shape {list(value.shape)}, the model expects {list(shape)}",
+                                  path=self.root, tensor=name)
+        dtype = self.dtype if value.is_floating_point() else value.dtype
+        return value.to(device=self.device, dtype=dtype)
+
+    def _load_others(self, names: dict[int, str], head: nn.Module | None) -> None:
+        """Read every parameter outside the blocks, the embedding and the head (norms, position tables)."""
+        skip = {id(p) for p in self.blocks.parameters()} | {id(self.embedding.weight)}
+        if head is not None:
+            skip |= {id(p) for p in head.parameters()}
+        for name, param in list(self.model.named_parameters()):
+            if id(param) not in skip:
+                self._set(self.model, name, self._read(name, tuple(param.shape)))
+
+    # -- one block at a time -----------------------------------------------------------------------
+
+    def _materialise(self, layer: int) -> None:
+        block = self.blocks[layer]
+        for name, param in list(block.named_parameters()):
+            self._set(block, name, self._read(f"{self.blocks_name}.{layer}.{name}", tuple(param.shape)))
+        resident = sum(any(p.device.type != "meta" for p in b.parameters()) for b in self.blocks)
+        self.stats.peak_blocks = max(self.stats.peak_blocks, resident)
+
+    def _release(self, layer: int) -> None:
+        block = self.blocks[layer]
+        for name, param in list(block.named_parameters()):
+            self._set(block, name, torch.empty_like(param, device="meta"))
+
+    def _embed(self, batch: Batch) -> torch.Tensor:
+        """The embedding module's output, given only the rows of this batch's tokens."""
+        rows = torch.unique(batch.ids)
+        weight = self.reader.read_rows(self.embedding_name, rows.tolist())
+        emb = self.embedding
+        saved_weight, saved_pad = emb.weight, getattr(emb, "padding_idx", None)
+        emb.weight = nn.Parameter(weight.to(device=self.device, dtype=self.dtype), requires_grad=False)
+        if saved_pad is not None:
+            emb.padding_idx = None  # ids are renumbered below; padding only matters for training
+        try:
+            return emb(torch.searchsorted(rows, batch.ids).to(self.device))
+        finally:
+            emb.weight = saved_weight
+            if saved_pad is not None:
+                emb.padding_idx = saved_pad
+
+    def _record(self, embeds: torch.Tensor, **forward: Any) -> list[tuple[torch.Tensor, tuple, dict]]:
+        """What each block receives for this batch: (input of block 0, args, kwargs) per block.
+
+        ``forward`` goes to the model's forward (a key-value cache); without it no cache is used."""
+        records: list[tuple[torch.Tensor, tuple, dict]] = []
+        originals = list(self.blocks)
+        for i, block in enumerate(originals):
+            self.blocks[i] = _StandIn(block, records, last=i == len(originals) - 1)
+        try:
+            self.base(inputs_embeds=embeds, **(forward or {"use_cache": False}))
+        except _Stop:
+            pass
+        finally:
+            for i, block in enumerate(originals):
+                self.blocks[i] = block
+        if len(records) != len(originals):
+            raise OrthopatchError(f"the model's forward ran {len(records)} of its {len(originals)} blocks",
+                                  path=self.root / CONFIG_NAME)
+        return records
+
+    @torch.inference_mode()
+    def run(self, batches: list[Batch], observe: Observer | None = None,
+            forward: list[dict[str, Any]] | None = None) -> torch.Tensor:
+        """Run every batch through every block; return the residual stream after the last block at
+        each prompt's last token, ``[prompts, hidden]`` (prompts in the callers' order).
+
+        ``observe(L, states)`` sees the residual stream entering block ``L`` (``L = num_layers``:
+        leaving the last block) at each prompt's last token, as float64 on the CPU. ``forward[b]``
+        goes to the model's forward for batch ``b`` (its key-value cache).
+        """
+        hidden, records = [], []
+        for b, batch in enumerate(batches):
+            recorded = self._record(self._embed(batch), **(forward[b] if forward else {}))
+            hidden.append(recorded[0][0])
+            records.append([(args, kwargs) for _, args, kwargs in recorded])
+        bar = tqdm(range(self.num_layers), desc=self.root.name, unit="block", file=sys.stderr,
+                   disable=not self.progress, dynamic_ncols=True, leave=False)
+        for layer in bar:
+            if observe is not None:
+                observe(layer, self._last_tokens(batches, hidden).double().cpu())
+            self._materialise(layer)
+            try:
+                for b, (args, kwargs) in enumerate(r[layer] for r in records):
+                    out = self.blocks[layer](hidden[b], *args, **kwargs)
+                    hidden[b] = out[0] if isinstance(out, tuple) else out
+            finally:
+                self._release(layer)
+        final = self._last_tokens(batches, hidden)
+        if observe is not None:
+            observe(self.num_layers, final.double().cpu())
+        self.stats.bytes_read = self.reader.account.bytes_read
+        return final
+
+    @staticmethod
+    def _last_tokens(batches: list[Batch], hidden: list[torch.Tensor]) -> torch.Tensor:
+        n = sum(len(b.order) for b in batches)
+        out = torch.empty(n, hidden[0].shape[-1], dtype=hidden[0].dtype, device=hidden[0].device)
+        for batch, h in zip(batches, hidden, strict=True):
+            picked = h[torch.arange(h.shape[0], device=h.device), (batch.lengths - 1).to(h.device)]
+            out[torch.tensor(batch.order, device=h.device)] = picked
+        return out
+
+    # -- greedy generation -------------------------------------------------------------------------
+
+    def _new_cache(self) -> Any:
+        transformers = require_transformers()
+        try:
+            return transformers.DynamicCache(config=self.config)
+        except TypeError:  # older transformers: a cache without the config's layer types
+            return transformers.DynamicCache()
+
+    def _cache_keyword(self) -> str:
+        """What the model's forward calls its key-value cache (``cache`` now, ``past_key_values`` before)."""
+        return "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
+
+    @torch.inference_mode()
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int, eos: set[int]) -> list[list[int]]:
+        """Greedy replies: each generated token is one pass over every block (the weights are read
+        once per token). Each prompt is its own batch with its own key-value cache, so a pass
+        computes only the new token."""
+        caches = [self._new_cache() for _ in prompts]
+        keyword = self._cache_keyword()
+        feed = [list(p) for p in prompts]
+        replies: list[list[int]] = [[] for _ in prompts]
+        going = list(range(len(prompts)))
+        for _ in range(max_new_tokens):
+            if not going:
+                break
+            batches = [Batch(torch.tensor([feed[i]]), torch.tensor([len(feed[i])]), (k,)) for k, i in enumerate(going)]
+            final = self.run(batches, forward=[{keyword: caches[i], "use_cache": True} for i in going])
+            tokens = self.logits(final).argmax(-1).tolist()
+            for i, token in zip(going, tokens, strict=True):
+                replies[i].append(token)
+                feed[i] = [token]
+            going = [i for i, t in zip(going, tokens, strict=True) if t not in eos]
+        return replies
+
+    # -- the output head ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def logits(self, final: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``[prompts, vocab]`` (float32) from :meth:`run`'s result.
+
+        Applies the final norm, then the head read in row blocks (the head is never held whole).
+        """
+        if self.norm is None or self.head_name is None:
+            raise OrthopatchError("cannot find the model's final norm and output head", path=self.root / CONFIG_NAME)
+        normed = self.norm(final.to(self.device, self.dtype))
+        vocab = self.reader.shape(self.head_name)[0]
+        out = torch.empty(normed.shape[0], vocab, dtype=torch.float32, device=self.device)
+        for first, rows in self.reader.row_blocks(self.head_name):
+            block = rows.to(device=self.device, dtype=self.dtype)
+            out[:, first:first + block.shape[0]] = (normed @ block.T).float()
+        cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
+        if cap:
+            out = torch.tanh(out / cap) * cap
+        self.stats.bytes_read = self.reader.account.bytes_read
+        return out
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> LayerwiseModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def block_bytes(model: LayerwiseModel) -> int:
+    """Bytes of one block's parameters in the compute dtype (what one materialised block costs)."""
+    return sum(math.prod(p.shape) for p in model.blocks[0].parameters()) * model.dtype.itemsize

@@ -1,0 +1,143 @@
+"""Instruction sets: the built-in ones shipped in ``prompts/``, or a user's file; sampling; tokenizing.
+
+A prompt file is text (one instruction per line; blank lines skipped), ``.jsonl`` (one JSON object
+per line) or ``.json`` (a list of strings or objects); from objects the ``--field`` is taken. A file
+may also be ``REPO_ID:PATH`` on the Hugging Face Hub (``datasets/REPO_ID:PATH`` in a dataset repo),
+fetched alone like a direction file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import OrthopatchError
+from .hub import resolve_file
+from .smallfile import MAX_SMALL_BYTES, check_regular, read_small_text
+
+#: The built-in sets: measured on (``harmful``, ``harmless``) and held out for judging (``*_eval``).
+BUILTIN_SETS = ("harmful", "harmless", "harmful_eval", "harmless_eval")
+#: Fields tried, in order, in JSON records when ``--field`` is not given.
+DEFAULT_FIELDS = ("prompt", "instruction", "goal", "text")
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Instructions and where they came from; ``sha256`` identifies exactly the prompts used."""
+
+    source: str
+    prompts: tuple[str, ...]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256("\n".join(self.prompts).encode("utf-8")).hexdigest()
+
+    def sample(self, limit: int | None, seed: int) -> PromptSet:
+        """At most ``limit`` prompts, drawn with a fixed seed (kept in file order)."""
+        if limit is None or limit >= len(self.prompts):
+            return self
+        if limit < 1:
+            raise OrthopatchError(f"--limit must be at least 1, not {limit}")
+        keep = sorted(random.Random(seed).sample(range(len(self.prompts)), limit))
+        return PromptSet(self.source, tuple(self.prompts[i] for i in keep))
+
+
+def check_small_file(path: Path, what: str = "file") -> None:
+    """A regular file of at most :data:`MAX_SMALL_BYTES`, checked before anything reads it; one-line
+    error naming it otherwise."""
+    size = check_regular(path, what).st_size
+    if size > MAX_SMALL_BYTES:
+        raise OrthopatchError(f"{what} is {size:,} bytes, more than the {MAX_SMALL_BYTES:,} such a file may have",
+                              path=path)
+
+
+def read_text_file(path: Path, what: str = "file") -> str:
+    """A small regular file's text: its type and size are checked before anything is read."""
+    return read_small_text(path, what)
+
+
+def builtin_prompts(kind: str) -> PromptSet:
+    """One of :data:`BUILTIN_SETS`, shipped with the package."""
+    if kind not in BUILTIN_SETS:
+        raise ValueError(kind)
+    text = (resources.files(__package__) / "prompts" / f"{kind}.txt").read_text(encoding="utf-8")
+    return PromptSet(f"built-in {kind}", tuple(line.strip() for line in text.splitlines() if line.strip()))
+
+
+def _from_record(record: Any, field: str | None, path: Path, where: str) -> str:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise OrthopatchError(f"{where} is neither a string nor an object", path=path)
+    fields = (field,) if field else DEFAULT_FIELDS
+    for name in fields:
+        if isinstance(record.get(name), str):
+            return record[name]
+    wanted = f"field {field!r}" if field else f"any of the fields {', '.join(DEFAULT_FIELDS)} (use --field)"
+    raise OrthopatchError(f"{where} has no string {wanted}", path=path)
+
+
+def parse_prompts(path: Path, text: str, field: str | None = None) -> list[str]:
+    """The instructions in a prompt file's ``text``, by the file's suffix."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    raise OrthopatchError(f"line {number} is not JSON ({exc})", path=path) from None
+                prompts.append(_from_record(record, field, path, f"line {number}"))
+    elif suffix == ".json":
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise OrthopatchError(f"not valid JSON ({exc})", path=path) from None
+        if not isinstance(doc, list):
+            raise OrthopatchError("expected a JSON list of prompts", path=path)
+        prompts = [_from_record(r, field, path, f"item {i}") for i, r in enumerate(doc)]
+    else:
+        prompts = text.splitlines()
+    return [p.strip() for p in prompts if p.strip()]
+
+
+def load_prompts(spec: str, field: str | None = None, quiet: bool = False) -> PromptSet:
+    """A prompt file given as a path, ``REPO_ID:PATH`` or ``datasets/REPO_ID:PATH``; at least one prompt,
+    or a one-line error."""
+    path = resolve_file(spec, quiet=quiet).path
+    prompts = parse_prompts(path, read_text_file(path, "prompt file"), field)
+    if not prompts:
+        raise OrthopatchError("no prompts in the file", path=path)
+    return PromptSet(spec, tuple(prompts))
+
+
+@dataclass(frozen=True)
+class PromptChoice:
+    """Which prompts of a set are used: the JSON field holding them, how many, and the sampling seed."""
+
+    field: str | None = None
+    limit: int | None = None
+    seed: int = 0
+
+    def choose(self, spec: str | None, builtin: str, quiet: bool = False) -> PromptSet:
+        """The user's file ``spec`` if given, else the built-in set ``builtin``; then ``limit`` of them."""
+        chosen = load_prompts(spec, self.field, quiet) if spec else builtin_prompts(builtin)
+        return chosen.sample(self.limit, self.seed)
+
+
+def load_markers(path: Path | None) -> tuple[str, ...]:
+    """Refusal marker phrases: the built-in list, or one per line of ``path`` (``#`` starts a comment)."""
+    if path is None:
+        text = (resources.files(__package__) / "prompts" / "refusal_markers.txt").read_text(encoding="utf-8")
+    else:
+        text = read_text_file(path, "refusal marker file")
+    markers = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    if not markers:
+        raise OrthopatchError("no refusal markers in the file", path=path)
+    return markers
