@@ -15,8 +15,10 @@ from .devices import resolve_device
 from .direction import Direction, load_direction
 from .errors import OrthopatchError, quoted
 from .executor import target_directions, write_shard
+from .filecopy import CopyStats
 from .formats import CARD_NAME, INDEX_NAME
 from .hub import folder_name
+from .inplace import Journal, apply_in_place
 from .model_card import read_source_card, write_model_card
 from .output import OutputFolder, OutputState, copy_model_file, model_files, shard_done, write_atomic
 from .plan import PatchPlan, ShardPlan, build_plan, format_plan
@@ -41,9 +43,13 @@ class ApplyOptions:
     #: How the model card names the source and the direction (default: folder and file names).
     base_model: str | None = None
     direction_name: str | None = None
+    #: Rewrite the patched tensors inside ``model``'s own shards (see :mod:`orthopatch.inplace`).
+    in_place: bool = False
 
     @property
     def out_path(self) -> Path:
+        if self.in_place:
+            return model_folder(self.model)
         if self.out is not None:
             return self.out
         model = Path(os.path.abspath(model_folder(self.model)))  # a symlinked model folder keeps its name
@@ -56,6 +62,11 @@ class ApplyResult:
     plan: PatchPlan
     state: str  # "dry-run", "already complete", "written", "resumed"
     seconds: float = 0.0
+    #: Bytes of patched tensors written by this run (shards finished by an earlier run not counted).
+    patched: int = 0
+    #: Where this run's unchanged bytes went: shared with the source, copied in the kernel, or by hand.
+    copied: CopyStats = field(default_factory=CopyStats)
+    in_place: bool = False
 
 
 def prepare(options: ApplyOptions) -> tuple[PatchPlan, Direction]:
@@ -78,7 +89,16 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
         log(f"note: {note}")
     out_path = options.out_path
     if options.dry_run:
-        return ApplyResult(out_path, plan, "dry-run")
+        return ApplyResult(out_path, plan, "dry-run", in_place=options.in_place)
+    if options.in_place:
+        done = apply_in_place(plan, direction, direction_file=Path(os.path.abspath(options.direction)),
+                              method=options.method, device=options.device, quiet=options.quiet, log=log,
+                              base_model=options.base_model,
+                              direction_name=options.direction_name or options.direction.name)
+        return ApplyResult(out_path, plan, done.state, done.seconds, done.patched, done.copied, in_place=True)
+    if Journal(plan.checkpoint.root).exists():
+        raise OrthopatchError("an in-place conversion of this folder is unfinished (rerun it with --in-place to "
+                              "finish it): it is not a source", path=plan.checkpoint.root)
 
     device = resolve_device(options.device)
     started = time.monotonic()
@@ -108,10 +128,11 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
         todo = [s for s in plan.shards
                 if not shard_done(out_path, s.name, s.header.raw, s.header.file_size)]
         log(plan_line(plan, device, todo))
+        copied = CopyStats()
         with ByteProgress(sum(s.header.file_size for s in todo), disable=options.quiet) as progress:
             for shard in todo:
                 progress.set_description(quoted(shard.name))
-                write_shard(shard, src, out_path, directions, patcher, progress.update)
+                copied += write_shard(shard, src, out_path, directions, patcher, progress.update)
         for rel in files.copied:
             copy_model_file(src, out_path, rel)
         if plan.checkpoint.index_path is not None:
@@ -124,7 +145,8 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
                          direction=options.direction_name or options.direction.name, source=source_card)
         out.complete(record.to_json())
     resumed = state is OutputState.PARTIAL
-    return ApplyResult(out_path, plan, "resumed" if resumed else "written", seconds)
+    return ApplyResult(out_path, plan, "resumed" if resumed else "written", seconds,
+                       patched=sum(s.patched_bytes for s in todo), copied=copied)
 
 
 def plan_line(plan: PatchPlan, device: object, todo: list[ShardPlan]) -> str:
@@ -136,4 +158,5 @@ def plan_line(plan: PatchPlan, device: object, todo: list[ShardPlan]) -> str:
 
 
 def dry_run_text(result: ApplyResult) -> str:
-    return f"{format_plan(result.plan)}\noutput: {result.out} (nothing written: dry run)"
+    where = "in place" if result.in_place else "output"
+    return f"{format_plan(result.plan)}\n{where}: {result.out} (nothing written: dry run)"

@@ -42,8 +42,9 @@ def _scale_option(_ctx: click.Context, _param: click.Parameter, value: float) ->
     return value
 
 
-def _verify_before_push(out: Path, direction: Path, source: Path, *, quiet: bool = False) -> None:
-    """Refuse to push anything but a finished conversion that ``orthopatch verify --source`` accepts."""
+def _verify_before_push(out: Path, direction: Path, source: Path | None, *, quiet: bool = False) -> None:
+    """Refuse to push anything but a finished conversion that ``orthopatch verify --source`` accepts
+    (``verify`` without a source for a model converted in place: there is none left)."""
     from .verify import VerifyOptions, verify
 
     report = verify(VerifyOptions(out=out, direction=direction, source=source, quiet=quiet))
@@ -60,15 +61,21 @@ def _seconds(seconds: float) -> str:
 
 
 def result_line(result: ApplyResult) -> str:
-    """What a finished ``apply`` did, on one line: tensors and bytes patched, bytes copied, time."""
-    plan = result.plan
-    n = sum(1 for _ in plan.targets())
+    """What a finished ``apply`` did, on one line: tensors and bytes patched, where the other bytes went
+    (shared with the source, copied in the kernel, copied through memory), and the time."""
+    n = sum(1 for _ in result.plan.targets())
     out = quoted(str(result.out))
     if result.state == "already complete":
         return f"{out}: already complete, nothing to do"
-    return (f"{out}: {n} tensors patched ({plan.patched_bytes:,} bytes), "
-            f"{plan.total_bytes - plan.patched_bytes:,} bytes copied unchanged, "
-            f"in {_seconds(result.seconds)} ({result.state})")
+    if result.in_place:
+        return (f"{out}: {n} tensors patched in place ({result.patched:,} bytes rewritten, nothing else "
+                f"read or written), in {_seconds(result.seconds)} ({result.state})")
+    c = result.copied
+    parts = [f"{n} tensors patched ({result.patched:,} bytes)"]
+    parts += [f"{nbytes:,} bytes {how}" for nbytes, how in ((c.shared, "shared with the source"),
+                                                           (c.kernel, "copied in the kernel"),
+                                                           (c.user, "copied through memory")) if nbytes]
+    return f"{out}: {', '.join(parts)}, in {_seconds(result.seconds)} ({result.state})"
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
@@ -105,6 +112,9 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, shards, bytes) and write nothing.")
 @click.option("--overwrite", is_flag=True,
               help="Delete and replace the contents of an output folder that holds anything else.")
+@click.option("--in-place", "in_place", is_flag=True,
+              help="Rewrite the patched tensors inside MODEL's own shards (crash-safe; needs free space for "
+                   "the largest patched tensor only) instead of writing a copy.")
 @click.option("--layers", callback=_layers_option, metavar="SPEC",
               help="Blocks to patch: indices and half-open ranges, e.g. 10:60 (10..59) or 0:4,7 [default: all].")
 @click.option("--embeddings/--no-embeddings", default=True, show_default=True,
@@ -126,7 +136,7 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
 def apply_command(model: Path, direction: Path, out: Path | None, device: str, dry_run: bool,
-                  overwrite: bool, layers: frozenset[int] | None, embeddings: bool, scale: float,
+                  overwrite: bool, in_place: bool, layers: frozenset[int] | None, embeddings: bool, scale: float,
                   norm_preserving: bool, targets: tuple[str, ...], download: bool, push_to_hub: str | None,
                   private: bool, evaluate_kl: bool, quiet: bool, debug: bool) -> None:
     """Write the abliterated copy of MODEL, with DIRECTION projected out of every residual writer.
@@ -139,6 +149,9 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
     """
     if push_to_hub and dry_run:
         raise click.UsageError("--push-to-hub cannot be combined with --dry-run")
+    if in_place and (out is not None or overwrite or evaluate_kl):
+        other = "-o/--out" if out is not None else "--overwrite" if overwrite else "--evaluate (no source is left)"
+        raise click.UsageError(f"--in-place writes into MODEL itself: it cannot be combined with {other}")
     if evaluate_kl and not dry_run:
         from .layerwise import require_transformers
 
@@ -147,11 +160,12 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
     with _reported(debug, "interrupted; rerun the same command to continue the download"):
         source = resolve_model(str(model), download=download, quiet=quiet)
         direction_source = resolve_direction(str(direction), quiet=quiet)
-    model, direction, out = source.path, direction_source.path, out or source.default_out
+    model, direction, out = source.path, direction_source.path, None if in_place else out or source.default_out
     options = ApplyOptions(model=model, direction=direction, out=out, device=device, dry_run=dry_run,
                            overwrite=overwrite, quiet=quiet,
                            method=Method(Selection(layers, embeddings), scale, norm_preserving, targets),
-                           base_model=source.name, direction_name=direction_source.name)
+                           base_model=source.name, direction_name=direction_source.name,
+                           in_place=in_place)
     with _reported(debug, "interrupted; rerun the same command to continue"):
         result = apply(options)
     if result.state == "dry-run":
@@ -163,7 +177,7 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
             _check_kl(result.out, model, device, quiet)
     if push_to_hub:
         with _reported(debug):
-            _verify_before_push(result.out, options.direction, options.model, quiet=quiet)
+            _verify_before_push(result.out, options.direction, None if in_place else options.model, quiet=quiet)
             url = push_folder(result.out, push_to_hub, private=private)
         click.echo(f"{result.out}: pushed to {url}")
 

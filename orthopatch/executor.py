@@ -17,12 +17,12 @@ import torch
 
 from .direction import Direction
 from .errors import OrthopatchError
-from .filecopy import RangeCopier
+from .filecopy import CopyStats, RangeCopier, block_size, split_aligned
 from .plan import PatchPlan, PatchTarget, ShardPlan
 from .projection import unit_direction
 from .reader import open_source, read_small_tensor
 from .stream import TensorPatcher
-from .writer import ShardWriter
+from .writer import ShardWriter, io_error
 
 Progress = Callable[[int], None]
 
@@ -72,18 +72,40 @@ class _Stopped(Exception):
     """Raised in the copy thread when the patch thread has failed."""
 
 
+def written_ranges(segments: list[tuple[int, int, PatchTarget | None]], block: int) -> list[tuple[int, int]]:
+    """The byte ranges of a shard that are written rather than shared: everything but the aligned
+    bodies of the unchanged runs (adjacent ranges merged)."""
+    ranges: list[tuple[int, int]] = []
+    for begin, end, target in segments:
+        pieces = [(begin, end)] if target is not None else \
+            [(p.begin, p.end) for p in split_aligned(begin, end, block) if not p.aligned]
+        for b, e in pieces:
+            if ranges and ranges[-1][1] == b:
+                ranges[-1] = (ranges[-1][0], e)
+            else:
+                ranges.append((b, e))
+    return ranges
+
+
 def write_shard(shard: ShardPlan, src: Path, out: Path, directions: dict[str, torch.Tensor],
-                patcher: TensorPatcher, on_progress: Progress | None = None) -> None:
-    """Write ``out/shard.name`` (atomically) from ``src/shard.name``.
+                patcher: TensorPatcher, on_progress: Progress | None = None) -> CopyStats:
+    """Write ``out/shard.name`` (atomically) from ``src/shard.name``; returns where the copied bytes went.
 
     Unchanged runs are copied on a second thread while this one streams the patched tensors; the
-    kernel copy and the projection overlap, and both release the GIL.
+    kernel copy and the projection overlap, and both release the GIL. Where the output's filesystem
+    can share the source's blocks, the unchanged runs are shared and only the rest is allocated.
     """
     segments = shard_segments(shard)
     src_path = src / shard.name
-    with open_source(src_path) as fd, ShardWriter(out / shard.name, shard.header.file_size,
-                                                   [(b, e) for b, e, _ in segments]) as writer:
-        copier = RangeCopier(write_behind=True)
+    size = shard.header.file_size
+    with open_source(src_path) as fd, ShardWriter(out / shard.name, size, [(b, e) for b, e, _ in segments],
+                                                   reserve=False) as writer:
+        copier = RangeCopier(write_behind=True, block=block_size(writer.fd))
+        try:
+            shares = copier.probe(fd, writer.fd, size)
+        except OSError as exc:
+            raise io_error(exc, writer.final, "write shard") from None
+        writer.reserve(written_ranges(segments, copier.block) if shares else [(0, size)])
         stop = threading.Event()
 
         def copied(n: int) -> None:
@@ -114,3 +136,4 @@ def write_shard(shard: ShardPlan, src: Path, out: Path, directions: dict[str, to
                                           path=src_path) from None
                 raise error
         writer.finish()
+    return copier.stats

@@ -24,6 +24,10 @@ RECORD_NAME = "orthopatch.json"
 PARTIAL_NAME = ".orthopatch-partial.json"
 #: Files are written under ``.NAME`` + this suffix and renamed into place when complete.
 TMP_SUFFIX = ".orthopatch-tmp"
+#: The journal folder inside a model while ``apply --in-place`` is unfinished, and its state file
+#: (written before any shard is touched: its presence means the conversion has begun).
+INPLACE_JOURNAL_DIR = ".orthopatch-inplace"
+INPLACE_STATE_NAME = "state.json"
 
 # --- safetensors ---------------------------------------------------------------------------------
 

@@ -103,6 +103,23 @@ def shared_lock(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
+@contextmanager
+def exclusive_lock(root: Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on folder ``root``; a second holder is refused with ``busy``."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise io_error(exc, root, "open folder") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OrthopatchError(busy, path=root) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 class OutputFolder:
     """``OUT``, locked for the lifetime of the object against a second concurrent writer."""
 

@@ -140,15 +140,17 @@ class Record:
     seconds: float
     fingerprint: dict[str, Any] = field(default_factory=dict)
     format: int = RECORD_FORMAT
+    #: The patched tensors were rewritten inside the source's own shards (``apply --in-place``).
+    in_place: bool = False
 
     @classmethod
     def of(cls, plan: PatchPlan, *, source: Path, direction_file: Path, direction_sha256: str, direction_rows: int,
-           method: Method, device: str, seconds: float, fingerprint: Fingerprint) -> Record:
+           method: Method, device: str, seconds: float, fingerprint: Fingerprint, in_place: bool = False) -> Record:
         tensors = tuple(PatchedTensor(t.name, t.role, t.layer, t.axis, t.gain) for t in plan.targets())
         return cls(__version__, str(source), DirectionInfo(str(direction_file), direction_sha256, direction_rows,
                                                            plan.hidden_size),
                    plan.architecture.name, method, device, tensors, plan.patched_bytes, plan.total_bytes,
-                   round(seconds, 3), fingerprint.to_json())
+                   round(seconds, 3), fingerprint.to_json(), in_place=in_place)
 
     def to_json(self) -> dict[str, Any]:
         d = self.direction
@@ -164,7 +166,7 @@ class Record:
             "total_bytes": self.total_bytes,
             "seconds": self.seconds,
             "fingerprint": self.fingerprint,
-        }
+        } | ({"in_place": True} if self.in_place else {})
 
     @classmethod
     def from_json(cls, doc: Any, path: str | Path = "orthopatch.json") -> Record:
@@ -206,10 +208,13 @@ class Record:
         seconds, fingerprint = doc.get("seconds", 0.0), doc.get("fingerprint", {})
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not isinstance(fingerprint, dict):
             raise bad("cannot read the time or fingerprint it records")
+        in_place = doc.get("in_place", False)
+        if not isinstance(in_place, bool):
+            raise bad("cannot read whether it was converted in place")
         return cls(texts["orthopatch_version"], texts["source"],
                    DirectionInfo(direction["file"], direction["sha256"], direction["rows"], direction["hidden_size"]),
                    texts["architecture"], method, device, tuple(tensors), numbers["patched_bytes"],
-                   numbers["total_bytes"], float(seconds), fingerprint, fmt)
+                   numbers["total_bytes"], float(seconds), fingerprint, fmt, in_place)
 
     @classmethod
     def read(cls, path: Path) -> Record:

@@ -98,9 +98,22 @@ class _ValuePool:
             remaining -= n
 
 
+#: Tensor orders within a shard: the model's module order, or the order ``save_pretrained`` writes.
+ORDERS = ("module", "save_pretrained")
+
+
 def write_checkpoint(folder: Path, shape: LlamaShape, *, shard_bytes: int = 2 << 30,
-                     dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
-    """Write a sharded checkpoint of ``shape`` into ``folder`` (created), streaming, at the disk's speed."""
+                     dtype: torch.dtype = torch.bfloat16, seed: int = 0, order: str = "module") -> Path:
+    """Write a sharded checkpoint of ``shape`` into ``folder`` (created), streaming, at the disk's speed.
+
+    Tensors are split into shards in module order, a new shard starting when the next tensor would
+    pass ``shard_bytes``, as transformers' ``save_pretrained`` splits them. With
+    ``order="save_pretrained"`` each shard's data is then laid out as the safetensors library writes
+    it, sorted by name (``layers.10`` before ``layers.2``): what published checkpoints hold, where the
+    unchanged runs between patched tensors start at arbitrary offsets.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     pool = _ValuePool(gen, dtype)
@@ -114,6 +127,8 @@ def write_checkpoint(folder: Path, shape: LlamaShape, *, shard_bytes: int = 2 <<
             size = 0
         shards[-1].append((name, tshape))
         size += nbytes
+    if order == "save_pretrained":
+        shards = [sorted(members) for members in shards]
     weight_map, total = {}, 0
     for k, members in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"

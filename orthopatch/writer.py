@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from .errors import OrthopatchError
+from .filecopy import RangeCopier, pwrite_all
 from .formats import TMP_SUFFIX
 
 
@@ -53,7 +54,9 @@ class ShardWriter:
     refuses to publish a file with any segment incomplete.
     """
 
-    def __init__(self, final: Path, size: int, segments: list[tuple[int, int]]):
+    def __init__(self, final: Path, size: int, segments: list[tuple[int, int]], *, reserve: bool = True):
+        """``reserve``: allocate the whole file now (a full disk fails here, before any work); pass
+        False to choose the ranges with :meth:`reserve` (those not shared with a source)."""
         self.final = final
         self.tmp = temp_path(final)
         self.size = size
@@ -73,8 +76,15 @@ class ShardWriter:
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise io_error(exc, self.tmp, "create") from None
+        if reserve:
+            self.reserve([(0, size)])
+
+    def reserve(self, ranges: list[tuple[int, int]]) -> None:
+        """Allocate the blocks of ``ranges`` now, so that a full disk is found before any work is done."""
         try:
-            os.posix_fallocate(self.fd, 0, size) if size else None
+            for begin, end in ranges:
+                if end > begin:
+                    os.posix_fallocate(self.fd, begin, end - begin)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 self.abort()
@@ -91,15 +101,13 @@ class ShardWriter:
             self._cursor[segment] = offset + length
 
     def write(self, segment: int, offset: int, data: memoryview) -> None:
-        from .filecopy import pwrite_all
-
         self.claim(segment, offset, len(data))
         try:
             pwrite_all(self.fd, data, offset)
         except OSError as exc:
             raise io_error(exc, self.final, "write shard") from None
 
-    def copy_from(self, copier, src_fd: int, begin: int, end: int, on_progress=None) -> None:
+    def copy_from(self, copier: RangeCopier, src_fd: int, begin: int, end: int, on_progress=None) -> None:
         """Fill the segment ``[begin, end)`` with the same bytes of ``src_fd``, without decoding them."""
         self.claim(begin, begin, end - begin)
         try:
@@ -114,6 +122,9 @@ class ShardWriter:
             raise RuntimeError(f"shard {self.final.name} incomplete: segments at {missing[:3]} unfinished")
         try:
             os.fsync(self.fd)
+            written = os.fstat(self.fd).st_size
+            if written != self.size:
+                raise RuntimeError(f"shard {self.final.name} has {written} bytes, not {self.size}")
             os.close(self.fd)
             self.state = WriterState.FINISHED
             os.replace(self.tmp, self.final)

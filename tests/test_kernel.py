@@ -307,13 +307,13 @@ def test_range_copier_fallback_is_bounded(tmp_path, monkeypatch):
 
 
 def test_range_copier_passes_other_errors(tmp_path, monkeypatch):
-    (tmp_path / "a").write_bytes(b"x" * 100)
+    (tmp_path / "a").write_bytes(b"x" * 10_000)
     monkeypatch.setattr(os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     src = os.open(tmp_path / "a", os.O_RDONLY)
     dst = os.open(tmp_path / "b", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         with pytest.raises(OSError, match="I/O"):
-            filecopy.RangeCopier().copy(src, dst, 0, 100)
+            filecopy.RangeCopier(block=4096, clone=False).copy(src, dst, 0, 10_000)
     finally:
         os.close(src)
         os.close(dst)

@@ -92,6 +92,9 @@ def verify(options: VerifyOptions, log: Log | None = None) -> VerifyReport:
         direction = load_direction(options.direction, out_plan.hidden_size, out_plan.num_layers)
         report.notes.extend(direction.notes)
         check_record(report, record, out_plan, direction)
+        if options.source is not None and options.source.resolve() == out_root.resolve():
+            raise OrthopatchError("is the folder being verified: a model converted in place has no source left to "
+                                  "compare with (verify it without --source)", path=options.source)
         if options.source is not None:
             src_ckpt = open_checkpoint(options.source)
             plan = _plan(src_ckpt, method)

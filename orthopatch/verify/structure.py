@@ -8,7 +8,7 @@ from pathlib import Path
 from ..checkpoint import Checkpoint
 from ..direction import Direction
 from ..errors import OrthopatchError
-from ..formats import CONFIG_NAME, INDEX_NAME, PARTIAL_NAME, RECORD_NAME
+from ..formats import CONFIG_NAME, INDEX_NAME, INPLACE_JOURNAL_DIR, INPLACE_STATE_NAME, PARTIAL_NAME, RECORD_NAME
 from ..output import temporaries
 from ..plan import PatchPlan
 from ..record import Record
@@ -31,6 +31,9 @@ def check_folder(report: VerifyReport, out: Path) -> Record | None:
             report.failures.append(exc)
     if (out / PARTIAL_NAME).exists():
         report.fail("an interrupted run's marker is present: rerun the same apply command to finish", path=out)
+    if (out / INPLACE_JOURNAL_DIR / INPLACE_STATE_NAME).is_file():
+        report.fail("an in-place conversion is unfinished: rerun the same apply --in-place command to finish it",
+                    path=out)
     for tmp in temporaries(out):
         report.fail("temporary file left by an interrupted run", path=tmp)
     return record
