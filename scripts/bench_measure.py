@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench import GIB, PRESETS, ROOT, evict, parse_size, prepare, timed
+from bench import GIB, ORDERS, PRESETS, ROOT, evict, parse_size, prepare, timed
 
 from orthopatch.synthetic import LlamaShape
 
@@ -32,7 +32,7 @@ measure(MeasureOptions(model=Path(src), out=Path(out), token_ids=(ids[:int(promp
 
 
 def bench_size(args: argparse.Namespace, shape: LlamaShape) -> dict:
-    src, _ = prepare(args.workdir, shape, args.shard_size)
+    src, _ = prepare(args.workdir, shape, args.shard_size, args.order)
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     out = args.workdir / "measured.pth"
     evict(src)
@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="70b", help="tensor shapes [70b]")
     parser.add_argument("--layers", type=int, nargs="+", default=[4], help="model sizes to run [4]")
-    parser.add_argument("--shard-size", type=parse_size, default=2 * GIB, help="shard size, e.g. 2G [2G]")
+    parser.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"), help="shard size [5GB]")
+    parser.add_argument("--order", choices=ORDERS, default="save_pretrained",
+                        help="tensor order in the shards, as scripts/bench.py [save_pretrained]")
     parser.add_argument("--prompts", type=int, default=32, help="prompts of each kind [32]")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per prompt [32]")
     parser.add_argument("--device", default="cpu", help="[cpu]")
