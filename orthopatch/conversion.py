@@ -55,7 +55,8 @@ Source = str | Fused
 def _transformers_loading() -> tuple | None:
     """transformers' conversion helpers, or ``None`` for a version that loads tensors as they are."""
     try:
-        from transformers import conversion_mapping, core_model_loading as cml
+        from transformers import conversion_mapping
+        from transformers import core_model_loading as cml
     except ImportError:
         return None
     try:

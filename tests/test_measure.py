@@ -332,6 +332,31 @@ def test_moe_experts_are_fused_as_transformers_fuses_them(tiny_models):
                          for p in ("gate_up_proj", "down_proj")}, family
 
 
+def test_a_checkpoint_already_in_the_fused_layout_is_read_as_it_is(tiny_models, tmp_path):
+    """Expert tensors stored fused (transformers' in-memory names) need no conversion."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from orthopatch.conversion import Fused
+    from orthopatch.layerwise import LayerwiseModel, make_batches
+
+    source = tiny_models("mixtral")
+    folder = tmp_path / "fused"
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    prompts = encoded(folder, "harmful")[:4]
+    reference = reference_states(folder, prompts)
+    seen: dict[int, torch.Tensor] = {}
+    with LayerwiseModel(folder, device=torch.device("cpu")) as streamed:
+        assert not any(isinstance(s, Fused) for s in streamed.sources.values())
+        streamed.run(make_batches(prompts, 2), seen.__setitem__)
+    for layer, states in enumerate(reference):
+        torch.testing.assert_close(seen[layer], states, rtol=0, atol=1e-5 * states.abs().max().item())
+
+
 def test_a_conversion_other_than_stacking_and_concatenating_is_refused_in_one_line(tiny_models, tmp_path,
                                                                                  monkeypatch):
     from transformers import conversion_mapping
