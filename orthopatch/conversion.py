@@ -176,9 +176,8 @@ def read_fused(spec: Fused, reader: CheckpointReader, shape: tuple[int, ...], *,
     """The fused parameter, each source tensor read whole into its slice (no second copy is made)."""
     total, places = _layout(spec, reader.shape, root)
     if tuple(total) != tuple(shape):
-        raise OrthopatchError(f"and the other {sum(map(len, spec.groups)) - 1} tensors fused into "
-                              f"{spec.target!r} make shape {list(total)}, the model expects {list(shape)}",
-                              path=root, tensor=spec.first)
+        raise OrthopatchError(f"fused with {sum(map(len, spec.groups)) - 1} other tensors into {spec.target!r}: "
+                              f"shape {list(total)}, the model expects {list(shape)}", path=root, tensor=spec.first)
     out = torch.empty(shape, dtype=dtype, device=device)
     for name, place in places:
         place(out).copy_(reader.read(name))

@@ -8,8 +8,9 @@ memory). A pass runs every prompt through block 0, then block 1, and so on (laye
 2. each block is replaced by a stand-in that records what the model hands it (the attention mask,
    the rotary position embeddings, per block since some models alternate sliding and full
    attention), then the model's forward stops;
-3. block by block: its weights are read from the shards, every batch runs through it with the
-   recorded arguments, the outputs become the next block's inputs, and the weights go back to meta.
+3. block by block: its weights are read from the shards (experts fused as transformers fuses them:
+   :mod:`orthopatch.conversion`), every batch runs through it with the recorded arguments, the
+   outputs become the next block's inputs, and the weights go back to meta.
 
 Prompts are batched with right padding: under a causal mask a token never sees the padding that
 follows it, so the last real token of each prompt gets exactly the state it would get alone.
@@ -262,10 +263,11 @@ class LayerwiseModel:
         source = self.sources.get(name)
         if isinstance(source, Fused):
             return read_fused(source, self.reader, shape, dtype=self.dtype, device=self.device, root=self.root)
-        value = self.reader.read(self._tensor_name(name))
+        stored = self._tensor_name(name)
+        value = self.reader.read(stored)
         if tuple(value.shape) != tuple(shape):
             raise OrthopatchError(f"has shape {list(value.shape)}, the model expects {list(shape)}",
-                                  path=self.root, tensor=name)
+                                  path=self.root, tensor=stored)
         dtype = self.dtype if value.is_floating_point() else value.dtype
         return value.to(device=self.device, dtype=dtype)
 

@@ -357,6 +357,30 @@ def test_a_checkpoint_already_in_the_fused_layout_is_read_as_it_is(tiny_models, 
         torch.testing.assert_close(seen[layer], states, rtol=0, atol=1e-5 * states.abs().max().item())
 
 
+def test_experts_that_do_not_fuse_are_one_line(tiny_models, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    source = tiny_models("mixtral")
+    tensors = {}
+    for shard in sorted(source.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
+    expert = "model.layers.0.block_sparse_moe.experts.{}.{}.weight"
+    cases = {"odd": ({expert.format(1, "w1"): torch.zeros(63, 32)}, [expert.format(1, "w1"), "shape [63, 32] differs"]),
+             "missing": ({expert.format(3, "w2"): None},
+                         [expert.format(0, "w2"), "fused with 2 other tensors",
+                          "shape [3, 32, 64], the model expects [4, 32, 64]"])}
+    for case, (change, fragments) in cases.items():
+        folder = tmp_path / case
+        shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+        changed = {n: t for n, t in {**tensors, **change}.items() if t is not None}
+        save_file(changed, folder / "model.safetensors", metadata={"format": "pt"})
+        one_line_error(run_measure(str(folder), "-o", str(tmp_path / "d.pth")), str(folder), *fragments)
+
+
 def test_a_conversion_other_than_stacking_and_concatenating_is_refused_in_one_line(tiny_models, tmp_path,
                                                                                  monkeypatch):
     from transformers import conversion_mapping
