@@ -430,7 +430,8 @@ def test_apply_reaches_none_of_the_modules_that_run_a_model():
     from tests.test_layout import import_graph, reachable
 
     graph = import_graph()
-    running = {"orthopatch.layerwise", "orthopatch.measure", "orthopatch.evaluate", "orthopatch.chat"}
+    running = {"orthopatch.layerwise", "orthopatch.conversion", "orthopatch.measure", "orthopatch.evaluate",
+               "orthopatch.chat"}
     assert running <= set(graph)
     assert not reachable(graph, "orthopatch.apply") & running
 
