@@ -8,8 +8,9 @@ memory). A pass runs every prompt through block 0, then block 1, and so on (laye
 2. each block is replaced by a stand-in that records what the model hands it (the attention mask,
    the rotary position embeddings, per block since some models alternate sliding and full
    attention), then the model's forward stops;
-3. block by block: its weights are read from the shards, every batch runs through it with the
-   recorded arguments, the outputs become the next block's inputs, and the weights go back to meta.
+3. block by block: its weights are read from the shards (experts fused as transformers fuses them:
+   :mod:`orthopatch.conversion`), every batch runs through it with the recorded arguments, the
+   outputs become the next block's inputs, and the weights go back to meta.
 
 Prompts are batched with right padding: under a causal mask a token never sees the padding that
 follows it, so the last real token of each prompt gets exactly the state it would get alone.
@@ -32,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import open_checkpoint
+from .conversion import Fused, parameter_sources, read_fused
 from .errors import OrthopatchError
 from .formats import CONFIG_NAME
 from .prompts import check_small_file
@@ -123,18 +125,6 @@ def make_batches(token_ids: list[list[int]], batch_size: int) -> list[Batch]:
     return batches
 
 
-def _converted_on_load(model_type: str) -> bool:
-    """Whether transformers renames or fuses this family's checkpoint tensors when it loads them."""
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    except ImportError:  # older transformers load checkpoints as they are
-        return False
-    try:
-        return bool(get_checkpoint_conversion_mapping(model_type))
-    except Exception:
-        return False
-
-
 class _Stop(Exception):
     """Raised by the last stand-in block: everything the blocks receive has been recorded."""
 
@@ -200,6 +190,8 @@ class LayerwiseModel:
                 owner = model.get_submodule(owner_name) if owner_name else model
                 owner._buffers[leaf] = buffer.to(device)
         self.base = model.base_model
+        # Which checkpoint tensors feed each parameter (transformers renames or fuses some families').
+        self.sources = parameter_sources(model, self.checkpoint.weight_map, self.root)
         self.blocks_name, self.blocks = self._find_blocks()
         self.embedding = model.get_input_embeddings()
         names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
@@ -210,7 +202,7 @@ class LayerwiseModel:
             tied = head.weight is self.embedding.weight or bool(
                 getattr(self.config.get_text_config(), "tie_word_embeddings", False))
             own = names[id(head)] + ".weight"
-            found = [n for n in (own, *HEAD_ALIASES.get(own, ())) if self.reader.has(n)]
+            found = [n for n in (self._renamed(own), own, *HEAD_ALIASES.get(own, ())) if n and self.reader.has(n)]
             self.head_name = found[0] if found else self.embedding_name if tied else self._tensor_name(own)
         self.norm = next((getattr(self.base, n) for n in FINAL_NORM_NAMES if isinstance(
             getattr(self.base, n, None), nn.Module)), None)
@@ -242,17 +234,25 @@ class LayerwiseModel:
                 return name, module
         raise OrthopatchError(f"cannot find the model's {n} blocks", path=self.root / CONFIG_NAME)
 
+    def _renamed(self, name: str) -> str | None:
+        """The checkpoint tensor transformers loads into parameter ``name`` under its own or another name."""
+        source = self.sources.get(name)
+        if isinstance(source, Fused):
+            raise OrthopatchError(f"is fused from {sum(map(len, source.groups))} tensors into {name!r}, which is "
+                                  "read only as a whole tensor here", path=self.root, tensor=source.first)
+        return source
+
     def _tensor_name(self, name: str) -> str:
         """The checkpoint's name for the model's parameter ``name`` (older files omit the base model's prefix)."""
+        renamed = self._renamed(name)
+        if renamed is not None:
+            return renamed
         prefix = getattr(self.model, "base_model_prefix", "") + "."
         for candidate in (name, name.removeprefix(prefix), prefix + name):
             if self.reader.has(candidate):
                 return candidate
-        hint = ""
-        if _converted_on_load(self.config.model_type):
-            hint = " (transformers converts this family's tensors while loading them, which is not supported here)"
         raise OrthopatchError(f"the checkpoint has no tensor {name!r}, which transformers' "
-                              f"{type(self.model).__name__} expects{hint}", path=self.root)
+                              f"{type(self.model).__name__} expects", path=self.root)
 
     def _set(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner_name, _, leaf = name.rpartition(".")
@@ -260,10 +260,14 @@ class LayerwiseModel:
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
     def _read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        value = self.reader.read(self._tensor_name(name))
+        source = self.sources.get(name)
+        if isinstance(source, Fused):
+            return read_fused(source, self.reader, shape, dtype=self.dtype, device=self.device, root=self.root)
+        stored = self._tensor_name(name)
+        value = self.reader.read(stored)
         if tuple(value.shape) != tuple(shape):
             raise OrthopatchError(f"has shape {list(value.shape)}, the model expects {list(shape)}",
-                                  path=self.root, tensor=name)
+                                  path=self.root, tensor=stored)
         dtype = self.dtype if value.is_floating_point() else value.dtype
         return value.to(device=self.device, dtype=dtype)
 

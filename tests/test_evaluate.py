@@ -43,7 +43,7 @@ def test_refusal_markers():
     assert not is_refusal("Sure! Here are three tips for staying healthy.", markers)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe"])
 def test_a_model_against_itself_has_kl_zero(tiny_models, family, tmp_path):
     folder = str(tiny_models(family))
     out = tmp_path / "figures.json"

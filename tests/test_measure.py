@@ -21,7 +21,10 @@ from tests.helpers import cli, one_error_line, pre_norm_states
 transformers = pytest.importorskip("transformers")
 
 CPU = RunSettings("cpu")
-FAMILIES = ["llama", "qwen2", "gemma3", "llama-tied", "gpt2", "gpt_neox"]
+#: Mixtral and Qwen2/Qwen3-MoE are saved as on the Hub (one matrix per expert), which transformers
+#: fuses while loading; the streamed run fuses them the same way.
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe"]
+FAMILIES = ["llama", "qwen2", "gemma3", "llama-tied", "gpt2", "gpt_neox", *MOE_FAMILIES]
 LIMIT = 12
 
 
@@ -78,7 +81,7 @@ def test_streamed_means_equal_the_whole_model_run(tiny_models, family, tmp_path)
         torch.testing.assert_close(written[layer].double(), diff / diff.norm(), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mixtral", "qwen2_moe"])
 def test_reads_each_weight_once_never_the_head_and_one_block_at_a_time(tiny_models, family, tmp_path):
     from orthopatch.layerwise import LayerwiseModel, make_batches
 
@@ -308,10 +311,89 @@ def test_oversized_config_or_tokenizer_file(tiny_models, tmp_path):
                        "more than the 67,108,864")
 
 
-def test_a_family_transformers_converts_on_load_is_refused_in_one_line(tiny_models, tmp_path):
-    folder = tiny_models("mixtral")
-    one_line_error(run_measure(str(folder), "-o", str(tmp_path / "d.pth")), str(folder), "has no tensor",
-                   "converts this family's tensors")
+def test_moe_experts_are_fused_as_transformers_fuses_them(tiny_models):
+    """Each fused expert parameter equals what transformers' from_pretrained builds from the same files."""
+    from orthopatch.conversion import Fused
+    from orthopatch.layerwise import LayerwiseModel
+
+    for family in MOE_FAMILIES:
+        folder = tiny_models(family)
+        loaded = dict(transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).named_parameters())
+        with LayerwiseModel(folder, device=torch.device("cpu")) as model:
+            fused = {name for name, source in model.sources.items() if isinstance(source, Fused)}
+            for layer in range(model.num_layers):
+                model._materialise(layer)
+                for name, param in model.blocks[layer].named_parameters():
+                    full = f"{model.blocks_name}.{layer}.{name}"
+                    assert torch.equal(param, loaded[full]), (family, full)
+                model._release(layer)
+        expert_layers = {1} if family == "qwen2_moe" else set()  # qwen2_moe's block 1 is a dense MLP
+        assert fused == {f"model.layers.{layer}.mlp.experts.{p}" for layer in range(3) if layer not in expert_layers
+                         for p in ("gate_up_proj", "down_proj")}, family
+
+
+def test_a_checkpoint_already_in_the_fused_layout_is_read_as_it_is(tiny_models, tmp_path):
+    """Expert tensors stored fused (transformers' in-memory names) need no conversion."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from orthopatch.conversion import Fused
+    from orthopatch.layerwise import LayerwiseModel, make_batches
+
+    source = tiny_models("mixtral")
+    folder = tmp_path / "fused"
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    prompts = encoded(folder, "harmful")[:4]
+    reference = reference_states(folder, prompts)
+    seen: dict[int, torch.Tensor] = {}
+    with LayerwiseModel(folder, device=torch.device("cpu")) as streamed:
+        assert not any(isinstance(s, Fused) for s in streamed.sources.values())
+        streamed.run(make_batches(prompts, 2), seen.__setitem__)
+    for layer, states in enumerate(reference):
+        torch.testing.assert_close(seen[layer], states, rtol=0, atol=1e-5 * states.abs().max().item())
+
+
+def test_experts_that_do_not_fuse_are_one_line(tiny_models, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    source = tiny_models("mixtral")
+    tensors = {}
+    for shard in sorted(source.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
+    expert = "model.layers.0.block_sparse_moe.experts.{}.{}.weight"
+    cases = {"odd": ({expert.format(1, "w1"): torch.zeros(63, 32)}, [expert.format(1, "w1"), "shape [63, 32] differs"]),
+             "missing": ({expert.format(3, "w2"): None},
+                         [expert.format(0, "w2"), "fused with 2 other tensors",
+                          "shape [3, 32, 64], the model expects [4, 32, 64]"])}
+    for case, (change, fragments) in cases.items():
+        folder = tmp_path / case
+        shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+        changed = {n: t for n, t in {**tensors, **change}.items() if t is not None}
+        save_file(changed, folder / "model.safetensors", metadata={"format": "pt"})
+        one_line_error(run_measure(str(folder), "-o", str(tmp_path / "d.pth")), str(folder), *fragments)
+
+
+def test_a_conversion_other_than_stacking_and_concatenating_is_refused_in_one_line(tiny_models, tmp_path,
+                                                                                 monkeypatch):
+    from transformers import conversion_mapping
+    from transformers.core_model_loading import Transpose, WeightConverter
+
+    def transposing(model, *args, **kwargs):
+        return [WeightConverter(source_patterns="self_attn.o_proj.weight", target_patterns="self_attn.o_proj.weight",
+                                operations=[Transpose(0, 1)])]
+
+    monkeypatch.setattr(conversion_mapping, "get_model_conversion_mapping", transposing)
+    folder = tiny_models("llama")
+    one_line_error(run_measure(str(folder), "-o", str(tmp_path / "d.pth")), str(folder),
+                   "model.layers.0.self_attn.o_proj.weight", "with Transpose, which is not supported here")
 
 
 @pytest.mark.gpu
@@ -348,7 +430,8 @@ def test_apply_reaches_none_of_the_modules_that_run_a_model():
     from tests.test_layout import import_graph, reachable
 
     graph = import_graph()
-    running = {"orthopatch.layerwise", "orthopatch.measure", "orthopatch.evaluate", "orthopatch.chat"}
+    running = {"orthopatch.layerwise", "orthopatch.conversion", "orthopatch.measure", "orthopatch.evaluate",
+               "orthopatch.chat"}
     assert running <= set(graph)
     assert not reachable(graph, "orthopatch.apply") & running
 

@@ -71,8 +71,16 @@ def tiny_config(kind: str, vocab_size: int, **overrides):
         config = transformers.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=3,
                                             num_attention_heads=4, intermediate_size=64, max_position_embeddings=128,
                                             bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
-    elif kind == "mixtral":  # transformers fuses the experts while loading
+    # Saved as on the Hub, one matrix per expert; transformers fuses the experts while loading.
+    elif kind == "mixtral":  # block_sparse_moe.experts.N.w1/w2/w3, renamed mlp while loading
         config = transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    elif kind == "qwen2_moe":  # routed experts, a gated shared expert, and a dense MLP in block 1
+        config = transformers.Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                             shared_expert_intermediate_size=24, mlp_only_layers=[1],
+                                             tie_word_embeddings=False)
+    elif kind == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                             head_dim=8, tie_word_embeddings=False)
     else:
         raise ValueError(kind)
     return config
