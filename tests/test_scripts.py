@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end on a tiny checkpoint and report what they measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def test_bench_reports_every_way(tmp_path):
+    out = tmp_path / "bench.json"
+    run_script("bench.py", "--preset", "demo", "--layers", "2", "--shard-size", "2MB", "--skip-baseline",
+               "--skip-kernel", "--in-place", "--repeats", "1", "--folder", str(tmp_path / "work"), "--clean",
+               "--json", str(out))
+    (row,) = json.loads(out.read_text())
+    assert row["shape"]["layers"] == 2 and 0 < row["patched_bytes"] < row["bytes"]
+    ways = row["ways"]
+    assert {"cp -r + sync", "orthopatch apply", "orthopatch apply --in-place"} <= set(ways), sorted(ways)
+    assert any("floor" in name for name in ways), sorted(ways)
+    for name, way in ways.items():
+        assert way["median_s"] > 0 and len(way["all_s"]) == 1, name
+
+
+def test_bench_measure_reports_bytes_read_and_memory(tmp_path):
+    out = tmp_path / "measure.json"
+    run_script("bench_measure.py", "--preset", "demo", "--layers", "2", "--prompts", "2", "--tokens", "4",
+               "--workdir", str(tmp_path / "work"), "--json", str(out))
+    (row,) = json.loads(out.read_text())
+    assert row["layers"] == 2
+    assert 0 < row["bytes_read"] <= 1.1 * row["checkpoint_bytes"]
+    assert row["peak_rss"] > 0
