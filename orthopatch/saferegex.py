@@ -2,8 +2,9 @@
 
 Python's ``re`` backtracks: ``(a+)+$`` against thirty ``a`` and a ``b`` takes longer than the age of
 the universe. Two guards. Before compiling, :func:`unsafe_reason` refuses the constructions that make
-backtracking exponential: a repeat that can vary (``?``, ``+``, ``{1,3}``) or any repeat of more than one inside a repeat, an alternation inside a repeat, and
-backreferences; patterns are also capped in length. While matching, :func:`time_limit` bounds the
+backtracking exponential: inside a repeat, a repeat that can vary (``?``, ``+``, ``{1,3}``: the
+``(a?){28}a{28}`` kind) or that repeats more than once, an alternation, and backreferences; patterns
+are also capped in length. While matching, :func:`time_limit` bounds the
 total time (the engine checks for signals, so an alarm stops it), which also covers polynomial cases
 such as ``.*.*.*.*x`` against long names.
 """
