@@ -16,11 +16,19 @@ from .direction import Direction, load_direction
 from .errors import OrthopatchError, quoted
 from .executor import target_directions, write_shard
 from .filecopy import CopyStats
-from .formats import CARD_NAME, INDEX_NAME
+from .formats import CARD_NAME, INDEX_NAME, PARTIAL_NAME
 from .hub import folder_name
 from .inplace import Journal, apply_in_place
 from .model_card import read_source_card, write_model_card
-from .output import OutputFolder, OutputState, copy_model_file, model_files, shard_done, write_atomic
+from .output import (
+    OutputFolder,
+    OutputState,
+    copy_model_file,
+    model_files,
+    shard_done,
+    shared_lock,
+    write_atomic,
+)
 from .plan import PatchPlan, ShardPlan, build_plan, format_plan
 from .progress import ByteProgress
 from .record import Fingerprint, Method, Record
@@ -84,6 +92,7 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
     if options.method.scale == 0:
         raise OrthopatchError("scale 0 removes nothing: the output would be a copy recorded as abliterated")
     plan, direction = prepare(options)
+    check_not_partial(plan.checkpoint.root)
     source_card = read_source_card(plan.checkpoint.root)  # read (and checked) before anything is written
     for note in direction.notes:
         log(f"note: {note}")
@@ -96,6 +105,24 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
                               base_model=options.base_model,
                               direction_name=options.direction_name or options.direction.name)
         return ApplyResult(out_path, plan, done.state, done.seconds, done.patched, done.copied, in_place=True)
+    with shared_lock(plan.checkpoint.root, "an orthopatch run is converting this folder in place: it is not a "
+                     "source until that run ends", "model folder"):
+        return _apply_out_of_place(options, plan, direction, source_card, log)
+
+
+def check_not_partial(root: Path) -> None:
+    """Refuse a model folder holding the marker of an interrupted out-of-place run: a half-written output
+    (some shards patched, some missing or still the source's) converted again would be patched twice."""
+    if os.path.lexists(root / PARTIAL_NAME):
+        raise OrthopatchError(f"holds {PARTIAL_NAME}, the marker of an interrupted orthopatch run: it is a "
+                              "half-written output, not a model to convert (rerun the command that was writing "
+                              "it to finish it)", path=root)
+
+
+def _apply_out_of_place(options: ApplyOptions, plan: PatchPlan, direction: Direction,
+                        source_card: tuple[dict, str], log: Callable[[str], None]) -> ApplyResult:
+    """Write the converted copy; the caller holds a shared lock on the source folder."""
+    out_path = options.out_path
     if Journal(plan.checkpoint.root).exists():
         raise OrthopatchError("an in-place conversion of this folder is unfinished (rerun it with --in-place to "
                               "finish it): it is not a source", path=plan.checkpoint.root)

@@ -178,7 +178,7 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
     if push_to_hub:
         with _reported(debug):
             _verify_before_push(result.out, options.direction, None if in_place else options.model, quiet=quiet)
-            url = push_folder(result.out, push_to_hub, private=private)
+            url = push_folder(result.out, push_to_hub, [s.name for s in result.plan.shards], private=private)
         click.echo(f"{result.out}: pushed to {url}")
 
 

@@ -9,16 +9,18 @@ file is fetched alone with ``hf_hub_download`` or taken from the cache. ``HF_HUB
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import model_folder
 from .errors import OrthopatchError
-from .formats import CARD_NAME, INDEX_NAME, SINGLE_SHARD_NAME
+from .formats import CARD_NAME, INDEX_NAME, RECORD_NAME, SINGLE_SHARD_NAME
+from .output import model_files
 from .smallfile import read_small_json
 
 #: What ``--download`` fetches of a model repo first: configs, the index, tokenizer files, card, licence.
@@ -258,8 +260,23 @@ def resolve_file(text: str, *, cache_dir: Path | None = None, quiet: bool = Fals
     return DirectionSource(Path(local), text)
 
 
-def push_folder(out: Path, repo_id: str, *, private: bool = False, message: str | None = None) -> str:
-    """Create ``repo_id`` if needed and upload ``out`` (hidden files left out); return the commit URL.
+def upload_patterns(out: Path, shards: Iterable[str]) -> list[str]:
+    """What a push uploads of ``out``, as exact (escaped) patterns: the plan's ``shards``, the index,
+    the small model files an out-of-place run copies (config, tokenizer, licence, the card) and the
+    record. Nothing else: a model converted in place may still hold other copies of its weights
+    (``original/``, ``consolidated.safetensors``, ``*.bin``, ``*.gguf``), unpatched."""
+    names = list(shards)
+    if (out / INDEX_NAME).is_file():
+        names.append(INDEX_NAME)
+    names += [rel.as_posix() for rel in model_files(out).copied]
+    names.append(RECORD_NAME)
+    return [glob.escape(name) for name in dict.fromkeys(names)]
+
+
+def push_folder(out: Path, repo_id: str, shards: Iterable[str], *, private: bool = False,
+                message: str | None = None) -> str:
+    """Create ``repo_id`` if needed and upload the files of ``out`` that make the converted model
+    (:func:`upload_patterns`; hidden files never); return the commit URL.
 
     huggingface_hub 0.x and 1.x upload large folders resumably, in chunks and with several workers,
     with ``upload_large_folder``; 2.x dropped it, and its ``upload_folder`` resumes by itself.
@@ -267,17 +284,18 @@ def push_folder(out: Path, repo_id: str, *, private: bool = False, message: str 
     from huggingface_hub import HfApi
 
     api = HfApi()
+    allow = upload_patterns(out, shards)
     try:
         with _hub_quiet():
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             large = getattr(api, "upload_large_folder", None)
             if large is not None:
                 large(repo_id=repo_id, folder_path=out, repo_type="model", private=private,
-                      ignore_patterns=list(UPLOAD_IGNORE), print_report=False)
+                      allow_patterns=allow, ignore_patterns=list(UPLOAD_IGNORE), print_report=False)
                 return str(repo_url)
             commit = api.upload_folder(repo_id=repo_id, folder_path=out, repo_type="model",
                                        commit_message=message or f"Upload {out.name} (orthopatch)",
-                                       ignore_patterns=list(UPLOAD_IGNORE))
+                                       allow_patterns=allow, ignore_patterns=list(UPLOAD_IGNORE))
     except Exception as exc:  # network, HTTP, authentication errors all end as one line
         raise hub_error(exc, repo_id) from exc
     return str(getattr(commit, "commit_url", None) or repo_url)

@@ -3,10 +3,14 @@
 Nothing but the patched tensors is read or written. A tensor half overwritten could not be repaired
 from the file (the projection is not invertible in 16-bit storage, and applying it twice is not a
 no-op bit for bit), so no byte of a shard changes before the tensor's complete new bytes are on disk
-elsewhere. The :class:`Journal`, a hidden folder inside the model, holds that and the progress:
+elsewhere. Nor may a tensor be refused halfway through the plan: :func:`check_targets` reads every
+tensor to be patched once before anything is written, and refuses non-finite values and
+coefficients that overflow while the model is still untouched. The :class:`Journal`, a hidden
+folder inside the model, holds the new bytes and the progress:
 
-1. ``state.json`` (written first, before any shard is touched): the run's fingerprint, what it
-   does (direction, options), ``done`` (tensors finished, in plan order) and ``in_flight``;
+1. ``state.json`` (written first, before any shard is touched): the run's fingerprint (with the
+   device type and block size it computes with), what it does (direction, options), ``done``
+   (tensors finished, in plan order) and ``in_flight``;
 2. per tensor: its new bytes are computed into ``journal`` (a sparse file, at the tensor's own
    offset) and fsynced; ``in_flight`` records the tensor (shard, offsets, sha256 of the new bytes);
    the bytes are copied into the shard (shared, not copied, where the filesystem can) and the shard
@@ -16,15 +20,18 @@ elsewhere. The :class:`Journal`, a hidden folder inside the model, holds that an
 
 Killed at any moment, the same command resumes: a tensor in flight whose journal bytes match their
 sha256 is copied into place again (idempotent); a journal not yet recorded as in flight is discarded
-(its tensor in the shard is untouched). Extra space: the largest patched tensor plus small files.
-A finished folder holds ``orthopatch.json`` like any output; its fingerprint (from the shard
-headers, which a patch does not change) makes a rerun a no-op and another direction a refusal.
+(its tensor in the shard is untouched); it must run on the device type it started on. Extra space:
+the largest patched tensor plus small files. A finished folder holds ``orthopatch.json`` like any
+output; the conversion it records (shard headers, which a patch does not change, direction and
+method: :data:`CONVERSION_KEYS`) makes a rerun a no-op and another direction a refusal, whatever
+version or device made it. The journal is untrusted input: its state is a bounded regular file,
+checked field by field, and only its own files are ever deleted.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -36,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .devices import resolve_device
-from .errors import OrthopatchError
+from .errors import OrthopatchError, quoted
 from .executor import target_directions
 from .filecopy import CopyStats, RangeCopier, block_size, pwrite_all
 from .formats import CARD_NAME, INPLACE_JOURNAL_DIR, INPLACE_STATE_NAME, RECORD_NAME
@@ -46,8 +53,9 @@ from .progress import ByteProgress
 from .reader import open_source
 from .record import Fingerprint, Method, Record
 from .safetensors_header import TensorEntry
+from .smallfile import describe_kind, read_small_json
 from .stream import TensorPatcher
-from .writer import fsync_dir, io_error
+from .writer import fsync_dir, io_error, temp_path
 
 if TYPE_CHECKING:
     from .direction import Direction
@@ -60,6 +68,15 @@ STATE_NAME = INPLACE_STATE_NAME
 DATA_NAME = "journal"
 #: The model's original card, kept while its own ``README.md`` may already be the new one.
 CARD_COPY = CARD_NAME
+#: Everything a journal folder may hold: nothing else in it is deleted.
+JOURNAL_FILES = (STATE_NAME, DATA_NAME, CARD_COPY, temp_path(Path(STATE_NAME)).name)
+#: A model folder is locked exclusively while converted in place, and shared while it is a source.
+BUSY = "another orthopatch run is using this folder (converting it in place, or reading it as a source)"
+#: What makes two conversions of a folder the same: the source's headers, the direction and the
+#: method; not the orthopatch version or the device, which do not change what a finished folder is.
+CONVERSION_KEYS = ("source_headers", "direction_sha256", "architecture", "method")
+#: Largest offset or index a journal may record (a file offset fits in 63 bits).
+MAX_RECORDED = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,12 @@ def describe(direction_file: str, direction_sha256: str, options: dict[str, Any]
     return f"direction {direction_file} (sha256 {direction_sha256[:12]}...), {shown or 'default options'}"
 
 
+def same_conversion(recorded: Any, fingerprint: dict[str, Any]) -> bool:
+    """Whether a recorded fingerprint describes the conversion ``fingerprint`` describes
+    (:data:`CONVERSION_KEYS`; a record of another version or device still matches)."""
+    return isinstance(recorded, dict) and all(recorded.get(k) == fingerprint[k] for k in CONVERSION_KEYS)
+
+
 def _describe_state(state: dict[str, Any]) -> str:
     direction = state.get("direction") if isinstance(state.get("direction"), dict) else {}
     options = state.get("options") if isinstance(state.get("options"), dict) else {}
@@ -119,14 +142,25 @@ class InFlight:
     sha256: str
 
     @classmethod
-    def load(cls, doc: Any) -> InFlight | None:
+    def load(cls, doc: Any, path: Path) -> InFlight | None:
+        """The entry of a journal's state, checked field by field; None for none."""
         if doc is None:
             return None
-        try:
-            return cls(int(doc["index"]), str(doc["tensor"]), str(doc["shard"]), int(doc["begin"]), int(doc["end"]),
-                       str(doc["sha256"]))
-        except (KeyError, TypeError, ValueError):
-            raise OrthopatchError("unreadable in-flight entry in the in-place journal") from None
+        bad = OrthopatchError("unreadable in-flight entry in the in-place journal", path=path)
+        if not isinstance(doc, dict):
+            raise bad
+        numbers = [doc.get(k) for k in ("index", "begin", "end")]
+        texts = [doc.get(k) for k in ("tensor", "shard", "sha256")]
+        if not all(_is_count(n) for n in numbers) or not all(isinstance(t, str) for t in texts):
+            raise bad
+        flight = cls(numbers[0], texts[0], texts[1], numbers[1], numbers[2], texts[2])
+        if flight.begin > flight.end or len(flight.sha256) != 64:
+            raise bad
+        return flight
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_RECORDED
 
 
 class Journal:
@@ -138,17 +172,47 @@ class Journal:
         self.data_path = self.root / DATA_NAME
         self.doc: dict[str, Any] = {}
 
+    def check_path(self) -> None:
+        """Refuse a journal path that is not a folder of the journal's own files (a user's file, link or
+        folder of that name): nothing of it is read, written or deleted."""
+        try:
+            st = os.lstat(self.root)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise io_error(exc, self.root, "read the in-place journal") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise OrthopatchError("is a symbolic link where the in-place journal's folder goes: move it away",
+                                  path=self.root)
+        if not stat.S_ISDIR(st.st_mode):
+            kind = "a file" if stat.S_ISREG(st.st_mode) else describe_kind(st.st_mode)
+            raise OrthopatchError(f"is {kind} where the in-place journal's folder goes: move it away",
+                                  path=self.root)
+        try:
+            others = sorted(name for name in os.listdir(self.root) if name not in JOURNAL_FILES)
+        except OSError as exc:
+            raise io_error(exc, self.root, "read the in-place journal") from None
+        if others:
+            raise OrthopatchError(f"holds {quoted(others[0])}, which orthopatch did not write (the folder is the "
+                                  "in-place journal's): move it away", path=self.root)
+
     def exists(self) -> bool:
         """A journal that took effect: ``state.json`` is written before any shard is touched."""
-        return self.state_path.is_file()
+        return os.path.lexists(self.state_path)
 
-    def read(self) -> dict[str, Any]:
-        try:
-            doc = json.loads(self.state_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise OrthopatchError(f"cannot read the in-place journal ({exc})", path=self.state_path) from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("done"), int):
+    def read(self, tensors: int) -> dict[str, Any]:
+        """The state, checked against a plan of ``tensors`` patched tensors."""
+        doc = read_small_json(self.state_path, "in-place journal state")
+        if not isinstance(doc, dict) or not isinstance(doc.get("fingerprint"), dict):
             raise OrthopatchError("the in-place journal is not one this version wrote", path=self.state_path)
+        done = doc.get("done")
+        if not _is_count(done) or done > tensors:
+            raise OrthopatchError(f"the in-place journal records {done!r} tensors done, of {tensors} in the plan",
+                                  path=self.state_path)
+        flight = InFlight.load(doc.get("in_flight"), self.state_path)
+        if flight is not None and flight.index != done:
+            raise OrthopatchError(f"the in-place journal's tensor in flight is number {flight.index}, not the "
+                                  f"next one ({done})", path=self.state_path, tensor=flight.tensor)
         self.doc = doc
         return doc
 
@@ -177,17 +241,29 @@ class Journal:
 
     @property
     def in_flight(self) -> InFlight | None:
-        return InFlight.load(self.doc.get("in_flight"))
+        return InFlight.load(self.doc.get("in_flight"), self.state_path)
 
     def record(self, done: int, in_flight: InFlight | None) -> None:
         self.doc = {**self.doc, "done": done, "in_flight": None if in_flight is None else vars(in_flight)}
         write_json(self.state_path, self.doc)
 
     def discard(self) -> None:
-        """Remove the folder (an unfinished start, or a finished run's leftovers)."""
-        if self.root.exists():
-            shutil.rmtree(self.root)
+        """Remove the folder (an unfinished start, or a finished run's leftovers): the state first, so an
+        interrupted removal is no journal, then the journal's other files, then the empty folder.
+        Anything else in it is refused (:meth:`check_path`) before anything is deleted."""
+        self.check_path()
+        if not os.path.lexists(self.root):
+            return
+        try:
+            for name in JOURNAL_FILES:
+                (self.root / name).unlink(missing_ok=True)
+            self.root.rmdir()
             fsync_dir(self.root.parent)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise OrthopatchError("holds files orthopatch did not write (the folder is the in-place "
+                                      "journal's): move them away", path=self.root) from None
+            raise io_error(exc, self.root, "remove the in-place journal") from None
 
     def data_sha256(self, begin: int, end: int) -> str | None:
         """sha256 of the journal's bytes ``[begin, end)``, or None when the file does not hold them all."""
@@ -310,6 +386,35 @@ def _replay(journal: Journal, root: Path, targets: list[PatchTarget]) -> None:
     journal.record(flight.index + 1, None)
 
 
+def check_targets(root: Path, targets: list[PatchTarget], directions: dict[str, Any], patcher: TensorPatcher, *,
+                  quiet: bool = False) -> None:
+    """Read every tensor to be patched once, writing nothing, and refuse (one line naming the tensor and
+    how many values) any that the projection would refuse halfway through the plan: NaN or Inf values,
+    or coefficients that overflow (:meth:`~orthopatch.stream.TensorPatcher.check`)."""
+    with ByteProgress(sum(t.entry.nbytes for t in targets), disable=quiet) as progress:
+        for target in targets:
+            progress.set_description(f"checking {quoted(target.shard)}")
+            path = root / target.shard
+            with open_source(path) as fd:
+                patcher.check(fd, target, directions[target.name], path)
+            progress.update(target.entry.nbytes)
+
+
+def _check_resumable(state: dict[str, Any], fp: dict[str, Any], root: Path) -> None:
+    """An interrupted run is finished only by its own conversion, computed where it was started: the
+    bytes of every tensor come from one kind of device and one block size."""
+    recorded = state["fingerprint"]
+    if not same_conversion(recorded, fp):
+        raise OrthopatchError(f"an interrupted in-place conversion with {_describe_state(state)} is "
+                              "unfinished; rerun that command to finish it", path=root)
+    device, block = recorded.get("device"), recorded.get("block_elements")
+    if (device, block) != (fp["device"], fp["block_elements"]):
+        how = f"rerun with --device {device}" if device != fp["device"] else \
+            f"it computed in blocks of {block} elements, this run in blocks of {fp['block_elements']}"
+        raise OrthopatchError(f"the interrupted in-place conversion was started on {device}: {how} to finish it "
+                              "(every tensor must be computed as the others were)", path=root)
+
+
 def apply_in_place(plan: PatchPlan, direction: Direction, *, direction_file: Path, method: Method,
                    device: str = "auto", quiet: bool = False, log: Callable[[str], None] = lambda _: None,
                    base_model: str | None = None, direction_name: str | None = None) -> InPlaceOutcome:
@@ -324,18 +429,17 @@ def apply_in_place(plan: PatchPlan, direction: Direction, *, direction_file: Pat
     patcher = TensorPatcher(device, scale=method.scale, norm_preserving=method.norm_preserving)
     fingerprint = Fingerprint.of(plan, direction.sha256, method, device.type, patcher.kernel.block_elements)
     fp = fingerprint.to_json()
-    with exclusive_lock(root, "another orthopatch run is converting this folder in place"):
+    with exclusive_lock(root, BUSY):
         journal = Journal(root)
+        journal.check_path()
         record_path = root / RECORD_NAME
+        targets = list(plan.targets())
         resumed = journal.exists()
         if resumed:
-            state = journal.read()
-            if state.get("fingerprint") != fp:
-                raise OrthopatchError(f"an interrupted in-place conversion with {_describe_state(state)} is "
-                                      "unfinished; rerun that command to finish it", path=root)
-        elif record_path.is_file():
+            _check_resumable(journal.read(len(targets)), fp, root)
+        elif os.path.lexists(record_path):
             record = Record.read(record_path)
-            if record.fingerprint == fp:
+            if same_conversion(record.fingerprint, fp):
                 journal.discard()
                 return InPlaceOutcome("already complete")
             done = "was converted in place" if record.in_place else "holds an orthopatch output"
@@ -343,11 +447,12 @@ def apply_in_place(plan: PatchPlan, direction: Direction, *, direction_file: Pat
             raise OrthopatchError(f"{done} with {what}; converting it again would patch patched tensors "
                                   "(start from an unconverted copy)", path=root)
         check_writable_shards(plan)
-        if not resumed:
+        directions = target_directions(plan, direction)
+        if not resumed:  # before the journal begins, while the model is still the source
+            check_targets(root, targets, directions, patcher, quiet=quiet)
             journal.begin({"fingerprint": fp, "direction": {"file": str(direction_file), "sha256": direction.sha256},
                            "options": method.to_json()}, root / CARD_NAME)
 
-        targets = list(plan.targets())
         _replay(journal, root, targets)
         todo = targets[journal.done:]
         stats = CopyStats()
@@ -356,10 +461,9 @@ def apply_in_place(plan: PatchPlan, direction: Direction, *, direction_file: Pat
             left = "" if len(todo) == len(targets) else f", {len(todo)} of {len(targets)} left"
             log(f"{plan.architecture.name} on {device}: patching {len(targets)} tensors "
                 f"({plan.patched_bytes:,} bytes) in place{left}")
-            directions = target_directions(plan, direction)
             with ByteProgress(2 * sum(t.entry.nbytes for t in todo), disable=quiet) as progress:
                 for index, target in enumerate(todo, start=len(targets) - len(todo)):
-                    progress.set_description(target.shard)
+                    progress.set_description(quoted(target.shard))
                     shard_path = root / target.shard
                     writer = JournalWriter(journal.data_path, target.entry)
                     try:

@@ -86,18 +86,19 @@ def shard_done(out: Path, shard_name: str, raw_header: bytes, size: int) -> bool
 
 
 @contextmanager
-def shared_lock(out: Path) -> Iterator[None]:
-    """Hold a shared lock on ``out``: refused while an ``apply`` (which locks it exclusively) writes there."""
+def shared_lock(out: Path, busy: str = "an orthopatch run is writing to this folder; verify it when it ends",
+                what: str = "output folder") -> Iterator[None]:
+    """Hold a shared lock on folder ``out``: refused with ``busy`` while a run that locks it exclusively
+    (``apply`` writing an output, ``apply --in-place`` converting a model) holds it."""
     try:
         fd = os.open(out, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise OrthopatchError(f"cannot open output folder ({exc.strerror})", path=out) from None
+        raise OrthopatchError(f"cannot open {what} ({exc.strerror})", path=out) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OrthopatchError("an orthopatch run is writing to this folder; verify it when it ends",
-                                  path=out) from None
+            raise OrthopatchError(busy, path=out) from None
         yield
     finally:
         os.close(fd)

@@ -2,8 +2,9 @@
 
 Python's ``re`` backtracks: ``(a+)+$`` against thirty ``a`` and a ``b`` takes longer than the age of
 the universe. Two guards. Before compiling, :func:`unsafe_reason` refuses the constructions that make
-backtracking exponential: a repeat inside a repeat, an alternation inside a repeat, and
-backreferences; patterns are also capped in length. While matching, :func:`time_limit` bounds the
+backtracking exponential: inside a repeat, a repeat that can vary (``?``, ``+``, ``{1,3}``: the
+``(a?){28}a{28}`` kind) or that repeats more than once, an alternation, and backreferences; patterns
+are also capped in length. While matching, :func:`time_limit` bounds the
 total time (the engine checks for signals, so an alarm stops it), which also covers polynomial cases
 such as ``.*.*.*.*x`` against long names.
 """
@@ -38,9 +39,9 @@ def _walk(items: Any, in_repeat: bool) -> str | None:
         if str(op).startswith("GROUPREF"):
             return "a backreference"
         if op in (_c.MAX_REPEAT, _c.MIN_REPEAT, _c.POSSESSIVE_REPEAT):
-            _, most, inner = av
-            if most > 1 and in_repeat:
-                return "a repeat inside a repeat, e.g. (a+)+"
+            least, most, inner = av
+            if in_repeat and (most > 1 or least != most):  # a?, a+ or a{1,3} inside (...){28}, (...)*
+                return "a repeat inside a repeat, e.g. (a+)+ or (a?){28}"
             found = _walk(inner, in_repeat or most > 1)
         elif op == _c.BRANCH:
             if in_repeat:

@@ -81,7 +81,7 @@ def split_rows(first: int, stop: int, step: int) -> list[Chunk]:
 class _TensorIO:
     """Reads and writes whole chunks of one tensor, turning I/O failures into one-line errors."""
 
-    def __init__(self, fd: int, entry: TensorEntry, row_bytes: int, writer: ShardWriter,
+    def __init__(self, fd: int, entry: TensorEntry, row_bytes: int, writer: ShardWriter | None,
                  on_progress: Progress | None, path: str | None = None):
         self.fd, self.entry, self.row_bytes = fd, entry, row_bytes
         self.writer, self.on_progress, self.path = writer, on_progress, path
@@ -95,6 +95,7 @@ class _TensorIO:
     def write(self, chunk: Chunk, data: memoryview) -> None:
         nbytes = chunk.count * self.row_bytes
         offset = self.entry.begin + chunk.row * self.row_bytes
+        assert self.writer is not None, "a read-only pass writes nothing"
         self.writer.write(self.entry.begin, offset, data[:nbytes])
         start_writeback(self.writer.fd, offset, nbytes)
         if self.on_progress is not None:
@@ -270,12 +271,12 @@ class TensorPatcher:
         chunk_rows = self.chunk_rows(layout, layout.width * w.element_size())
         return project_(w, u, axis, kernel=self.kernel, chunk_rows=chunk_rows)
 
-    def _patch_slab(self, io: _TensorIO, base: int, layout: Layout, chunk_rows: int, stored: torch.dtype,
-                    u: torch.Tensor, retain: bool) -> None:
-        """Both passes over one ``[dim, cols]`` slab starting at row ``base``."""
+    def _slab_coefficients(self, io: _TensorIO, chunks: list[Chunk], slots: list[torch.Tensor], base: int,
+                           layout: Layout, stored: torch.dtype,
+                           u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pass one over a ``[dim, cols]`` slab starting at row ``base``: its ``uᵀW`` (and the norm
+        factors); :class:`_NonFinite` when a coefficient is NaN or Inf (a non-finite value, or overflow)."""
         kernel = self.kernel
-        chunks = split_rows(base, base + layout.dim, chunk_rows)
-        slots = self._retained_slots(chunks, io.row_bytes) if retain else self._ring_slots(chunk_rows * io.row_bytes)
         sums = kernel.new_sums(layout, stored)
 
         def first(c: Chunk, data: torch.Tensor) -> None:
@@ -285,9 +286,55 @@ class TensorPatcher:
         coeff, factor = kernel.finish(sums)
         if not bool(torch.isfinite(coeff).all()):  # any NaN or Inf in a column makes its uᵀW one
             raise _NonFinite
+        return coeff, factor
+
+    def _patch_slab(self, io: _TensorIO, base: int, layout: Layout, chunk_rows: int, stored: torch.dtype,
+                    u: torch.Tensor, retain: bool) -> None:
+        """Both passes over one ``[dim, cols]`` slab starting at row ``base``."""
+        kernel = self.kernel
+        chunks = split_rows(base, base + layout.dim, chunk_rows)
+        slots = self._retained_slots(chunks, io.row_bytes) if retain else self._ring_slots(chunk_rows * io.row_bytes)
+        coeff, factor = self._slab_coefficients(io, chunks, slots, base, layout, stored, u)
 
         def second(c: Chunk, data: torch.Tensor) -> None:
             kernel.columns_(data, u[c.row - base:c.row - base + c.count], layout, coeff, factor)
 
         self._run(io, chunks, slots, stored, layout.cols, second, read=not retain, write=True)
 
+    def check(self, src_fd: int, target: PatchTarget, u: torch.Tensor,
+              src_path: str | os.PathLike | None = None) -> None:
+        """Read ``target``'s tensor once and write nothing: raise the error :meth:`patch` would raise for
+        non-finite values or coefficients (``uᵀW`` per column, ``x·u`` per row) that overflow.
+
+        ``apply --in-place`` runs it over every tensor before it changes a byte: a tensor refused
+        halfway through the plan would leave a model that can neither be finished nor restored.
+        Only a result that overflows the stored dtype while its coefficient does not (values within
+        a rounding step of the dtype's largest) is left to :meth:`patch` to find.
+        """
+        entry = target.entry
+        stored = torch_dtype(entry.dtype)
+        layout = Layout.of(entry.shape, target.axis)
+        row_bytes = layout.width * stored.itemsize
+        if row_bytes == 0 or entry.nbytes == 0:
+            return
+        chunk_rows = self.chunk_rows(layout, row_bytes)
+        io = _TensorIO(src_fd, entry, row_bytes, None, None,
+                       os.fspath(src_path) if src_path is not None else None)
+        slots = self._ring_slots(chunk_rows * row_bytes)
+        with self.kernel.running(), self._device_stream():
+            u = u.to(device=self.device, dtype=compute_dtype(stored))
+            try:
+                if layout.rowwise:
+                    def rows(_: Chunk, data: torch.Tensor) -> None:
+                        if not bool(torch.isfinite(data.to(u.dtype) @ u).all()):
+                            raise _NonFinite
+
+                    self._run(io, split_rows(0, layout.rows, chunk_rows), slots, stored, layout.width, rows,
+                              read=True, write=False)
+                    return
+                for b in range(layout.batches):
+                    base = b * layout.dim
+                    self._slab_coefficients(io, split_rows(base, base + layout.dim, chunk_rows), slots, base,
+                                            layout, stored, u)
+            except _NonFinite:
+                raise non_finite_error(io, stored) from None

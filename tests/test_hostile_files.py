@@ -445,6 +445,7 @@ def test_an_absurd_layer_range_is_a_usage_error(model, direction, tmp_path) -> N
 
 @pytest.mark.parametrize("pattern, words", [
     ("(a+)+$", "a repeat inside a repeat"),
+    ("(a?){28}a{28}", "a repeat inside a repeat"),
     ("model\\.(?:a|ab)*x", "an alternation inside a repeat"),
     ("(model)\\.\\1", "a backreference"),
     ("x" * 1001, "1,001 characters long"),
@@ -452,6 +453,15 @@ def test_an_absurd_layer_range_is_a_usage_error(model, direction, tmp_path) -> N
 def test_patterns_that_can_backtrack_forever_are_refused(model, direction, pattern, words) -> None:
     result = cli("apply", model, direction, "--targets", f"{pattern}:0", "--dry-run")
     assert result.exit_code == 2 and words in result.stderr and "Traceback" not in result.output
+
+
+def test_only_repeats_that_can_vary_inside_repeats_are_refused() -> None:
+    from orthopatch.saferegex import unsafe_reason
+
+    for pattern in ("(a?){28}a{28}", "(?:ab?){2,5}", "(x{1,3})*"):
+        assert "a repeat inside a repeat" in (unsafe_reason(pattern) or ""), pattern
+    for pattern in ("(a{2}b)", "model\\.layers\\.(?P<layer>\\d+)\\.mlp\\.down_proj\\.weight", "(ab){3}"):
+        assert unsafe_reason(pattern) is None, pattern
 
 
 def test_matching_outside_patterns_is_time_bounded(model, direction, monkeypatch) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -235,6 +236,7 @@ def test_push_uses_upload_large_folder_where_the_hub_client_has_it(cache, tmp_pa
     (create, _), (upload, uploaded) = pushed
     assert upload == "upload_large_folder" and uploaded["repo_type"] == "model"
     assert Path(uploaded["folder_path"]) == out and uploaded["ignore_patterns"] == list(hub.UPLOAD_IGNORE)
+    assert RECORD_NAME in uploaded["allow_patterns"] and "config.json" in uploaded["allow_patterns"]
 
 
 def test_parse_repo_ref():
@@ -307,9 +309,37 @@ def test_push_to_hub_uploads_the_finished_folder(cache, tmp_path, pushed):
     assert created["repo_id"] == "me/Tiny-abliterated" and created["private"] and created["exist_ok"]
     assert uploaded["repo_id"] == "me/Tiny-abliterated" and Path(uploaded["folder_path"]) == out
     files = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()]
-    sent = set(filter_repo_objects(files, ignore_patterns=uploaded["ignore_patterns"]))
+    sent = set(filter_repo_objects(files, allow_patterns=uploaded["allow_patterns"],
+                                   ignore_patterns=uploaded["ignore_patterns"]))
     assert sent == {f for f in files if not f.startswith(".")}
     assert RECORD_NAME in sent and "README.md" in sent
+
+
+def test_a_push_of_a_model_converted_in_place_leaves_its_other_weights_out(cache, tmp_path, pushed):
+    """The folder still holds what an out-of-place run never copies (Meta's ``original/`` weights, a
+    ``consolidated.safetensors``, a ``.bin``, a ``.gguf``): unpatched, so never uploaded."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    work = tmp_path / "model"
+    shutil.copytree(cache["model"], work)
+    (work / "original").mkdir()
+    (work / "original" / "consolidated.00.pth").write_bytes(b"unpatched weights")
+    (work / "original" / "params.json").write_text("{}")
+    shutil.copy(next(work.glob("model-*.safetensors")), work / "consolidated.safetensors")
+    (work / "pytorch_model.bin").write_bytes(b"unpatched weights")
+    (work / "model.Q4_K_M.gguf").write_bytes(b"unpatched weights")
+    (work / "tokenizer [v2].json").write_text("{}")  # glob characters in a name are matched literally
+    result = cli("apply", work, cache["direction_file"], "--in-place", "-q", "--push-to-hub", "me/x")
+    assert result.exit_code == 0, result.output
+    (_, _), (upload, uploaded) = pushed
+    files = [p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file()]
+    sent = set(filter_repo_objects(files, allow_patterns=uploaded["allow_patterns"],
+                                   ignore_patterns=uploaded["ignore_patterns"]))
+    unpatched = {"original/consolidated.00.pth", "original/params.json", "consolidated.safetensors",
+                 "pytorch_model.bin", "model.Q4_K_M.gguf"}
+    assert sent == set(files) - unpatched
+    assert {RECORD_NAME, "README.md", "config.json", "model.safetensors.index.json", "tokenizer [v2].json"} <= sent
+    assert {p.name for p in work.glob("model-*.safetensors")} <= sent
 
 
 def test_push_refused_when_the_output_does_not_verify(cache, tmp_path, pushed):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from orthopatch.apply import ApplyOptions, apply, prepare
@@ -108,10 +109,15 @@ def test_the_cli_result_line_and_usage_errors(tiny, tmp_path) -> None:
     assert result.exit_code == 1 and "no source left to compare with" in result.output
 
 
-def one_line_refusal(model: Path, direction: Path, match: str) -> None:
-    result = CliRunner().invoke(main, ["apply", str(model), str(direction), "--in-place", "-q"])
+def one_line_refusal(model: Path, direction: Path, match: str, *extra: str) -> str:
+    """Run ``apply MODEL DIRECTION --in-place`` (or with ``extra`` in its place); it must end in one line
+    holding ``match``, exit status 1, and no exception escaping the CLI."""
+    args = [*extra] if extra else ["--in-place"]
+    result = CliRunner().invoke(main, ["apply", str(model), str(direction), *args, "-q"])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert result.exit_code == 1, result.output
     assert len(result.output.strip().splitlines()) == 1 and match in result.output, result.output
+    return result.output
 
 
 def test_links_and_read_only_shards_are_refused(tiny, tmp_path) -> None:
@@ -144,9 +150,114 @@ def test_a_second_run_is_refused_while_one_converts(tiny, tmp_path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         with untouched(work):
-            one_line_refusal(work, direction, "another orthopatch run is converting this folder in place")
+            one_line_refusal(work, direction, "another orthopatch run is using this folder")
     finally:
         os.close(fd)
+
+
+def test_a_folder_being_read_as_a_source_is_not_converted_in_place_and_back(tiny, tmp_path) -> None:
+    """An out-of-place run holds a shared lock on its source; an in-place run holds an exclusive one:
+    each refuses while the other runs."""
+    import fcntl
+
+    model, direction, _ = tiny
+    work = fresh_copy(model, tmp_path / "model")
+    for held, refused, match in ((fcntl.LOCK_SH, ["--in-place"], "another orthopatch run is using this folder"),
+                                 (fcntl.LOCK_EX, ["-o", str(tmp_path / "out")], "converting this folder in place")):
+        fd = os.open(work, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, held)
+            with untouched(work):
+                one_line_refusal(work, direction, match, *refused)
+        finally:
+            os.close(fd)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_out_of_place_run_holds_a_shared_lock_on_its_source(tiny, tmp_path, monkeypatch) -> None:
+    import fcntl
+
+    from orthopatch import apply as apply_module
+
+    model, direction, _ = tiny
+    seen = []
+
+    def probe(*args, **kwargs):
+        fd = os.open(model, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # other readers are welcome
+            seen.append(True)
+        finally:
+            os.close(fd)
+        return real(*args, **kwargs)
+
+    real = apply_module._apply_out_of_place
+    monkeypatch.setattr(apply_module, "_apply_out_of_place", probe)
+    apply(ApplyOptions(model=model, direction=direction, out=tmp_path / "out", quiet=True))
+    assert seen == [True]
+
+
+def test_a_half_written_output_is_not_a_source(tiny, tmp_path) -> None:
+    """A crashed out-of-place output (its partial marker still there) given as MODEL would be patched twice."""
+    model, direction, _ = tiny
+    work = fresh_copy(model, tmp_path / "model")
+    (work / ".orthopatch-partial.json").write_text("{}")
+    with untouched(work):
+        one_line_refusal(work, direction, "the marker of an interrupted orthopatch run")
+        one_line_refusal(work, direction, "the marker of an interrupted orthopatch run", "-o", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists() and not (work / JOURNAL_DIR).exists()
+
+
+# -- a tensor the projection refuses, late in the plan -----------------------------------------------------
+
+def rewrite_tensor(model: Path, target, change) -> None:
+    """Replace ``target``'s bytes in its shard by ``change(tensor)`` (a bf16 tensor of its shape)."""
+    with open(model / target.shard, "r+b") as f:
+        f.seek(target.entry.begin)
+        data = bytearray(f.read(target.entry.nbytes))
+        tensor = torch.frombuffer(data, dtype=torch.bfloat16).view(target.entry.shape).clone()
+        f.seek(target.entry.begin)
+        f.write(change(tensor).contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def test_a_nan_in_the_last_tensor_is_refused_before_any_byte_changes(tiny, tmp_path) -> None:
+    model, direction, _ = tiny
+    work = fresh_copy(model, tmp_path / "model")
+    plan, _ = prepare(ApplyOptions(model=work, direction=direction, in_place=True))
+    last = list(plan.targets())[-1]
+
+    def one_nan(t: torch.Tensor) -> torch.Tensor:
+        t.view(-1)[t.numel() // 2] = float("nan")
+        return t
+
+    rewrite_tensor(work, last, one_nan)
+    with untouched(work):
+        line = one_line_refusal(work, direction, "holds 1 non-finite values")
+    assert repr(last.name) in line or last.name in line
+    assert not (work / JOURNAL_DIR).exists()
+
+
+def test_coefficients_that_overflow_are_refused_before_any_byte_changes(tiny, tmp_path) -> None:
+    """Finite values whose uᵀW overflows float32: found by the read-only pass too, not halfway through."""
+    from orthopatch.executor import target_directions
+
+    model, direction, _ = tiny
+    work = fresh_copy(model, tmp_path / "model")
+    plan, loaded = prepare(ApplyOptions(model=work, direction=direction, in_place=True))
+    two_pass = [t for t in plan.targets() if t.axis == 0 and len(t.entry.shape) == 2]
+    last = two_pass[-1]
+    u = target_directions(plan, loaded)[last.name]
+
+    def huge_column(t: torch.Tensor) -> torch.Tensor:
+        t[:, 3] = (3e38 * torch.sign(u)).to(torch.bfloat16)
+        return t
+
+    rewrite_tensor(work, last, huge_column)
+    with untouched(work):
+        one_line_refusal(work, direction, "the projection overflows")
+    assert not (work / JOURNAL_DIR).exists()
 
 
 # -- states a crash leaves, built by hand -----------------------------------------------------------------
@@ -180,14 +291,68 @@ def fingerprint_of(plan, loaded, options: ApplyOptions) -> dict:
     return Fingerprint.of(plan, loaded.sha256, options.method, "cpu", block).to_json()
 
 
-def start_journal(work: Path, direction: Path, done: int) -> tuple[Journal, list, ApplyOptions]:
-    """The journal of a run that has finished ``done`` tensors (computed into place by hand)."""
+def start_journal(work: Path, direction: Path, done: int, tiny=None) -> tuple[Journal, list, ApplyOptions]:
+    """The journal of a run that has finished ``done`` tensors: each copied into place from an
+    out-of-place conversion (``tiny``'s reference output), as a run that got that far left them."""
     options = ApplyOptions(model=work, direction=direction, in_place=True, quiet=True)
     plan, loaded = prepare(options)
     journal = Journal(work)
     journal.begin({"fingerprint": fingerprint_of(plan, loaded, options), "options": options.method.to_json(),
                    "direction": {"file": str(direction), "sha256": loaded.sha256}}, work / "README.md")
-    return journal, list(plan.targets()), options
+    targets = list(plan.targets())
+    assert done == 0 or tiny is not None, "finished tensors need the reference output"
+    for target in targets[:done]:
+        with open(work / target.shard, "r+b") as f:
+            f.seek(target.entry.begin)
+            f.write(_new_tensor_bytes(tiny, target))
+        journal.record(targets.index(target) + 1, None)
+    return journal, targets, options
+
+
+def fly(tiny, journal: Journal, target, index: int) -> bytes:
+    """Put ``target``'s new bytes in the journal and record it in flight as number ``index``."""
+    new_bytes = _new_tensor_bytes(tiny, target)
+    writer = JournalWriter(journal.data_path, target.entry)
+    writer.write(target.entry.begin, target.entry.begin, memoryview(new_bytes))
+    sha = writer.finish()
+    writer.close()
+    journal.record(index, InFlight(index, target.name, target.shard, target.entry.begin, target.entry.end, sha))
+    return new_bytes
+
+
+def test_a_resume_after_some_tensors_continues_from_the_next(tiny, tmp_path) -> None:
+    model, direction, reference = tiny
+    work = fresh_copy(model, tmp_path / "model")
+    journal, targets, options = start_journal(work, direction, 3, tiny)
+    before = folder_hashes(work)
+    assert any(before[t.shard] != folder_hashes(model)[t.shard] for t in targets[:3])  # really patched
+    result = apply(options)
+    assert result.state == "resumed in place"
+    assert result.patched == sum(t.entry.nbytes for t in targets[3:])
+    assert converted_files(work) == reference
+
+
+def test_a_later_tensor_in_flight_is_copied_again(tiny, tmp_path) -> None:
+    model, direction, reference = tiny
+    work = fresh_copy(model, tmp_path / "model")
+    journal, targets, options = start_journal(work, direction, 4, tiny)
+    new_bytes = fly(tiny, journal, targets[4], 4)
+    with open(work / targets[4].shard, "r+b") as f:  # torn: its first third copied into place
+        f.seek(targets[4].entry.begin)
+        f.write(new_bytes[:len(new_bytes) // 3])
+    assert apply(options).state == "resumed in place"
+    assert converted_files(work) == reference
+
+
+def test_a_tensor_in_flight_that_is_not_in_the_plan_is_refused(tiny, tmp_path) -> None:
+    model, direction, _ = tiny
+    work = fresh_copy(model, tmp_path / "model")
+    journal, targets, options = start_journal(work, direction, 2, tiny)
+    fly(tiny, journal, targets[2], 2)
+    other = targets[5]  # the journal claims another tensor's place as number 2
+    journal.record(2, InFlight(2, other.name, other.shard, other.entry.begin, other.entry.end, "0" * 64))
+    with untouched(work):
+        one_line_refusal(work, direction, "tensor in flight is not in the plan")
 
 
 def test_a_torn_tensor_in_flight_is_copied_again(tiny, tmp_path) -> None:
@@ -240,6 +405,116 @@ def test_a_damaged_journal_in_flight_is_refused(tiny, tmp_path) -> None:
     journal.record(0, InFlight(0, target.name, target.shard, target.entry.begin, target.entry.end, "0" * 64))
     with pytest.raises(OrthopatchError, match="do not match their sha256"):
         apply(options)
+
+
+# -- what makes a rerun the same conversion ----------------------------------------------------------------
+
+def test_a_finished_folder_is_complete_whatever_version_or_device_converted_it(tiny, tmp_path) -> None:
+    model, direction, _ = tiny
+    work = fresh_copy(model, tmp_path / "model")
+    apply(ApplyOptions(model=work, direction=direction, in_place=True, quiet=True))
+    record = json.loads((work / RECORD_NAME).read_text())
+    record["orthopatch_version"] = record["fingerprint"]["orthopatch"] = "0.0.1"
+    record["fingerprint"]["device"], record["fingerprint"]["block_elements"] = "cuda", 1 << 22
+    (work / RECORD_NAME).write_text(json.dumps(record))
+    with untouched(work):
+        assert apply(ApplyOptions(model=work, direction=direction, in_place=True, quiet=True)).state == \
+            "already complete"
+
+
+def edit_state(work: Path, change) -> None:
+    path = work / JOURNAL_DIR / STATE_NAME
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc))
+
+
+def test_an_interrupted_run_of_another_version_is_finished(tiny, tmp_path) -> None:
+    model, direction, reference = tiny
+    work = fresh_copy(model, tmp_path / "model")
+    _, _, options = start_journal(work, direction, 2, tiny)
+    edit_state(work, lambda doc: doc["fingerprint"].update(orthopatch="0.0.1"))
+    assert apply(options).state == "resumed in place"
+    assert converted_files(work) == reference
+
+
+def test_an_interrupted_run_is_finished_only_on_the_device_it_started_on(tiny, tmp_path) -> None:
+    model, direction, _ = tiny
+    work = fresh_copy(model, tmp_path / "model")
+    start_journal(work, direction, 2, tiny)
+    edit_state(work, lambda doc: doc["fingerprint"].update(device="cuda", block_elements=1 << 22))
+    with untouched(work):
+        one_line_refusal(work, direction, "started on cuda: rerun with --device cuda to finish it")
+
+
+# -- the journal's own files, checked ---------------------------------------------------------------------
+
+def test_a_file_or_link_where_the_journal_goes_is_refused(tiny, tmp_path) -> None:
+    model, direction, _ = tiny
+    as_file = fresh_copy(model, tmp_path / "file")
+    (as_file / JOURNAL_DIR).write_text("a user's notes")
+    as_link = fresh_copy(model, tmp_path / "link")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / STATE_NAME).write_text("{}")
+    (as_link / JOURNAL_DIR).symlink_to(elsewhere)
+    as_folder = fresh_copy(model, tmp_path / "folder")
+    (as_folder / JOURNAL_DIR).mkdir()
+    (as_folder / JOURNAL_DIR / "notes.txt").write_text("a user's notes")
+    with untouched(as_file, as_link, as_folder, elsewhere):
+        one_line_refusal(as_file, direction, "is a file where the in-place journal's folder goes")
+        one_line_refusal(as_link, direction, "is a symbolic link where the in-place journal's folder goes")
+        one_line_refusal(as_folder, direction, "holds notes.txt, which orthopatch did not write")
+    assert (as_link / JOURNAL_DIR).is_symlink()
+
+
+def test_a_finished_run_leaves_a_users_files_in_the_journal_folder_alone(tiny, tmp_path) -> None:
+    """Files that appear in the journal folder during a run are not deleted with it."""
+    model, direction, _ = tiny
+    work = fresh_copy(model, tmp_path / "model")
+    journal, _, options = start_journal(work, direction, 0)
+    (journal.root / "notes.txt").write_text("a user's notes")
+    with pytest.raises(OrthopatchError, match="did not write"):
+        journal.discard()
+    assert (journal.root / "notes.txt").read_text() == "a user's notes" and journal.exists()
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda doc: doc.update(done=99), "records 99 tensors done, of 7"),
+    (lambda doc: doc.update(done=-1), "records -1 tensors done"),
+    (lambda doc: doc.update(done=True), "records True tensors done"),
+    (lambda doc: doc.update(done=1 << 70), "tensors done"),
+    (lambda doc: doc.update(in_flight={"index": 0, "tensor": "x", "shard": "s", "begin": 0, "end": 8,
+                                       "sha256": "0" * 64}), "in flight is number 0, not the next one (2)"),
+    (lambda doc: doc.update(in_flight={"index": 2, "tensor": "x", "shard": "s", "begin": 9, "end": 8,
+                                       "sha256": "0" * 64}), "unreadable in-flight entry"),
+    (lambda doc: doc.update(in_flight={"index": 2, "tensor": "x", "shard": "s", "begin": 0, "end": 1 << 64,
+                                       "sha256": "0" * 64}), "unreadable in-flight entry"),
+    (lambda doc: doc.update(in_flight=[2]), "unreadable in-flight entry"),
+    (lambda doc: doc.pop("fingerprint"), "not one this version wrote"),
+])
+def test_a_damaged_journal_state_is_refused_in_one_line(tiny, tmp_path, change, match) -> None:
+    model, direction, _ = tiny
+    work = fresh_copy(model, tmp_path / "model")
+    start_journal(work, direction, 2, tiny)
+    edit_state(work, change)
+    with untouched(work):
+        one_line_refusal(work, direction, match)
+
+
+def test_a_journal_state_that_is_not_a_small_regular_file_is_refused(tiny, tmp_path) -> None:
+    model, direction, _ = tiny
+    work = fresh_copy(model, tmp_path / "model")
+    start_journal(work, direction, 0)
+    state = work / JOURNAL_DIR / STATE_NAME
+    state.unlink()
+    os.mkfifo(state)
+    with untouched(work):
+        one_line_refusal(work, direction, "is a FIFO")
+    state.unlink()
+    state.write_text("[" * 100_000)
+    with untouched(work):
+        one_line_refusal(work, direction, "nests 100000 levels deep")
 
 
 def _new_tensor_bytes(tiny, target) -> bytes:
