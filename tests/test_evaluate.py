@@ -321,3 +321,20 @@ def test_the_report_names_models_from_the_hub_by_repo_id_and_commit(tiny_models,
     assert report.source_repo == f"someorg/tiny@{commit}" and report.model_repo is None
     assert report.model == local and report.source.endswith(commit)
     assert report.kl_mean == 0.0
+
+
+def test_a_model_without_a_final_norm_is_refused_before_any_pass(tiny_models, tmp_path, monkeypatch):
+    import orthopatch.layerwise
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a pass ran")
+
+    monkeypatch.setattr(orthopatch.layerwise, "FINAL_NORM_NAMES", ())
+    monkeypatch.setattr(orthopatch.layerwise.LayerwiseModel, "run", no_pass)
+    folder = tiny_models("llama")
+    line = one_error_line(cli("evaluate", folder, "--source", folder, "--limit", "2", "-q"))
+    assert str(folder / "config.json") in line and "cannot find the model's final norm in" in line
+    direction = tmp_path / "r.pth"
+    torch.save(torch.randn(32), direction)
+    line = one_error_line(cli("apply", folder, direction, "-o", tmp_path / "out", "--evaluate"))
+    assert "cannot find the model's final norm" in line and not (tmp_path / "out").exists()
