@@ -25,17 +25,31 @@ def load_tokenizer(folder: Path) -> Any:
         if os.path.lexists(folder / name):
             check_small_file(folder / name, "tokenizer file")
     try:
-        return transformers.AutoTokenizer.from_pretrained(folder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # tokenizers fail in many ways; all end as one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OrthopatchError(f"cannot load the tokenizer ({first})", path=folder) from None
+        raise OrthopatchError(f"cannot load the tokenizer ({_first_line(exc)})", path=folder) from None
+    encode(tokenizer, "Hello.", folder)  # a broken chat template fails here, before any model is read
+    return tokenizer
 
 
-def encode(tokenizer: Any, prompt: str) -> list[int]:
-    """A user turn and the assistant's opening under the chat template, or the bare prompt without one."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def encode(tokenizer: Any, prompt: str, folder: Path | None = None) -> list[int]:
+    """A user turn and the assistant's opening under the chat template, or the bare prompt without one.
+
+    A template that does not compile or render (a jinja2 error) is a one-line error naming ``folder``
+    (default: the folder the tokenizer was loaded from)."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
+        try:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True)
+        except Exception as exc:  # jinja2's syntax, undefined-name and raise_exception errors, among others
+            where = folder if folder is not None else getattr(tokenizer, "name_or_path", None) or None
+            raise OrthopatchError(f"the tokenizer's chat template fails ({type(exc).__name__}: "
+                                  f"{_first_line(exc)})", path=where) from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return [int(i) for i in ids]

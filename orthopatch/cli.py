@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -16,6 +17,9 @@ from .errors import OrthopatchError, quoted
 from .hub import push_folder, resolve_direction, resolve_model
 from .plan import Selection, parse_layers
 from .record import Method
+
+if TYPE_CHECKING:
+    from .layerwise import RunSettings
 
 
 def _layers_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> frozenset[int] | None:
@@ -133,12 +137,14 @@ def main() -> None:
 @click.option("--evaluate", "evaluate_kl", is_flag=True,
               help="After writing, measure the KL divergence from MODEL on a small built-in harmless set, "
                    "streamed, and warn when it is far above what abliteration usually costs (needs transformers).")
+@click.option("--tokenizer", type=click.Path(path_type=Path),
+              help="With --evaluate: folder of the tokenizer [default: MODEL's own].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
 def apply_command(model: Path, direction: Path, out: Path | None, device: str, dry_run: bool,
                   overwrite: bool, in_place: bool, layers: frozenset[int] | None, embeddings: bool, scale: float,
                   norm_preserving: bool, targets: tuple[str, ...], download: bool, push_to_hub: str | None,
-                  private: bool, evaluate_kl: bool, quiet: bool, debug: bool) -> None:
+                  private: bool, evaluate_kl: bool, tokenizer: Path | None, quiet: bool, debug: bool) -> None:
     """Write the abliterated copy of MODEL, with DIRECTION projected out of every residual writer.
 
     DIRECTION holds one row [d] (or [1, d]) for every layer, or one row per layer [n_layers, d] or per
@@ -152,6 +158,8 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
     if in_place and (out is not None or overwrite or evaluate_kl):
         other = "-o/--out" if out is not None else "--overwrite" if overwrite else "--evaluate (no source is left)"
         raise click.UsageError(f"--in-place writes into MODEL itself: it cannot be combined with {other}")
+    if tokenizer is not None and not evaluate_kl:
+        raise click.UsageError("--tokenizer is used only with --evaluate")
     if evaluate_kl and not dry_run:
         from .layerwise import require_transformers
 
@@ -161,6 +169,13 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
         source = resolve_model(str(model), download=download, quiet=quiet)
         direction_source = resolve_direction(str(direction), quiet=quiet)
     model, direction, out = source.path, direction_source.path, None if in_place else out or source.default_out
+    if evaluate_kl and not dry_run:
+        from .evaluate import prepare_kl_check
+        from .layerwise import RunSettings
+
+        run_settings = RunSettings(device=device, tokenizer=tokenizer)
+        with _reported(debug):  # before anything is written: a check that cannot run is refused now
+            prepare_kl_check(model, run_settings)
     options = ApplyOptions(model=model, direction=direction, out=out, device=device, dry_run=dry_run,
                            overwrite=overwrite, quiet=quiet,
                            method=Method(Selection(layers, embeddings), scale, norm_preserving, targets),
@@ -174,7 +189,7 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
     click.echo(result_line(result))
     if evaluate_kl:
         with _reported(debug):
-            _check_kl(result.out, model, device, quiet)
+            _check_kl(result.out, model, run_settings, quiet)
     if push_to_hub:
         with _reported(debug):
             _verify_before_push(result.out, options.direction, None if in_place else options.model, quiet=quiet)
@@ -182,14 +197,19 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
         click.echo(f"{result.out}: pushed to {url}")
 
 
-def _check_kl(out: Path, source: Path, device: str, quiet: bool) -> None:
-    """``apply --evaluate``: the KL figure, and a one-line warning when it is far above the usual cost."""
+def _check_kl(out: Path, source: Path, run: RunSettings, quiet: bool) -> None:
+    """``apply --evaluate``: the KL figure, and a one-line warning when it is far above the usual cost
+    or cannot be computed (a hidden state, logit or KL that is not finite: the output is written)."""
     from .evaluate import KL_WARNING, builtin_kl_prompts, kl_check
+    from .layerwise import NonFiniteError
 
     prompts = builtin_kl_prompts()
-    from .layerwise import RunSettings
-
-    mean, peak = kl_check(out, source, prompts, RunSettings(device=device), quiet=quiet)
+    try:
+        mean, peak = kl_check(out, source, prompts, run, quiet=quiet)
+    except NonFiniteError as exc:
+        click.echo(f"orthopatch: warning: no KL divergence from the source: {exc}; "
+                   "do not use this model before finding out why", err=True)
+        return
     figure = (f"KL divergence from the source on {len(prompts.prompts)} harmless prompts: "
               f"mean {mean:.4g}, max {peak:.4g}")
     if mean > KL_WARNING:
@@ -303,7 +323,8 @@ def measure_command(model: Path, out: Path, harmful: str | None, harmless: str |
         options = MeasureOptions(model=source.path, out=out, harmful=harmful, harmless=harmless,
                                  choice=PromptChoice(field, limit, seed), layer=layer, per_layer=per_layer,
                                  project_harmless=project_harmless,
-                                 run=RunSettings(device, dtype, batch_size, tokenizer), quiet=quiet)
+                                 run=RunSettings(device, dtype, batch_size, tokenizer), quiet=quiet,
+                                 model_repo=source.hub_ref)
         result = measure(options)
     record = result.record
     where = "one row per layer" if record.per_layer else f"layer {record.layer} ({record.layer_rule})"
@@ -341,20 +362,24 @@ def evaluate_command(model: Path, source: Path, harmless: str | None, harmful: s
     """
     from .evaluate import EvaluateOptions, evaluate, format_report
     from .layerwise import RunSettings, require_transformers
-    from .output import write_atomic
+    from .output import check_output_file, write_atomic
     from .prompts import PromptChoice
 
     with _reported(debug):
         require_transformers()
-        model_path = resolve_model(str(model), quiet=quiet).path
-        source_path = resolve_model(str(source), quiet=quiet).path
-        options = EvaluateOptions(model=model_path, source=source_path, harmless=harmless, harmful=harmful,
-                                  choice=PromptChoice(field, limit, seed), max_new_tokens=max_new_tokens,
-                                  markers=markers, refusals=not no_refusals, in_memory=in_memory,
-                                  run=RunSettings(device, dtype, batch_size, tokenizer), quiet=quiet)
+        if json_path is not None:  # checked before hours of generation, not after
+            check_output_file(json_path, "--json")
+        model_source = resolve_model(str(model), quiet=quiet)
+        source_source = resolve_model(str(source), quiet=quiet)
+        options = EvaluateOptions(model=model_source.path, source=source_source.path, harmless=harmless,
+                                  harmful=harmful, choice=PromptChoice(field, limit, seed),
+                                  max_new_tokens=max_new_tokens, markers=markers, refusals=not no_refusals,
+                                  in_memory=in_memory, run=RunSettings(device, dtype, batch_size, tokenizer),
+                                  quiet=quiet, model_repo=model_source.hub_ref, source_repo=source_source.hub_ref)
         report = evaluate(options)
-        if json_path is not None:
-            import json
+    click.echo(format_report(report))  # the figures are shown even if the file cannot be written
+    if json_path is not None:
+        import json
 
+        with _reported(debug):
             write_atomic(json_path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
-    click.echo(format_report(report))

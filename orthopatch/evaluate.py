@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -24,12 +26,12 @@ import torch
 
 from . import __version__
 from .chat import decode, encode_set, load_tokenizer
-from .checkpoint import read_json
 from .errors import OrthopatchError
-from .formats import CONFIG_NAME
-from .layerwise import LayerwiseModel, RunSettings, make_batches, require_transformers
+from .formats import CONFIG_NAME, GENERATION_CONFIG_NAME
+from .layerwise import LayerwiseModel, NonFiniteError, RunSettings, make_batches, require_transformers
 from .measure import PromptRecord
-from .prompts import PromptChoice, PromptSet, builtin_prompts, check_small_file, load_markers
+from .prompts import PromptChoice, PromptSet, builtin_prompts, load_markers
+from .smallfile import read_small_json
 
 RECORD_FORMAT = 1
 #: ``apply --evaluate`` warns above this mean KL (nats) on the built-in harmless set: a first-token
@@ -52,6 +54,9 @@ class EvaluateOptions:
     in_memory: bool = False
     run: RunSettings = field(default_factory=RunSettings)
     quiet: bool = False
+    #: ``ORG/NAME@COMMIT`` when the model (the source) was taken from the Hub, for the report.
+    model_repo: str | None = None
+    source_repo: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,8 @@ class EvaluateReport:
     model_bytes_read: int
     source_bytes_read: int
     seconds: float
+    model_repo: str | None = None  # ORG/NAME@COMMIT of a model taken from the Hub; ``model`` is its path
+    source_repo: str | None = None
     format: int = RECORD_FORMAT
     orthopatch_version: str = __version__
 
@@ -108,7 +115,7 @@ class StreamedRunner:
 
     def __init__(self, root: Path, device: torch.device, dtype: torch.dtype, batch_size: int,
                  progress: bool = False):
-        self.model = LayerwiseModel(root, device=device, dtype=dtype, progress=progress)
+        self.model = LayerwiseModel(root, device=device, dtype=dtype, progress=progress, logits=True)
         self.batch_size = batch_size
 
     @property
@@ -139,7 +146,7 @@ class InMemoryRunner:
         except Exception as exc:  # loading fails in many ways; all end as one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise OrthopatchError(f"transformers cannot load the model ({first})", path=root) from None
-        self.device = device
+        self.root, self.device = root, device
         self.bytes_read = 0
 
     @property
@@ -150,7 +157,12 @@ class InMemoryRunner:
     @torch.inference_mode()
     def next_logits(self, prompts: list[list[int]]) -> torch.Tensor:
         rows = [self.model(torch.tensor([p], device=self.device)).logits[0, -1].float().cpu() for p in prompts]
-        return torch.stack(rows)
+        logits = torch.stack(rows)
+        finite = torch.isfinite(logits).all(-1)
+        if not bool(finite.all()):
+            raise NonFiniteError(f"the next-token logits are not finite (NaN or infinity) for "
+                                 f"{int((~finite).sum())} of {len(rows)} prompts", path=self.root)
+        return logits
 
     @torch.inference_mode()
     def greedy(self, prompts: list[list[int]], max_new_tokens: int, eos: set[int]) -> list[list[int]]:
@@ -179,23 +191,39 @@ def _runner(root: Path, options: EvaluateOptions) -> StreamedRunner | InMemoryRu
     return StreamedRunner(root, device, dtype, options.run.batch_size, progress=not options.quiet)
 
 
-def _eos_ids(tokenizer: Any, root: Path) -> set[int]:
-    """Tokens that end a reply: the tokenizer's end of sequence and the model config's ``eos_token_id``."""
+def reply_end_ids(tokenizer: Any, root: Path) -> set[int]:
+    """Tokens that end a reply, the same for both runners: the tokenizer's end of sequence and every
+    ``eos_token_id`` of the model's config, of its text config (multimodal models keep one there)
+    and of ``generation_config.json`` (chat models list their end-of-turn token there)."""
     ids = set()
-    if getattr(tokenizer, "eos_token_id", None) is not None:
+    if isinstance(getattr(tokenizer, "eos_token_id", None), int):
         ids.add(int(tokenizer.eos_token_id))
-    check_small_file(root / CONFIG_NAME, "model config")
-    config = read_json(root / CONFIG_NAME)
-    value = config.get("eos_token_id") if isinstance(config, dict) else None
-    for v in value if isinstance(value, list) else [value]:
-        if isinstance(v, int) and not isinstance(v, bool):
-            ids.add(v)
+    config = read_small_json(root / CONFIG_NAME, "model config")
+    docs = [config, config.get("text_config")] if isinstance(config, dict) else []
+    if os.path.lexists(root / GENERATION_CONFIG_NAME):
+        docs.append(read_small_json(root / GENERATION_CONFIG_NAME, "generation config"))
+    for doc in docs:
+        value = doc.get("eos_token_id") if isinstance(doc, dict) else None
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool):
+                ids.add(v)
     return ids
 
 
 def is_refusal(reply: str, markers: tuple[str, ...]) -> bool:
     text = reply.lower().replace("’", "'")
     return any(m.lower().replace("’", "'") in text for m in markers)
+
+
+def prepare_kl_check(source: Path, run: RunSettings, prompts: PromptSet | None = None) -> None:
+    """Refuse now, in one line, a KL check that could not run later (``apply --evaluate`` calls it
+    before writing anything): the device exists, the tokenizer loads and its chat template renders
+    the prompts within the context, and transformers builds the model with its final norm and output
+    head (on the meta device: only the small parameters outside the blocks are read)."""
+    device, dtype = run.torch_device(), run.torch_dtype()
+    tokenizer = load_tokenizer(run.tokenizer or source)
+    with LayerwiseModel(source, device=device, dtype=dtype, logits=True) as model:
+        encode_set(tokenizer, prompts or builtin_kl_prompts(), model.context_length)
 
 
 def kl_check(model: Path, source: Path, prompts: PromptSet, run: RunSettings | None = None,
@@ -210,8 +238,15 @@ def kl_check(model: Path, source: Path, prompts: PromptSet, run: RunSettings | N
             logits.append(runner.next_logits(encode_set(tok, prompts, runner.context_length)))
         finally:
             runner.close()
-    kl = kl_divergence(*_same_vocabulary(logits[0], logits[1], model))
+    kl = _finite_kl(kl_divergence(*_same_vocabulary(logits[0], logits[1], model)), model)
     return float(kl.mean()), float(kl.max())
+
+
+def _finite_kl(kl: torch.Tensor, where: Path) -> torch.Tensor:
+    """The KL per prompt; a one-line error when one is not a number (a comparison with NaN is always false)."""
+    if not all(math.isfinite(v) for v in kl.tolist()):
+        raise NonFiniteError("the KL divergence from the source is not finite (NaN or infinity)", path=where)
+    return kl
 
 
 def _same_vocabulary(source: torch.Tensor, model: torch.Tensor, where: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +266,7 @@ def evaluate(options: EvaluateOptions, log: Callable[[str], None] | None = None)
     harmful = options.choice.choose(options.harmful, "harmful_eval", options.quiet) if options.refusals else None
     markers = load_markers(options.markers) if options.refusals else ()
     tokenizer = load_tokenizer(options.run.tokenizer or options.source)
-    eos = _eos_ids(tokenizer, options.source)
+    eos = reply_end_ids(tokenizer, options.source)
 
     logits: dict[str, torch.Tensor] = {}
     refusals: dict[str, int | None] = {"source": None, "model": None}
@@ -251,7 +286,7 @@ def evaluate(options: EvaluateOptions, log: Callable[[str], None] | None = None)
             bytes_read[label] = runner.bytes_read
         finally:
             runner.close()
-    kl = kl_divergence(*_same_vocabulary(logits["source"], logits["model"], options.model))
+    kl = _finite_kl(kl_divergence(*_same_vocabulary(logits["source"], logits["model"], options.model)), options.model)
     return EvaluateReport(
         model=str(options.model), source=str(options.source), kl_mean=float(kl.mean()), kl_max=float(kl.max()),
         harmless=PromptRecord(harmless.source, len(harmless.prompts), harmless.sha256),
@@ -259,7 +294,7 @@ def evaluate(options: EvaluateOptions, log: Callable[[str], None] | None = None)
         max_new_tokens=options.max_new_tokens, model_refusals=refusals["model"],
         source_refusals=refusals["source"], streamed=not options.in_memory,
         model_bytes_read=bytes_read["model"], source_bytes_read=bytes_read["source"],
-        seconds=round(time.monotonic() - started, 3))
+        seconds=round(time.monotonic() - started, 3), model_repo=options.model_repo, source_repo=options.source_repo)
 
 
 def format_report(report: EvaluateReport) -> str:

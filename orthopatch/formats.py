@@ -13,6 +13,8 @@ SINGLE_SHARD_NAME = "model.safetensors"
 #: Shard files end with this.
 SHARD_SUFFIX = ".safetensors"
 CONFIG_NAME = "config.json"
+#: Generation defaults transformers saves beside the config (end-of-sequence tokens among them).
+GENERATION_CONFIG_NAME = "generation_config.json"
 #: The model card (a Hugging Face ``README.md`` with YAML front matter).
 CARD_NAME = "README.md"
 

@@ -63,6 +63,11 @@ class ModelSource:
     repo: RepoRef | None = None
 
     @property
+    def hub_ref(self) -> str | None:
+        """``ORG/NAME@COMMIT`` for a repo id (the commit of the cache snapshot used), else ``None``."""
+        return f"{self.repo.repo_id}@{self.path.name}" if self.repo else None
+
+    @property
     def default_out(self) -> Path | None:
         """``./NAME-abliterated`` for a repo id; ``None`` (a sibling folder) for a local folder."""
         return Path(f"{self.repo.name}-abliterated") if self.repo else None

@@ -15,6 +15,11 @@ memory). A pass runs every prompt through block 0, then block 1, and so on (laye
 Prompts are batched with right padding: under a causal mask a token never sees the padding that
 follows it, so the last real token of each prompt gets exactly the state it would get alone.
 The output head is read (in row blocks) only when logits are asked for.
+
+Only the text decoder runs: for a model with other towers (Gemma 3's vision encoder) the blocks, the
+final norm and every other parameter read come from the text decoder, plus the output head; the
+other towers' weights are never read. A hidden state or logit that is not finite (NaN or infinity)
+stops the pass with a one-line error naming the model and the layer.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ from .prompts import check_small_file
 from .reader import CheckpointReader
 
 INSTALL_HINT = "pip install 'orthopatch[measure]'"
+#: The oldest transformers major version that builds models as this module expects (``dtype=``,
+#: the loading conversions of :mod:`orthopatch.conversion`, the cache keyword).
+MIN_TRANSFORMERS = 5
 #: Where causal LMs keep the norm applied after the last block.
 FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm", "norm_f")
 
@@ -49,12 +57,21 @@ HEAD_ALIASES = {"lm_head.weight": ("embed_out.weight",)}
 Observer = Callable[[int, torch.Tensor], None]
 
 
+class NonFiniteError(OrthopatchError):
+    """A model's hidden states or logits hold a NaN or an infinity."""
+
+
 def require_transformers() -> Any:
-    """The ``transformers`` module, or a one-line error saying how to install it."""
+    """The ``transformers`` module (5 or later), or a one-line error saying how to install it."""
     try:
         import transformers
     except ImportError:
         raise OrthopatchError(f"this command needs transformers: {INSTALL_HINT}") from None
+    version = str(getattr(transformers, "__version__", "0"))
+    major = version.split(".")[0]
+    if not major.isdigit() or int(major) < MIN_TRANSFORMERS:
+        raise OrthopatchError(f"this command needs transformers {MIN_TRANSFORMERS} or later, not {version}: "
+                              f"pip install -U 'orthopatch[measure]'")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers
@@ -164,7 +181,9 @@ class LayerwiseModel:
     """A checkpoint's model built on the meta device, run block by block from the shards."""
 
     def __init__(self, root: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32,
-                 progress: bool = False):
+                 progress: bool = False, logits: bool = False):
+        """``logits``: the caller will ask for logits, so the final norm and the head must exist (checked
+        here, before any pass runs)."""
         transformers = require_transformers()
         self.root = Path(root)
         if not self.root.is_dir():
@@ -176,41 +195,53 @@ class LayerwiseModel:
         self.progress = progress  # a bar of blocks on stderr for each pass
         self.stats = PassStats()
         try:
+            self._build(transformers, logits)
+        except BaseException:
+            self.reader.close()
+            raise
+
+    def _build(self, transformers: Any, logits: bool) -> None:
+        """The model on the meta device, its text decoder, blocks, embedding, head and final norm."""
+        try:
             self.config = transformers.AutoConfig.from_pretrained(self.root)
             with parameters_on_meta():
-                model = transformers.AutoModelForCausalLM.from_config(self.config, dtype=dtype)
-        except (ValueError, KeyError, OSError, TypeError) as exc:
+                model = transformers.AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        except Exception as exc:  # transformers fails in many ways on a config it cannot build; all end as one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise OrthopatchError(f"transformers cannot build this model ({first})",
                                   path=self.root / CONFIG_NAME) from None
         self.model = model.eval()
-        if device.type != "cpu":
+        if self.device.type != "cpu":
             for name, buffer in list(model.named_buffers()):
                 owner_name, _, leaf = name.rpartition(".")
                 owner = model.get_submodule(owner_name) if owner_name else model
-                owner._buffers[leaf] = buffer.to(device)
-        self.base = model.base_model
+                owner._buffers[leaf] = buffer.to(self.device)
         # Which checkpoint tensors feed each parameter (transformers renames or fuses some families').
         self.sources = parameter_sources(model, self.checkpoint.weight_map, self.root)
+        names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        self.decoder = self._find_decoder()
+        self.decoder_name = names[id(self.decoder)]
         self.blocks_name, self.blocks = self._find_blocks()
         self.embedding = model.get_input_embeddings()
-        names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
         self.embedding_name = self._tensor_name(names[id(self.embedding)] + ".weight")
         head = model.get_output_embeddings()
-        self.head_name = None
+        self.head_name = self.head_bias_name = None
         if head is not None:
-            tied = head.weight is self.embedding.weight or bool(
-                getattr(self.config.get_text_config(), "tie_word_embeddings", False))
+            tied = head.weight is self.embedding.weight or any(
+                getattr(c, "tie_word_embeddings", False) is True for c in (self.config, self.config.get_text_config()))
             own = names[id(head)] + ".weight"
             found = [n for n in (self._renamed(own), own, *HEAD_ALIASES.get(own, ())) if n and self.reader.has(n)]
             self.head_name = found[0] if found else self.embedding_name if tied else self._tensor_name(own)
-        self.norm = next((getattr(self.base, n) for n in FINAL_NORM_NAMES if isinstance(
-            getattr(self.base, n, None), nn.Module)), None)
-        try:
-            self._load_others(names, head)
-        except BaseException:
-            self.reader.close()
-            raise
+            if isinstance(getattr(head, "bias", None), nn.Parameter):
+                self.head_bias_name = names[id(head)] + ".bias"
+        self.norm = next((getattr(self.decoder, n) for n in FINAL_NORM_NAMES if isinstance(
+            getattr(self.decoder, n, None), nn.Module)), None)
+        if logits and (self.norm is None or self.head_name is None):
+            missing = " and ".join(w for w, v in (("final norm", self.norm), ("output head", self.head_name))
+                                   if v is None)
+            raise OrthopatchError(f"cannot find the model's {missing} in transformers' {type(model).__name__}",
+                                  path=self.root / CONFIG_NAME)
+        self._load_others(head)
 
     # -- structure ---------------------------------------------------------------------------------
 
@@ -227,11 +258,27 @@ class LayerwiseModel:
         value = getattr(self.config.get_text_config(), "max_position_embeddings", None)
         return value if isinstance(value, int) else None
 
+    def _find_decoder(self) -> nn.Module:
+        """The text decoder: the module that embeds tokens and runs the blocks (Gemma 3's
+        ``model.language_model``; the base model of a text-only family)."""
+        try:
+            decoder = self.model.get_decoder()
+        except (AttributeError, NotImplementedError, ValueError):
+            decoder = None
+        embedding = self.model.get_input_embeddings()
+        for candidate in (decoder, self.model.base_model):
+            if isinstance(candidate, nn.Module) and candidate is not self.model and any(
+                    m is embedding for m in candidate.modules()):
+                return candidate
+        raise OrthopatchError(f"cannot find the text decoder of transformers' {type(self.model).__name__}",
+                              path=self.root / CONFIG_NAME)
+
     def _find_blocks(self) -> tuple[str, nn.ModuleList]:
+        """The text decoder's list of blocks, and its name in the whole model."""
         n = self.config.get_text_config().num_hidden_layers
-        for name, module in self.model.named_modules():
+        for name, module in self.decoder.named_modules():
             if isinstance(module, nn.ModuleList) and len(module) == n and name.split(".")[-1] in ("layers", "h"):
-                return name, module
+                return ".".join(p for p in (self.decoder_name, name) if p), module
         raise OrthopatchError(f"cannot find the model's {n} blocks", path=self.root / CONFIG_NAME)
 
     def _renamed(self, name: str) -> str | None:
@@ -271,14 +318,16 @@ class LayerwiseModel:
         dtype = self.dtype if value.is_floating_point() else value.dtype
         return value.to(device=self.device, dtype=dtype)
 
-    def _load_others(self, names: dict[int, str], head: nn.Module | None) -> None:
-        """Read every parameter outside the blocks, the embedding and the head (norms, position tables)."""
+    def _load_others(self, head: nn.Module | None) -> None:
+        """Read the text decoder's parameters outside the blocks and the embedding (norms, position
+        tables). Nothing of another tower (a vision encoder) is read, nor the head."""
         skip = {id(p) for p in self.blocks.parameters()} | {id(self.embedding.weight)}
         if head is not None:
             skip |= {id(p) for p in head.parameters()}
-        for name, param in list(self.model.named_parameters()):
+        for name, param in list(self.decoder.named_parameters()):
             if id(param) not in skip:
-                self._set(self.model, name, self._read(name, tuple(param.shape)))
+                full = f"{self.decoder_name}.{name}" if self.decoder_name else name
+                self._set(self.model, full, self._read(full, tuple(param.shape)))
 
     # -- one block at a time -----------------------------------------------------------------------
 
@@ -319,7 +368,7 @@ class LayerwiseModel:
         for i, block in enumerate(originals):
             self.blocks[i] = _StandIn(block, records, last=i == len(originals) - 1)
         try:
-            self.base(inputs_embeds=embeds, **(forward or {"use_cache": False}))
+            self.decoder(inputs_embeds=embeds, **(forward or {"use_cache": False}))
         except _Stop:
             pass
         finally:
@@ -348,8 +397,10 @@ class LayerwiseModel:
         bar = tqdm(range(self.num_layers), desc=self.root.name, unit="block", file=sys.stderr,
                    disable=not self.progress, dynamic_ncols=True, leave=False)
         for layer in bar:
+            states = self._last_tokens(batches, hidden)
+            self._check_finite(states, f"the hidden states entering block {layer}")
             if observe is not None:
-                observe(layer, self._last_tokens(batches, hidden).double().cpu())
+                observe(layer, states.double().cpu())
             self._materialise(layer)
             try:
                 for b, (args, kwargs) in enumerate(r[layer] for r in records):
@@ -358,10 +409,21 @@ class LayerwiseModel:
             finally:
                 self._release(layer)
         final = self._last_tokens(batches, hidden)
+        self._check_finite(final, f"the hidden states leaving block {self.num_layers - 1}")
         if observe is not None:
             observe(self.num_layers, final.double().cpu())
         self.stats.bytes_read = self.reader.account.bytes_read
         return final
+
+    def _check_finite(self, values: torch.Tensor, what: str) -> None:
+        """A one-line error naming the model when ``values`` hold a NaN or an infinity."""
+        finite = torch.isfinite(values).reshape(values.shape[0], -1).all(-1)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            hint = f" in {str(self.dtype).removeprefix('torch.')} (try --dtype float32)" \
+                if self.dtype != torch.float32 else ""
+            raise NonFiniteError(f"{what} are not finite (NaN or infinity) for {bad} of {values.shape[0]} "
+                                 f"prompts{hint}", path=self.root)
 
     @staticmethod
     def _last_tokens(batches: list[Batch], hidden: list[torch.Tensor]) -> torch.Tensor:
@@ -383,7 +445,7 @@ class LayerwiseModel:
 
     def _cache_keyword(self) -> str:
         """What the model's forward calls its key-value cache (``cache`` now, ``past_key_values`` before)."""
-        return "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
+        return "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
 
     @torch.inference_mode()
     def greedy(self, prompts: list[list[int]], max_new_tokens: int, eos: set[int]) -> list[list[int]]:
@@ -423,10 +485,13 @@ class LayerwiseModel:
         for first, rows in self.reader.row_blocks(self.head_name):
             block = rows.to(device=self.device, dtype=self.dtype)
             out[:, first:first + block.shape[0]] = (normed @ block.T).float()
+        if self.head_bias_name is not None:
+            out += self._read(self.head_bias_name, (vocab,)).float()
         cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
         if cap:
             out = torch.tanh(out / cap) * cap
         self.stats.bytes_read = self.reader.account.bytes_read
+        self._check_finite(out, "the next-token logits")
         return out
 
     def close(self) -> None:

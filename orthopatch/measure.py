@@ -52,6 +52,8 @@ class MeasureOptions:
     #: Token ids instead of prompts (benchmarks on checkpoints that have no tokenizer).
     token_ids: tuple[list[list[int]], list[list[int]]] | None = None
     quiet: bool = False
+    #: ``ORG/NAME@COMMIT`` when the model was taken from the Hub, for the record.
+    model_repo: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class LayerStats:
 
     layer: int
     diff_norm: float  # ‖mean harmful − mean harmless‖
-    relative: float  # the same over ‖mean harmless‖
+    relative: float  # the same over the larger of ‖mean harmful‖ and ‖mean harmless‖
     separation: float  # (mean score harmful − mean score harmless) / pooled std of the scores
     accuracy: float  # share of prompts on the right side of the midpoint between the mean scores
 
@@ -93,6 +95,7 @@ class MeasureRecord:
     seconds: float
     layers: list[LayerStats] = field(default_factory=list)
     filled_rows: list[int] = field(default_factory=list)
+    model_repo: str | None = None  # ORG/NAME@COMMIT of a model taken from the Hub; ``model`` is its path
     format: int = RECORD_FORMAT
     orthopatch_version: str = __version__
 
@@ -245,7 +248,7 @@ def measure(options: MeasureOptions, log: Callable[[str], None] | None = None) -
         harmless=PromptRecord(harmless.source, len(harmless_ids), harmless.sha256),
         hidden_size=hidden, num_layers=n, device=str(device), dtype=options.run.dtype, bytes_read=bytes_read,
         checkpoint_bytes=checkpoint_bytes, seconds=round(time.monotonic() - started, 3), layers=stats,
-        filled_rows=filled)
+        filled_rows=filled, model_repo=options.model_repo)
     buffer = io.BytesIO()
     torch.save(direction, buffer)
     write_atomic(options.out, buffer.getvalue())

@@ -60,6 +60,16 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise io_error(exc, path, "write") from None
 
 
+def check_output_file(path: Path, what: str = "output") -> None:
+    """A small file can be written at ``path`` later: its folder exists and it is not a folder itself.
+
+    Checked before a long run, so that hours of work are not lost to a mistyped folder."""
+    if not path.parent.is_dir():
+        raise OrthopatchError(f"the {what} file's folder does not exist", path=path.parent)
+    if path.is_dir():
+        raise OrthopatchError(f"the {what} file is a folder", path=path)
+
+
 def write_json(path: Path, doc: Any) -> None:
     write_atomic(path, (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode())
 

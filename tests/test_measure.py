@@ -24,7 +24,7 @@ CPU = RunSettings("cpu")
 #: Mixtral and Qwen2/Qwen3-MoE are saved as on the Hub (one matrix per expert), which transformers
 #: fuses while loading; the streamed run fuses them the same way.
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe"]
-FAMILIES = ["llama", "qwen2", "gemma3", "llama-tied", "gpt2", "gpt_neox", *MOE_FAMILIES]
+FAMILIES = ["llama", "qwen2", "gemma3", "gemma3-mm", "llama-tied", "gpt2", "gpt_neox", *MOE_FAMILIES]
 LIMIT = 12
 
 
@@ -81,7 +81,7 @@ def test_streamed_means_equal_the_whole_model_run(tiny_models, family, tmp_path)
         torch.testing.assert_close(written[layer].double(), diff / diff.norm(), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gemma3-mm", "mixtral", "qwen2_moe"])
 def test_reads_each_weight_once_never_the_head_and_one_block_at_a_time(tiny_models, family, tmp_path):
     from orthopatch.layerwise import LayerwiseModel, make_batches
 
@@ -465,3 +465,126 @@ def test_cuda_requested_without_cuda_is_one_line(tiny_models, tmp_path):
     folder = str(tiny_models("llama"))
     one_line_error(run_measure(folder, "-o", str(tmp_path / "d.pth"), "--device", "cuda"), "--device cuda")
     one_line_error(cli("evaluate", folder, "--source", folder, "--device", "cuda", "-q"), "--device cuda")
+
+
+# -- multimodal Gemma 3: only the text decoder and the head ---------------------------------------------
+
+def test_multimodal_gemma3_reads_only_the_text_decoder(tiny_models):
+    """Gemma3ForConditionalGeneration: the blocks, the final norm and every parameter read are the
+    text decoder's (its vision tower has as many layers as the text decoder); vision weights are never read."""
+    from orthopatch.layerwise import LayerwiseModel, make_batches
+
+    folder = tiny_models("gemma3-mm")
+    prompts = encoded(folder, "harmful")[:4]
+    with LayerwiseModel(folder, device=torch.device("cpu"), logits=True) as model:
+        assert type(model.model).__name__ == "Gemma3ForConditionalGeneration"
+        assert model.blocks_name == "model.language_model.layers" and model.num_layers == 4
+        assert model.norm is model.model.get_submodule("model.language_model.norm")
+        logits = model.logits(model.run(make_batches(prompts, 2)))
+        read = model.reader.account.tensors_read
+        stored = set(model.checkpoint.weight_map)
+    assert any(n.startswith("language_model.model.layers.") for n in stored)  # the Hub's names
+    vision = {n for n in stored if "vision" in n or "multi_modal_projector" in n}
+    assert vision and not read & vision
+    assert all("language_model" in n for n in read)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = torch.stack([reference(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts])
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+# -- one-line errors: non-finite states, broken chat templates, models transformers cannot build ---------
+
+def poisoned_copy(source: Path, folder: Path, tensor: str) -> Path:
+    """A copy of the model folder in which ``tensor`` is all NaN."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(source, folder)
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            if tensor not in f.keys():  # noqa: SIM118
+                continue
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+            metadata = f.metadata()
+        tensors[tensor] = torch.full_like(tensors[tensor], float("nan"))
+        shard.unlink()
+        save_file(tensors, shard, metadata=metadata)
+        return folder
+    raise AssertionError(f"no tensor {tensor}")
+
+
+def test_nan_hidden_states_are_one_line_naming_the_model_and_the_block(tiny_models, tmp_path):
+    folder = poisoned_copy(tiny_models("llama"), tmp_path / "nan", "model.layers.1.mlp.down_proj.weight")
+    out = tmp_path / "d.pth"
+    one_line_error(run_measure(str(folder), "-o", str(out), "--limit", "4"), str(folder),
+                   "hidden states entering block 2 are not finite (NaN or infinity) for 8 of 8 prompts")
+    assert not out.exists() and not sidecar_path(out).exists()
+
+
+def broken_template_copy(source: Path, folder: Path) -> Path:
+    """A copy of the model folder whose chat template does not compile."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    broken = "{% for m in messages %}<user> {{ m['content'] }}"  # no endfor
+    jinja = folder / "chat_template.jinja"
+    if jinja.exists():
+        jinja.write_text(broken)
+    else:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["chat_template"] = broken
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_broken_chat_template_is_one_line_naming_the_tokenizer(tiny_models, tmp_path):
+    folder = broken_template_copy(tiny_models("llama"), tmp_path / "broken")
+    one_line_error(run_measure(str(folder), "-o", str(tmp_path / "d.pth")), str(folder), "chat template fails")
+    # The tokenizer named by --tokenizer is the one the message names.
+    one_line_error(run_measure(str(tiny_models("llama")), "-o", str(tmp_path / "d.pth"), "--tokenizer",
+                               str(folder)), str(folder), "chat template fails")
+
+
+def test_any_failure_of_transformers_to_build_the_model_is_one_line(tiny_models, tmp_path, monkeypatch):
+    def fails(*args, **kwargs):
+        raise RuntimeError("cannot allocate the rotary table")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", fails)
+    folder = tiny_models("llama")
+    one_line_error(run_measure(str(folder), "-o", str(tmp_path / "d.pth")), str(folder / "config.json"),
+                   "transformers cannot build this model (cannot allocate the rotary table)")
+
+
+def test_transformers_older_than_required_is_one_line(tiny_models, tmp_path, monkeypatch):
+    import orthopatch.layerwise
+
+    folder = str(tiny_models("llama"))
+    assert orthopatch.layerwise.MIN_TRANSFORMERS == 5
+    monkeypatch.setattr(orthopatch.layerwise, "MIN_TRANSFORMERS", int(transformers.__version__.split(".")[0]) + 1)
+    one_line_error(run_measure(folder, "-o", str(tmp_path / "d.pth")),
+                   f"needs transformers {orthopatch.layerwise.MIN_TRANSFORMERS} or later, not "
+                   f"{transformers.__version__}: pip install -U 'orthopatch[measure]'")
+
+
+def test_a_model_from_the_hub_cache_is_recorded_by_repo_id_and_commit(tiny_models, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from tests.test_hub import add_to_cache
+
+    commit = "d" * 40
+    snapshot = add_to_cache(tmp_path / "cache", "someorg/tiny", commit, tiny_models("llama"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "d.pth"
+    result = run_measure("someorg/tiny", "-o", str(out), "--limit", "4")
+    assert result.exit_code == 0, result.output
+    record = MeasureRecord.from_json(json.loads(sidecar_path(out).read_text()))
+    assert record.model_repo == f"someorg/tiny@{commit}"
+    assert Path(record.model) == snapshot
+    # A local folder has no repo.
+    local = measure(MeasureOptions(model=tiny_models("llama"), out=tmp_path / "local.pth",
+                                   choice=PromptChoice(limit=4), run=CPU, quiet=True))
+    assert local.record.model_repo is None

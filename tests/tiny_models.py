@@ -64,6 +64,15 @@ def tiny_config(kind: str, vocab_size: int, **overrides):
         config = transformers.Gemma3TextConfig(**{**common, "num_hidden_layers": 4}, head_dim=8,
                                                sliding_window=4, tie_word_embeddings=True,
                                                layer_types=["sliding_attention", "full_attention"] * 2)
+    elif kind == "gemma3-mm":  # Gemma3ForConditionalGeneration: a vision tower with as many layers as the text
+        text = transformers.Gemma3TextConfig(**{**common, "num_hidden_layers": 4}, head_dim=8, sliding_window=4,
+                                             layer_types=["sliding_attention", "full_attention"] * 2)
+        vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                                 num_attention_heads=2, image_size=32, patch_size=8)
+        config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                           mm_tokens_per_image=4, boi_token_index=vocab_size,
+                                           eoi_token_index=vocab_size + 1, image_token_index=vocab_size + 2,
+                                           tie_word_embeddings=True)
     elif kind == "gpt2":  # tied, learned positions added in the base model, Conv1D, blocks named h
         config = transformers.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=128,
                                          bos_token_id=2, eos_token_id=3)
