@@ -13,8 +13,8 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,39 +96,34 @@ def shard_done(out: Path, shard_name: str, raw_header: bytes, size: int) -> bool
 
 
 @contextmanager
+def _folder_lock(path: Path, operation: int, busy: str, cannot_open: Callable[[OSError], OrthopatchError]
+                 ) -> Iterator[None]:
+    """Hold a ``flock`` (``LOCK_SH`` or ``LOCK_EX``) on folder ``path``; refused with ``busy`` while held."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise cannot_open(exc) from None
+    try:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OrthopatchError(busy, path=path) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def shared_lock(out: Path, busy: str = "an orthopatch run is writing to this folder; verify it when it ends",
-                what: str = "output folder") -> Iterator[None]:
+                what: str = "output folder") -> AbstractContextManager[None]:
     """Hold a shared lock on folder ``out``: refused with ``busy`` while a run that locks it exclusively
     (``apply`` writing an output, ``apply --in-place`` converting a model) holds it."""
-    try:
-        fd = os.open(out, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise OrthopatchError(f"cannot open {what} ({exc.strerror})", path=out) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OrthopatchError(busy, path=out) from None
-        yield
-    finally:
-        os.close(fd)
+    return _folder_lock(out, fcntl.LOCK_SH, busy,
+                        lambda exc: OrthopatchError(f"cannot open {what} ({exc.strerror})", path=out))
 
 
-@contextmanager
-def exclusive_lock(root: Path, busy: str) -> Iterator[None]:
+def exclusive_lock(root: Path, busy: str) -> AbstractContextManager[None]:
     """Hold an exclusive lock on folder ``root``; a second holder is refused with ``busy``."""
-    try:
-        fd = os.open(root, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise io_error(exc, root, "open folder") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OrthopatchError(busy, path=root) from None
-        yield
-    finally:
-        os.close(fd)
+    return _folder_lock(root, fcntl.LOCK_EX, busy, lambda exc: io_error(exc, root, "open folder"))
 
 
 class OutputFolder:
