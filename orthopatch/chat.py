@@ -9,7 +9,8 @@ from typing import Any
 
 from .errors import OrthopatchError
 from .layerwise import require_transformers
-from .prompts import PromptSet, check_small_file
+from .prompts import PromptSet
+from .smallfile import check_small_file
 
 #: Files of which at least one is in a folder that holds a tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "tiktoken.model")

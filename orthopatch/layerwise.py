@@ -41,8 +41,8 @@ from .checkpoint import open_checkpoint
 from .conversion import Fused, parameter_sources, read_fused
 from .errors import OrthopatchError
 from .formats import CONFIG_NAME
-from .prompts import check_small_file
 from .reader import CheckpointReader
+from .smallfile import check_small_file
 
 INSTALL_HINT = "pip install 'orthopatch[measure]'"
 #: The oldest transformers major version that builds models as this module expects (``dtype=``,

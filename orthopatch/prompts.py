@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import OrthopatchError
 from .hub import resolve_file
-from .smallfile import MAX_SMALL_BYTES, check_regular, read_small_text
+from .smallfile import read_small_text
 
 #: The built-in sets: measured on (``harmful``, ``harmless``) and held out for judging (``*_eval``).
 BUILTIN_SETS = ("harmful", "harmless", "harmful_eval", "harmless_eval")
@@ -45,20 +45,6 @@ class PromptSet:
             raise OrthopatchError(f"--limit must be at least 1, not {limit}")
         keep = sorted(random.Random(seed).sample(range(len(self.prompts)), limit))
         return PromptSet(self.source, tuple(self.prompts[i] for i in keep))
-
-
-def check_small_file(path: Path, what: str = "file") -> None:
-    """A regular file of at most :data:`MAX_SMALL_BYTES`, checked before anything reads it; one-line
-    error naming it otherwise."""
-    size = check_regular(path, what).st_size
-    if size > MAX_SMALL_BYTES:
-        raise OrthopatchError(f"{what} is {size:,} bytes, more than the {MAX_SMALL_BYTES:,} such a file may have",
-                              path=path)
-
-
-def read_text_file(path: Path, what: str = "file") -> str:
-    """A small regular file's text: its type and size are checked before anything is read."""
-    return read_small_text(path, what)
 
 
 def builtin_prompts(kind: str) -> PromptSet:
@@ -111,7 +97,7 @@ def load_prompts(spec: str, field: str | None = None, quiet: bool = False) -> Pr
     """A prompt file given as a path, ``REPO_ID:PATH`` or ``datasets/REPO_ID:PATH``; at least one prompt,
     or a one-line error."""
     path = resolve_file(spec, quiet=quiet).path
-    prompts = parse_prompts(path, read_text_file(path, "prompt file"), field)
+    prompts = parse_prompts(path, read_small_text(path, "prompt file"), field)
     if not prompts:
         raise OrthopatchError("no prompts in the file", path=path)
     return PromptSet(spec, tuple(prompts))
@@ -136,7 +122,7 @@ def load_markers(path: Path | None) -> tuple[str, ...]:
     if path is None:
         text = (resources.files(__package__) / "prompts" / "refusal_markers.txt").read_text(encoding="utf-8")
     else:
-        text = read_text_file(path, "refusal marker file")
+        text = read_small_text(path, "refusal marker file")
     markers = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
     if not markers:
         raise OrthopatchError("no refusal markers in the file", path=path)

@@ -53,6 +53,17 @@ def check_regular(path: Path, what: str = "file") -> os.stat_result:
     return st
 
 
+def _too_large(path: Path, what: str, size: int, limit: int) -> OrthopatchError:
+    return OrthopatchError(f"{what} is {size:,} bytes, more than the {limit:,} such a file may have", path=path)
+
+
+def check_small_file(path: Path, what: str = "file", limit: int = MAX_SMALL_BYTES) -> None:
+    """A regular file of at most ``limit`` bytes, checked before another library (transformers) reads it."""
+    size = check_regular(path, what).st_size
+    if size > limit:
+        raise _too_large(path, what, size, limit)
+
+
 def open_regular(path: Path, what: str = "file") -> int:
     """A read-only descriptor on ``path``, refused unless it is a regular file.
 
@@ -78,8 +89,7 @@ def read_small_bytes(path: Path, what: str = "file", limit: int = MAX_SMALL_BYTE
     try:
         size = os.fstat(fd).st_size
         if size > limit:
-            raise OrthopatchError(f"{what} is {size:,} bytes, more than the {limit:,} such a file may have",
-                                  path=path)
+            raise _too_large(path, what, size, limit)
         chunks, total = [], 0
         while total <= limit:
             chunk = os.read(fd, min(1 << 20, limit + 1 - total))
