@@ -264,11 +264,13 @@ def load_direction(path: str | Path, hidden_size: int, num_layers: int | None = 
         where = f" (row {row})" if rows.shape[0] > 1 else ""
         raise OrthopatchError(f"direction is zero{where}: there is nothing to project out", path=path)
     scaled = rows / peaks[:, None]
-    norms = np.linalg.norm(scaled, axis=1) * peaks
+    # Exactly rounded sums (not a BLAS call, whose order depends on the CPU): the same unit vector everywhere.
+    scaled_norms = np.array([math.sqrt(math.fsum(row * row)) for row in scaled.astype(np.float64)])
+    norms = scaled_norms * peaks
     notes = []
     if not np.isfinite(norms).all() or np.abs(norms - 1.0).max() > NORM_TOLERANCE:
         notes.append(f"direction norm was {norms.min():.6g}..{norms.max():.6g}, renormalized to 1 in float64")
-    unit = scaled / np.linalg.norm(scaled, axis=1)[:, None]
+    unit = scaled / scaled_norms[:, None]
     return Direction(path, file_sha256(path), unit, tuple(notes))
 
 

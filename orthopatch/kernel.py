@@ -24,7 +24,7 @@ from functools import partial
 import torch
 
 from .errors import OrthopatchError
-from .projection import Layout, accumulate_columns, column_factor, compute_dtype, project_columns_, project_rows_
+from .projection import Layout, accumulate_columns, compute_dtype, project_columns_, project_rows_, restore_norms
 
 #: Elements per block of compute-dtype work on the CPU: 4 MiB of float32, measured fastest on one core.
 BLOCK_ELEMENTS = 1 << 20
@@ -142,8 +142,8 @@ class _Helpers:
             thread.join()
 
 
-#: ``(block index in its slab, first row in the chunk, stored block, compute-dtype copy)``.
-BlockFn = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+#: ``(block index in its slab, first row in the chunk, stored block, compute-dtype copy, scratch)``.
+BlockFn = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class BlockKernel:
@@ -196,7 +196,8 @@ class BlockKernel:
         """``fn`` on this share's blocks of ``chunk``, in order: block ``b`` is share ``(b mod LANES) mod shares``."""
         if share and torch.get_num_threads() != 1:
             torch.set_num_threads(1)  # this thread's own setting: its ops run inline
-        buf = self._buffer(share, compute_dtype(chunk.dtype), rows * chunk.shape[1])
+        dtype, numel = compute_dtype(chunk.dtype), rows * chunk.shape[1]
+        buf, scratch = self._buffer(2 * share, dtype, numel), self._buffer(2 * share + 1, dtype, numel)
         for i, start in enumerate(range(0, chunk.shape[0], rows)):
             index = first_block + i
             if index % LANES % shares != share:
@@ -204,7 +205,7 @@ class BlockKernel:
             block = chunk[start:start + rows]
             work = buf[:block.numel()].view(block.shape)
             work.copy_(block)
-            fn(index, start, block, work)
+            fn(index, start, block, work, scratch)
 
     def _each_block(self, chunk: torch.Tensor, rows: int, fn: BlockFn, first_block: int = 0) -> None:
         """``fn`` on every block of ``chunk``, the blocks split across the workers; returns when all are done."""
@@ -230,8 +231,8 @@ class BlockKernel:
 
     def rows_(self, chunk: torch.Tensor, u: torch.Tensor, layout: Layout) -> None:
         """Row-wise projection of ``chunk`` in place (``u`` in the compute dtype, on the device)."""
-        def fn(_: int, start: int, block: torch.Tensor, work: torch.Tensor) -> None:
-            project_rows_(work, u, self.scale, self.norm_preserving)
+        def fn(_: int, start: int, block: torch.Tensor, work: torch.Tensor, scratch: torch.Tensor) -> None:
+            project_rows_(work, u, self.scale, self.norm_preserving, scratch)
             block.copy_(work)
 
         self._each_block(chunk, self.block_rows(layout), fn)
@@ -244,18 +245,18 @@ class BlockKernel:
         if first_row % rows:
             raise ValueError("a chunk must start on a block boundary of its slab")
 
-        def fn(index: int, start: int, _: torch.Tensor, work: torch.Tensor) -> None:
+        def fn(index: int, start: int, _: torch.Tensor, work: torch.Tensor, scratch: torch.Tensor) -> None:
             lane = index % LANES
             accumulate_columns(work, u_part[start:start + work.shape[0]], sums.coeff[lane],
-                               sums.sumsq[lane] if sums.sumsq is not None else None)
+                               sums.sumsq[lane] if sums.sumsq is not None else None, scratch)
 
         self._each_block(chunk, rows, fn, first_row // rows)
 
     def columns_(self, chunk: torch.Tensor, u_part: torch.Tensor, layout: Layout, coeff: torch.Tensor,
                  factor: torch.Tensor | None) -> None:
         """Second pass over ``chunk`` in place: subtract ``u_part coeffᵀ`` (and restore norms)."""
-        def fn(_: int, start: int, block: torch.Tensor, work: torch.Tensor) -> None:
-            project_columns_(work, u_part[start:start + work.shape[0]], coeff, self.scale, factor)
+        def fn(_: int, start: int, block: torch.Tensor, work: torch.Tensor, scratch: torch.Tensor) -> None:
+            project_columns_(work, u_part[start:start + work.shape[0]], coeff, self.scale, factor, scratch)
             block.copy_(work)
 
         self._each_block(chunk, self.block_rows(layout), fn)
@@ -268,7 +269,7 @@ class BlockKernel:
     def finish(self, sums: ColumnSums) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``uᵀW`` of the slab and, when preserving norms, each column's factor."""
         coeff, sumsq = sums.totals()
-        return coeff, column_factor(coeff, sumsq, self.scale) if sumsq is not None else None
+        return coeff, restore_norms(sumsq, coeff, self.scale) if sumsq is not None else None
 
 
 def project_(w: torch.Tensor, u: torch.Tensor, axis: int, *, scale: float = 1.0, norm_preserving: bool = False,

@@ -61,41 +61,92 @@ class Layout:
         return max(1, block_elements // max(self.width, 1))
 
 
+def ordered_sum_(terms: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum ``terms`` along ``dim`` in one fixed pairwise order, by elementwise additions only.
+
+    The second half of the axis is added into the first, then the second half of that into its first,
+    and so on (an odd last element is added into the first one before the next halving). Every step is
+    one IEEE addition per element, so the result does not depend on SIMD width, BLAS code paths or
+    thread counts: the same bits on every CPU. The error is that of pairwise summation, ``O(log n)``
+    roundings. ``terms`` is overwritten; the result is a view into it.
+    """
+    dim = dim % terms.dim()
+    count = terms.shape[dim]
+    if count == 0:
+        return terms.sum(dim)  # zeros
+    while count > 1:
+        half = count // 2
+        low = terms.narrow(dim, 0, half)
+        low.add_(terms.narrow(dim, half, half))
+        if count % 2:
+            low.narrow(dim, 0, 1).add_(terms.narrow(dim, 2 * half, 1))
+        terms, count = low, half
+    return terms.select(dim, 0)
+
+
+def ordered_sum(terms: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`ordered_sum_` on a copy: ``terms`` is left as it is."""
+    return ordered_sum_(terms.clone(), dim)
+
+
+def _scratch(block: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+    """A tensor of ``block``'s shape to hold products: a view of ``scratch`` when one is given."""
+    if scratch is None:
+        return torch.empty_like(block)
+    return scratch[:block.numel()].view(block.shape)
+
+
+def row_dots(block: torch.Tensor, u: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """``x·u`` for every row ``x`` of ``block`` (the last axis is the residual axis), in a fixed order."""
+    terms = torch.mul(block, u, out=_scratch(block, scratch))
+    return ordered_sum_(terms, 1).clone()
+
+
 def restore_norms(sumsq: torch.Tensor, coeff: torch.Tensor, scale: float) -> torch.Tensor:
-    """Per-unit factor that gives back the original norm: ‖x - α c u‖² = ‖x‖² - (2α - α²) c²."""
+    """Per-unit (row or column) factor that gives back the original norm: ‖x - α c u‖² = ‖x‖² - (2α - α²) c².
+
+    Rows use it after :func:`project_rows_`; columns after the first pass's sums (:class:`ColumnSums`).
+    """
     after = sumsq - (2.0 * scale - scale * scale) * coeff * coeff
     factor = torch.sqrt(sumsq / after.clamp_min(torch.finfo(after.dtype).tiny))
     return torch.where(after > 0, factor, torch.ones_like(factor))
 
 
-def project_rows_(block: torch.Tensor, u: torch.Tensor, scale: float = 1.0, norm_preserving: bool = False) -> None:
-    """In place, for rows whose last axis is the residual axis: ``x ← x - α (x·u) u``."""
-    coeff = torch.mv(block, u)
-    sumsq = torch.linalg.vector_norm(block, dim=1).square_() if norm_preserving else None
-    block.addr_(coeff, u, alpha=-scale)
+def _scaled(coeff: torch.Tensor, scale: float) -> torch.Tensor:
+    return coeff if scale == 1.0 else coeff * scale
+
+
+def project_rows_(block: torch.Tensor, u: torch.Tensor, scale: float = 1.0, norm_preserving: bool = False,
+                  scratch: torch.Tensor | None = None) -> None:
+    """In place, for rows whose last axis is the residual axis: ``x ← x - (α (x·u)) u``.
+
+    ``scratch`` (at least ``block.numel()`` elements of its dtype) holds the products; without it one
+    is allocated.
+    """
+    terms = _scratch(block, scratch)
+    coeff = row_dots(block, u, terms)
+    sumsq = ordered_sum_(torch.mul(block, block, out=terms), 1).clone() if norm_preserving else None
+    block.sub_(torch.mul(_scaled(coeff, scale).unsqueeze(1), u, out=terms))
     if sumsq is not None:
         block.mul_(restore_norms(sumsq, coeff, scale).unsqueeze(1))
 
 
 def accumulate_columns(block: torch.Tensor, u_part: torch.Tensor, coeff: torch.Tensor,
-                       sumsq: torch.Tensor | None = None) -> None:
-    """First pass over rows ``block`` (``u_part`` the matching slice of u): ``coeff += u_partᵀ block``."""
-    coeff.addmv_(block.t(), u_part)
+                       sumsq: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> None:
+    """First pass over rows ``block`` (``u_part`` the matching slice of u): ``coeff += u_partᵀ block``,
+    summed over the block's rows in a fixed order."""
+    terms = _scratch(block, scratch)
+    coeff.add_(ordered_sum_(torch.mul(block, u_part.unsqueeze(1), out=terms), 0))
     if sumsq is not None:
-        sumsq.add_(block.square().sum(dim=0))
+        sumsq.add_(ordered_sum_(torch.mul(block, block, out=terms), 0))
 
 
 def project_columns_(block: torch.Tensor, u_part: torch.Tensor, coeff: torch.Tensor, scale: float = 1.0,
-                     col_factor: torch.Tensor | None = None) -> None:
-    """Second pass, in place: ``block ← (block - α u_part coeffᵀ) · col_factor``."""
-    block.addr_(u_part, coeff, alpha=-scale)
+                     col_factor: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> None:
+    """Second pass, in place: ``block ← (block - u_part (α coeff)ᵀ) · col_factor``."""
+    block.sub_(torch.mul(u_part.unsqueeze(1), _scaled(coeff, scale), out=_scratch(block, scratch)))
     if col_factor is not None:
         block.mul_(col_factor)
-
-
-def column_factor(coeff: torch.Tensor, sumsq: torch.Tensor, scale: float) -> torch.Tensor:
-    """The norm-preserving factor of every column, from the first pass's sums."""
-    return restore_norms(sumsq, coeff, scale)
 
 
 def unit_direction(r: torch.Tensor, gain: torch.Tensor | None = None, gain_offset: float = 0.0) -> torch.Tensor:
@@ -107,7 +158,7 @@ def unit_direction(r: torch.Tensor, gain: torch.Tensor | None = None, gain_offse
     u = r.to(torch.float64)
     if gain is not None:
         u = u * (gain.to(torch.float64) + gain_offset)
-    norm = torch.linalg.vector_norm(u)
+    norm = torch.tensor(math.sqrt(math.fsum((u * u).tolist())), dtype=torch.float64)  # exactly rounded sum
     if not torch.isfinite(norm) or norm == 0:
         raise ValueError("direction vanishes after weighting by the norm gain")
     return u / norm

@@ -29,7 +29,7 @@ from .filecopy import pread_into, start_writeback
 from .formats import torch_dtype
 from .kernel import BlockKernel, project_
 from .plan import PatchTarget
-from .projection import Layout, compute_dtype
+from .projection import Layout, compute_dtype, row_dots
 from .safetensors_header import TensorEntry
 from .writer import ShardWriter
 
@@ -326,7 +326,7 @@ class TensorPatcher:
             try:
                 if layout.rowwise:
                     def rows(_: Chunk, data: torch.Tensor) -> None:
-                        if not bool(torch.isfinite(data.to(u.dtype) @ u).all()):
+                        if not bool(torch.isfinite(row_dots(data.to(u.dtype), u)).all()):
                             raise _NonFinite
 
                     self._run(io, split_rows(0, layout.rows, chunk_rows), slots, stored, layout.width, rows,

@@ -216,13 +216,15 @@ def operand_scale(w: torch.Tensor, u: torch.Tensor, axis: int) -> torch.Tensor:
 
 def assert_correctly_rounded(out: torch.Tensor, w: torch.Tensor, u: torch.Tensor, axis: int,
                              scale: float = 1.0, name: str = "") -> None:
-    """Equal to the float64 result rounded to the stored dtype, except ≤0.1% of elements, each
-    within one ulp, or (where the result cancels to almost zero) within a few float32 ulps of the operands."""
+    """Equal to the float64 result rounded to the stored dtype, except ≤0.1% of elements (two in a tensor
+    too small for that to be a whole element), each within one ulp, or (where the result cancels to almost
+    zero) within a few float32 ulps of the operands."""
     exact = reference(w, u, axis, scale)
     rounded = exact.to(out.dtype)
     bad = out != rounded
-    fraction = bad.double().mean().item() if out.numel() else 0.0
-    assert fraction <= 1e-3, f"{name}: {fraction:.4%} of elements differ from the rounded float64 result"
+    count = int(bad.sum())
+    assert count <= max(2, 1e-3 * out.numel()), \
+        f"{name}: {count / out.numel():.4%} of elements differ from the rounded float64 result"
     if not bad.any():
         return
     iv = INT_VIEWS[out.dtype]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orthopatch import projection
+from orthopatch import kernel, projection
 from orthopatch.apply import ApplyOptions, apply
 from orthopatch.plan import Selection
 from orthopatch.record import Method
@@ -40,17 +40,16 @@ def test_a_wrong_norm_preserving_factor_in_the_kernel_fails_verify(model, tmp_pa
     def slightly_wrong(sumsq, coeff, scale):  # 0.1% too large: the norms come back a little wrong
         return right(sumsq, coeff, scale) * (1 + 2 ** -10)
 
-    monkeypatch.setattr(projection, "restore_norms", slightly_wrong)
+    monkeypatch.setattr(projection, "restore_norms", slightly_wrong)  # rows
+    monkeypatch.setattr(kernel, "restore_norms", slightly_wrong)  # columns
     failed = convert_and_verify(model, tmp_path / "wrong", method)
     assert EMBED in failed and ATTN.format(0) in failed and ATTN.format(1) in failed
 
 
 def test_a_wrong_first_pass_in_the_kernel_fails_verify(model, tmp_path, monkeypatch) -> None:
-    from orthopatch import kernel
-
     right = kernel.accumulate_columns
 
-    def first_row_missing(block, u_part, coeff, sumsq=None):  # uᵀW without each block's first row
+    def first_row_missing(block, u_part, coeff, sumsq=None, scratch=None):  # uᵀW without each block's first row
         right(block[1:], u_part[1:], coeff, sumsq)
 
     monkeypatch.setattr(kernel, "accumulate_columns", first_row_missing)

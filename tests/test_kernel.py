@@ -19,7 +19,7 @@ from orthopatch.errors import OrthopatchError
 from orthopatch.executor import target_directions, write_shard
 from orthopatch.kernel import LANES, WORKERS_ENV, default_workers, project_, project_out
 from orthopatch.plan import PatchTarget, ShardPlan
-from orthopatch.projection import Layout, unit_direction
+from orthopatch.projection import Layout, ordered_sum, unit_direction
 from orthopatch.safetensors_header import read_header
 from orthopatch.stream import TensorPatcher
 from orthopatch.synthetic import DEMO, write_checkpoint
@@ -75,9 +75,9 @@ def test_first_pass_blocks_go_to_fixed_lanes_on_several_threads(monkeypatch):
     seen: list[tuple[str, int]] = []
     accumulate = kernel.accumulate_columns
 
-    def recording(block, u_part, coeff, sumsq=None):
+    def recording(block, u_part, coeff, sumsq=None, scratch=None):
         seen.append((threading.current_thread().name, coeff.data_ptr()))
-        accumulate(block, u_part, coeff, sumsq)
+        accumulate(block, u_part, coeff, sumsq, scratch)
 
     monkeypatch.setattr(kernel, "accumulate_columns", recording)
     w, u = random_case((64, 48), 0, torch.float32)
@@ -376,3 +376,55 @@ def test_a_failed_patch_stops_the_copy_thread(tmp_path, monkeypatch):
                     TensorPatcher("cpu"), progress)
     assert 0 < sum(copied) < header.file_size // 2
     assert list(out.iterdir()) == []
+
+
+# -- no arithmetic whose order a library chooses ----------------------------------------------------------
+
+#: The only torch ops the kernel may run: elementwise IEEE arithmetic, copies and views. Reductions and
+#: BLAS calls (``mv``, ``addmv``, ``sum``, ``linalg_vector_norm``) are absent on purpose: their order of
+#: summation depends on the CPU's code path, and so would the output bytes.
+ELEMENTWISE_OPS = {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "sqrt", "clamp_min", "where", "gt", "ones_like",
+    "copy_", "clone", "empty", "zeros", "zeros_like", "narrow", "select", "slice", "view", "unsqueeze",
+    "t", "transpose", "_to_copy", "empty_like", "fill_", "detach", "alias", "as_strided", "expand",
+}
+
+
+@pytest.mark.parametrize("axis, norm_preserving, scale", [(0, False, 1.0), (0, True, 0.5), (-1, False, 1.0),
+                                                          (-1, True, 0.7)])
+def test_kernel_runs_only_elementwise_ops(axis: int, norm_preserving: bool, scale: float) -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[str] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 80, generator=gen).to(torch.bfloat16)
+    u = torch.randn(96 if axis == 0 else 80, generator=gen, dtype=torch.float64)
+    u /= u.norm()
+    with Record():
+        project_out(w, u, axis, scale=scale, norm_preserving=norm_preserving, block_elements=1024, workers=1)
+    assert seen and seen <= ELEMENTWISE_OPS, sorted(seen - ELEMENTWISE_OPS)
+
+
+def test_ordered_sum_is_the_documented_pairwise_order() -> None:
+    """The kernel's sums equal, bit for bit, a plain-Python reference of the same order (halves added)."""
+    def reference(values: list[float]) -> float:
+        values = [np.float32(v) for v in values]
+        while len(values) > 1:
+            half = len(values) // 2
+            total = [values[i] + values[half + i] for i in range(half)]
+            if len(values) % 2:
+                total[0] = total[0] + values[2 * half]
+            values = total
+        return float(values[0])
+
+    gen = torch.Generator().manual_seed(5)
+    for n in (1, 2, 3, 7, 64, 97, 1000):
+        x = (torch.randn(3, n, generator=gen) * torch.logspace(-8, 8, n)).float()
+        got = ordered_sum(x, 1)
+        assert [float(v) for v in got] == [reference(row.tolist()) for row in x]

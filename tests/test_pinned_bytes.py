@@ -15,6 +15,9 @@ fixed byte layout), not with ``torch.save``.
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,12 +79,22 @@ def layer_tensors(n: int) -> dict[str, torch.Tensor]:
     }
 
 
-def write_model(folder: Path) -> Path:
-    """Two shards: embedding and layer 0; layer 1, the final norm and the output head."""
-    shards = [{"model.embed_tokens.weight": tensor(1, (VOCAB, HIDDEN), torch.bfloat16)} | layer_tensors(0),
-              layer_tensors(1) | {"model.norm.weight": tensor(2, (HIDDEN,), torch.float32, 0),
-                                  "lm_head.weight": tensor(3, (VOCAB, HIDDEN), torch.bfloat16)}]
-    return write_sharded(folder, shards, CONFIG, metadata={"format": "pt"})
+def write_model(folder: Path, gains: bool = False) -> Path:
+    """Two shards: embedding and layer 0; layer 1, the final norm and the output head.
+
+    With ``gains`` the blocks also hold Gemma 2's post-sublayer norms and the config names that family,
+    so both writers of every block are projected against a gain-weighted direction.
+    """
+    layers = [layer_tensors(n) for n in range(LAYERS)]
+    config = CONFIG
+    if gains:
+        config = CONFIG | {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]}
+        for n, tensors in enumerate(layers):
+            tensors[f"model.layers.{n}.post_feedforward_layernorm.weight"] = tensor(50 + n, (HIDDEN,), torch.float32, 0)
+    shards = [{"model.embed_tokens.weight": tensor(1, (VOCAB, HIDDEN), torch.bfloat16)} | layers[0],
+              layers[1] | {"model.norm.weight": tensor(2, (HIDDEN,), torch.float32, 0),
+                           "lm_head.weight": tensor(3, (VOCAB, HIDDEN), torch.bfloat16)}]
+    return write_sharded(folder, shards, config, metadata={"format": "pt"})
 
 
 def write_direction(path: Path, rows: int) -> Path:
@@ -110,28 +123,72 @@ def test_the_inputs_are_the_recorded_ones(model: Path) -> None:
     assert sha256(per_layer) == "ef8cbbe2e88f1021694cd2fb4a9d07feee6bcb91718a0fd2b30f9411cdcc030e"
 
 
-#: case -> (apply options, direction rows, digests of the two output shards). With one row per layer,
-#: the first shard (embedding and layer 0, both projected against row 0) equals the plain run's.
+#: case -> (apply options, direction rows, model with post-sublayer gains, digests of the two output shards).
+#: With one row per layer, the first shard (embedding and layer 0, both projected against row 0) equals the
+#: plain run's. Recorded again when the kernel's sums became fixed-order (no BLAS call): before, two cases
+#: gave other bytes on CPUs with AVX-512.
 PINNED = {
-    "plain": ((), 1, (
+    "plain": ((), 1, False, (
         "9d5c8c41d7df0b7fb87b66c3c002b416d014fb7a37cff1dd93ca6dc426924ba4",
         "65b69477ee4982734f495123fc4de5c3439334886be49afc78026b2e8e69b18a")),
-    "norm-preserving": (("--norm-preserving",), 1, (
+    "norm-preserving": (("--norm-preserving",), 1, False, (
         "0165b3a8e1136bff97289c9ec223a7b9e32ddcdc43e8050755b990c7bd932252",
         "b697ea5335ca2c61304118b81f5f26a3935ea3c907c753614a1bf68f27743e54")),
-    "half-scale": (("--scale", "0.5"), 1, (
-        "d19788f48d5a97a334c2f4a9610b1e4d83f5b31e38f9069fcf754bd7eb54345e",
+    "half-scale": (("--scale", "0.5"), 1, False, (
+        "b801cae39745ffad169bd4df2d23dfdf64dfbf0aed342b7c903f25744003f3fd",
         "10c594ec89520d6334565b60af0aeb128127728342a982facf6e62ad9d6ff888")),
-    "per-layer": ((), LAYERS, (
+    "per-layer": ((), LAYERS, False, (
         "9d5c8c41d7df0b7fb87b66c3c002b416d014fb7a37cff1dd93ca6dc426924ba4",
-        "f935c1562b5dd4aa2a2e94dc245cec42083b690212abf0ecca96bae654b1f964")),
+        "3cbbf03316d564aba9b59b4c12d83a5212070440bbf9de8ff6b584eb770fbb61")),
+    "gain-weighted": ((), 1, True, (
+        "ed950510d506fbd53732a63aa632b268f539dd922d7f27495032560f0b8ed349",
+        "05fd9ca8ef555d8fb2e0c537b26a6e979389af8c1e95188ae2fe30591d0ebbad")),
 }
 
 
+@pytest.fixture(scope="module")
+def gains_model(tmp_path_factory) -> Path:
+    return write_model(tmp_path_factory.mktemp("pinned") / "model", gains=True)
+
+
 @pytest.mark.parametrize("case", list(PINNED))
-def test_output_bytes_are_pinned(model: Path, tmp_path: Path, case: str) -> None:
-    options, rows, digests = PINNED[case]
+def test_output_bytes_are_pinned(model: Path, gains_model: Path, tmp_path: Path, case: str) -> None:
+    options, rows, gains, digests = PINNED[case]
     direction = write_direction(tmp_path / "refusal_dir.npy", rows)
     out = tmp_path / "out"
-    cli_ok("apply", model, direction, "-o", out, "-q", *options)
+    cli_ok("apply", gains_model if gains else model, direction, "-o", out, "-q", *options)
     assert {name: sha256(out / name) for name in SHARDS} == dict(zip(SHARDS, digests, strict=True))
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def code_paths() -> dict[str, dict[str, str]]:
+    """Every BLAS (``MKL_CBWR``) and ATen (``ATEN_CPU_CAPABILITY``) code path this CPU can run, by name."""
+    flags = cpu_flags()
+    paths = {"default": {}, "mkl-compatible": {"MKL_CBWR": "COMPATIBLE"},
+             "aten-scalar": {"ATEN_CPU_CAPABILITY": "default"}, "one-worker": {"ORTHOPATCH_KERNEL_WORKERS": "1"}}
+    if "avx2" in flags:
+        paths |= {"mkl-avx2": {"MKL_CBWR": "AVX2"}, "aten-avx2": {"ATEN_CPU_CAPABILITY": "avx2"}}
+    if "avx512f" in flags:
+        paths |= {"mkl-avx512": {"MKL_CBWR": "AVX512"}, "aten-avx512": {"ATEN_CPU_CAPABILITY": "avx512"}}
+    if "amx_tile" in flags:
+        paths |= {"mkl-avx512-e4": {"MKL_CBWR": "AVX512_E4"}}
+    return paths
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", list(code_paths()))
+def test_pinned_bytes_on_every_code_path(path: str) -> None:
+    """The pinned digests again in a fresh process on each code path: no BLAS or SIMD choice changes a byte."""
+    env = os.environ | code_paths()[path]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}",
+                          "-k", "test_output_bytes_are_pinned"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, f"{path} ({code_paths()[path]}):\n{run.stdout[-3000:]}{run.stderr[-2000:]}"
+    assert f"{len(PINNED)} passed" in run.stdout
