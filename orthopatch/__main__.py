@@ -1,3 +1,3 @@
-from .cli import main
+from orthopatch.cli import main
 
 main()

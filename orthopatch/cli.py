@@ -10,16 +10,16 @@ from typing import TYPE_CHECKING
 
 import click
 
-from . import __version__
-from .apply import ApplyOptions, ApplyResult, apply, dry_run_text
-from .architecture import parse_target
-from .errors import OrthopatchError, quoted
-from .hub import push_folder, resolve_direction, resolve_model
-from .plan import Selection, parse_layers
-from .record import Method
+from orthopatch import __version__
+from orthopatch.errors import OrthopatchError, quoted
+from orthopatch.hub import push_folder, resolve_direction, resolve_model
+from orthopatch.patch.apply import ApplyOptions, ApplyResult, apply, dry_run_text
+from orthopatch.patch.architecture import parse_target
+from orthopatch.patch.plan import Selection, parse_layers
+from orthopatch.patch.record import Method
 
 if TYPE_CHECKING:
-    from .layerwise import RunSettings
+    from orthopatch.run.layerwise import RunSettings
 
 
 def _layers_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> frozenset[int] | None:
@@ -49,7 +49,7 @@ def _scale_option(_ctx: click.Context, _param: click.Parameter, value: float) ->
 def _verify_before_push(out: Path, direction: Path, source: Path | None, *, quiet: bool = False) -> None:
     """Refuse to push anything but a finished conversion that ``orthopatch verify --source`` accepts
     (``verify`` without a source for a model converted in place: there is none left)."""
-    from .verify import VerifyOptions, verify
+    from orthopatch.verify import VerifyOptions, verify
 
     report = verify(VerifyOptions(out=out, direction=direction, source=source, quiet=quiet))
     if not report.ok:
@@ -161,7 +161,7 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
     if tokenizer is not None and not evaluate_kl:
         raise click.UsageError("--tokenizer is used only with --evaluate")
     if evaluate_kl and not dry_run:
-        from .layerwise import require_transformers
+        from orthopatch.run.layerwise import require_transformers
 
         with _reported(debug):
             require_transformers()
@@ -170,8 +170,8 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
         direction_source = resolve_direction(str(direction), quiet=quiet)
     model, direction, out = source.path, direction_source.path, None if in_place else out or source.default_out
     if evaluate_kl and not dry_run:
-        from .evaluate import prepare_kl_check
-        from .layerwise import RunSettings
+        from orthopatch.run.evaluate import prepare_kl_check
+        from orthopatch.run.layerwise import RunSettings
 
         run_settings = RunSettings(device=device, tokenizer=tokenizer)
         with _reported(debug):  # before anything is written: a check that cannot run is refused now
@@ -200,8 +200,8 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
 def _check_kl(out: Path, source: Path, run: RunSettings, quiet: bool) -> None:
     """``apply --evaluate``: the KL figure, and a one-line warning when it is far above the usual cost
     or cannot be computed (a hidden state, logit or KL that is not finite: the output is written)."""
-    from .evaluate import KL_WARNING, builtin_kl_prompts, kl_check
-    from .layerwise import NonFiniteError
+    from orthopatch.run.evaluate import KL_WARNING, builtin_kl_prompts, kl_check
+    from orthopatch.run.layerwise import NonFiniteError
 
     prompts = builtin_kl_prompts()
     try:
@@ -224,7 +224,7 @@ def _check_kl(out: Path, source: Path, run: RunSettings, quiet: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def demo_command(folder: Path, quiet: bool) -> None:
     """Build a small Llama-shaped checkpoint in FOLDER, convert it, and verify the result."""
-    from .demo import run_demo
+    from orthopatch.demo import run_demo
 
     try:
         lines = run_demo(folder, quiet=quiet)
@@ -250,7 +250,7 @@ def verify_command(out: Path, direction: Path | None, source: Path | None, quiet
     Without --source, each patched tensor must have no component along the direction beyond rounding
     noise; with it, each must equal the source projected in float64 and rounded once.
     """
-    from .verify import VerifyOptions, format_table, recorded_direction, summary, verify
+    from orthopatch.verify import VerifyOptions, format_table, recorded_direction, summary, verify
 
     with _reported(debug):
         if direction is None:
@@ -313,9 +313,9 @@ def measure_command(model: Path, out: Path, harmful: str | None, harmless: str |
     """
     if layer is not None and per_layer:
         raise click.UsageError("--layer and --per-layer exclude each other")
-    from .layerwise import RunSettings, require_transformers
-    from .measure import MeasureOptions, measure, sidecar_path
-    from .prompts import PromptChoice
+    from orthopatch.run.layerwise import RunSettings, require_transformers
+    from orthopatch.run.measure import MeasureOptions, measure, sidecar_path
+    from orthopatch.run.prompts import PromptChoice
 
     with _reported(debug):
         require_transformers()
@@ -360,10 +360,10 @@ def evaluate_command(model: Path, source: Path, harmless: str | None, harmful: s
     harmful prompts containing a refusal marker. Streamed, every generated token is one more pass
     over the weights; --in-memory is much faster when the model fits.
     """
-    from .evaluate import EvaluateOptions, evaluate, format_report
-    from .layerwise import RunSettings, require_transformers
-    from .output import check_output_file, write_atomic
-    from .prompts import PromptChoice
+    from orthopatch.io.folders import check_output_file, write_atomic
+    from orthopatch.run.evaluate import EvaluateOptions, evaluate, format_report
+    from orthopatch.run.layerwise import RunSettings, require_transformers
+    from orthopatch.run.prompts import PromptChoice
 
     with _reported(debug):
         require_transformers()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .apply import ApplyOptions, apply
-from .errors import OrthopatchError
-from .formats import CONFIG_NAME
-from .synthetic import DEMO, write_checkpoint, write_direction
-from .verify import VerifyOptions, format_table, summary, verify
+from orthopatch.errors import OrthopatchError
+from orthopatch.io.formats import CONFIG_NAME
+from orthopatch.patch.apply import ApplyOptions, apply
+from orthopatch.synthetic import DEMO, write_checkpoint, write_direction
+from orthopatch.verify import VerifyOptions, format_table, summary, verify
 
 
 def run_demo(folder: Path, quiet: bool = False) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import OrthopatchError
+from orthopatch.errors import OrthopatchError
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

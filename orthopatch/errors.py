@@ -45,3 +45,9 @@ def one_line(text: str) -> str:
 
 class HeaderError(OrthopatchError):
     """A safetensors file whose header or layout breaks the format."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message, for a one-line error (its type when it has none)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -17,11 +17,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import model_folder
-from .errors import OrthopatchError
-from .formats import CARD_NAME, INDEX_NAME, RECORD_NAME, SINGLE_SHARD_NAME
-from .output import model_files
-from .smallfile import read_small_json
+from orthopatch.errors import OrthopatchError, first_line
+from orthopatch.io.checkpoint import folder_name, model_folder
+from orthopatch.io.formats import CARD_NAME, INDEX_NAME, RECORD_NAME, SINGLE_SHARD_NAME
+from orthopatch.io.model_files import model_files
+from orthopatch.io.smallfile import read_small_json
 
 #: What ``--download`` fetches of a model repo first: configs, the index, tokenizer files, card, licence.
 #: The weights follow: exactly the shards the index names, or the single ``model.safetensors`` (never
@@ -91,25 +91,6 @@ def parse_repo_ref(text: str) -> RepoRef | None:
     return RepoRef(repo_id, revision or None)
 
 
-def folder_name(path: Path) -> str:
-    """What a model card calls a local folder: the repo id of a cache snapshot, else the name as given."""
-    if cached := cached_repo_name(path):
-        return cached
-    return path.name if path.name not in ("", ".", "..") else Path(os.path.abspath(path)).name
-
-
-def cached_repo_name(path: Path) -> str | None:
-    """``ORG/NAME`` when ``path`` is a snapshot folder of the Hugging Face cache, else ``None``."""
-    try:
-        parts = path.resolve().parts
-    except (OSError, RuntimeError):  # a symlink loop: not a cache folder; opening it will say what it is
-        return None
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        org_name = parts[-3].removeprefix("models--").split("--")
-        return "/".join(org_name) if all(org_name) else None
-    return None
-
-
 def _cache_dir(cache_dir: Path | None) -> str:
     from huggingface_hub import constants
 
@@ -158,11 +139,6 @@ def weight_files(folder: Path) -> list[str]:
     return sorted(set(weight_map.values()))
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def hub_error(exc: Exception, what: str, *, filename: str | None = None) -> OrthopatchError:
     """One line for a huggingface_hub failure about ``what`` (a repo id, or ``REPO_ID:PATH``)."""
     from huggingface_hub.errors import (
@@ -178,7 +154,7 @@ def hub_error(exc: Exception, what: str, *, filename: str | None = None) -> Orth
     )
 
     if isinstance(exc, IncompleteSnapshotError):
-        message = f"the cached copy is incomplete ({_first_line(exc)})"
+        message = f"the cached copy is incomplete ({first_line(exc)})"
     elif isinstance(exc, LocalEntryNotFoundError):
         item = f"file {filename!r}" if filename else "repository"
         if _offline() or isinstance(exc.__cause__, OfflineModeIsEnabled):
@@ -196,11 +172,11 @@ def hub_error(exc: Exception, what: str, *, filename: str | None = None) -> Orth
     elif isinstance(exc, EntryNotFoundError):
         message = f"the repository has no file {filename!r}" if filename else "a file is missing in the repository"
     elif isinstance(exc, HfHubHTTPError):
-        message = f"Hub request failed ({_first_line(exc)})"
+        message = f"Hub request failed ({first_line(exc)})"
     elif isinstance(exc, ValueError):
-        message = f"invalid Hub request ({_first_line(exc)})"
+        message = f"invalid Hub request ({first_line(exc)})"
     else:
-        message = f"Hub access failed ({_first_line(exc)})"
+        message = f"Hub access failed ({first_line(exc)})"
     return OrthopatchError(message, path=what)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .errors import OrthopatchError
+from orthopatch.errors import OrthopatchError
 
 #: Longest pattern accepted (real target patterns are well under 200 characters).
 MAX_PATTERN_CHARS = 1000

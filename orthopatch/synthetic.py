@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .formats import CONFIG_NAME, DTYPE_NAMES, INDEX_NAME, PT_METADATA
+from orthopatch.io.formats import CONFIG_NAME, INDEX_NAME, PT_METADATA, dtype_name
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def write_checkpoint(folder: Path, shape: LlamaShape, *, shard_bytes: int = 2 <<
         header, offset = {"__metadata__": dict(PT_METADATA)}, 0
         for name, tshape in members:
             nbytes = itemsize * torch.Size(tshape).numel()
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(tshape),
+            header[name] = {"dtype": dtype_name(dtype), "shape": list(tshape),
                             "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
             weight_map[name] = fname

@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-from orthopatch.formats import INDEX_NAME
-from orthopatch.kernel import WORKERS_ENV
-from orthopatch.projection import unit_direction
-from orthopatch.stream import TensorPatcher
+from orthopatch.io.formats import INDEX_NAME
+from orthopatch.patch.kernel import WORKERS_ENV
+from orthopatch.patch.projection import unit_direction
+from orthopatch.patch.stream import TensorPatcher
 from orthopatch.synthetic import DEMO, LLAMA3_8B, LLAMA3_70B, ORDERS, LlamaShape, write_checkpoint, write_direction
 
 PRESETS = {"70b": LLAMA3_70B, "8b": LLAMA3_8B, "demo": DEMO}
@@ -215,7 +215,7 @@ for fd in files.values():
 
 def floor_ranges(src: Path, direction: Path) -> list[dict]:
     """Per shard of ``src``: its path, size and the byte ranges of the tensors ``apply`` patches."""
-    from orthopatch.apply import ApplyOptions, prepare
+    from orthopatch.patch.apply import ApplyOptions, prepare
 
     plan, _ = prepare(ApplyOptions(model=src, direction=direction))
     return [{"path": str(src / shard.name), "size": shard.header.file_size,
@@ -243,7 +243,7 @@ class Way:
     warm: list[str] | None = None
 
 
-WARM = [sys.executable, "-c", "import orthopatch.cli, orthopatch.apply, orthopatch.inplace, orthopatch.model_card"]
+WARM = [sys.executable, "-c", "import orthopatch.cli, orthopatch.patch.apply, orthopatch.patch.inplace, orthopatch.patch.model_card"]
 
 
 def way_commands(src: Path, direction: Path, out: Path, device: str, kernel_workers: list[int] | None = None,

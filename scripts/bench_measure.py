@@ -21,8 +21,8 @@ from orthopatch.synthetic import LlamaShape
 
 CHILD = """import json, sys, torch
 from pathlib import Path
-from orthopatch.layerwise import RunSettings
-from orthopatch.measure import MeasureOptions, measure
+from orthopatch.run.layerwise import RunSettings
+from orthopatch.run.measure import MeasureOptions, measure
 src, out, prompts, tokens, vocab, device, dtype = sys.argv[1:8]
 g = torch.Generator().manual_seed(0)
 ids = [torch.randint(int(vocab), (int(tokens),), generator=g).tolist() for _ in range(2 * int(prompts))]

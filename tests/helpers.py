@@ -21,13 +21,13 @@ from click.testing import CliRunner, Result
 from safetensors.torch import load_file
 
 from orthopatch.cli import main
-from orthopatch.formats import RECORD_NAME
-from orthopatch.plan import PatchTarget
-from orthopatch.projection import unit_direction
-from orthopatch.safetensors_header import read_header
-from orthopatch.stream import TensorPatcher
+from orthopatch.io.formats import RECORD_NAME
+from orthopatch.io.safetensors_header import read_header
+from orthopatch.io.writer import ShardWriter
+from orthopatch.patch.plan import PatchTarget
+from orthopatch.patch.projection import unit_direction
+from orthopatch.patch.stream import TensorPatcher
 from orthopatch.synthetic import LlamaShape, write_checkpoint
-from orthopatch.writer import ShardWriter
 
 #: Eight shards of a three-layer Llama: small enough for any test, big enough for every code path.
 TINY = LlamaShape(hidden=64, intermediate=160, vocab=256, layers=3, heads=4, kv_heads=2)
@@ -142,7 +142,7 @@ class Converted:
 
 def model_and_reference(root: Path) -> Converted:
     """A tiny model with a nested model file, its direction, and an uninterrupted run's output."""
-    from orthopatch.apply import ApplyOptions, apply
+    from orthopatch.patch.apply import ApplyOptions, apply
 
     model = tiny_llama(root / "model")
     (model / "tokenizer").mkdir()

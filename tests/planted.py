@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from orthopatch.prompts import builtin_prompts
+from orthopatch.run.prompts import builtin_prompts
 from tests.tiny_models import save_tokenizer, words
 
 HIDDEN = 16

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orthopatch.output import PARTIAL_NAME, RECORD_NAME
-from orthopatch.safetensors_header import read_header
+from orthopatch.io.formats import PARTIAL_NAME, RECORD_NAME
+from orthopatch.io.safetensors_header import read_header
 from tests.helpers import assert_correctly_rounded, cli, folder_hashes, one_error_line, safetensors_bytes, write_sharded
 
 HIDDEN, INTER, VOCAB, LAYERS = 48, 80, 100, 2

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from orthopatch.apply import ApplyOptions, apply
-from orthopatch.output import RECORD_NAME
-from orthopatch.record import Method
+from orthopatch.io.formats import RECORD_NAME
+from orthopatch.patch.apply import ApplyOptions, apply
+from orthopatch.patch.record import Method
 from tests.helpers import far_from_defaults, max_abs_cos, pre_norm_states
 
 transformers = pytest.importorskip("transformers")

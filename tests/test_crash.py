@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from orthopatch import output
-from orthopatch.apply import ApplyOptions, apply
-from orthopatch.checkpoint import INDEX_NAME
 from orthopatch.errors import OrthopatchError
-from orthopatch.output import PARTIAL_NAME, RECORD_NAME, temporaries
-from orthopatch.safetensors_header import read_header
+from orthopatch.io.checkpoint import INDEX_NAME
+from orthopatch.io.folders import temporaries
+from orthopatch.io.formats import PARTIAL_NAME, RECORD_NAME
+from orthopatch.io.safetensors_header import read_header
+from orthopatch.patch import output
+from orthopatch.patch.apply import ApplyOptions, apply
 from orthopatch.synthetic import LlamaShape
 from tests.helpers import (
     TINY,

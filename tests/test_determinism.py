@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orthopatch.output import RECORD_NAME
+from orthopatch.io.formats import RECORD_NAME
 from tests.helpers import (
     TINY,
     Converted,

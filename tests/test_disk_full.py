@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from orthopatch.checkpoint import INDEX_NAME
-from orthopatch.output import PARTIAL_NAME, RECORD_NAME, temporaries
+from orthopatch.io.checkpoint import INDEX_NAME
+from orthopatch.io.folders import temporaries
+from orthopatch.io.formats import PARTIAL_NAME, RECORD_NAME
 from orthopatch.synthetic import DEMO
 from orthopatch.verify import VerifyOptions, verify
 from tests.helpers import (

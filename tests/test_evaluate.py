@@ -8,11 +8,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from orthopatch.checkpoint import open_checkpoint
 from orthopatch.cli import main
-from orthopatch.evaluate import EvaluateOptions, EvaluateReport, evaluate, is_refusal, kl_divergence
-from orthopatch.layerwise import RunSettings
-from orthopatch.prompts import PromptChoice, load_markers
+from orthopatch.io.checkpoint import open_checkpoint
+from orthopatch.run.evaluate import EvaluateOptions, EvaluateReport, evaluate, is_refusal, kl_divergence
+from orthopatch.run.layerwise import RunSettings
+from orthopatch.run.prompts import PromptChoice, load_markers
 from tests.helpers import cli, one_error_line
 
 transformers = pytest.importorskip("transformers")
@@ -69,7 +69,7 @@ def test_streamed_kl_equals_the_in_memory_kl_and_reads_each_checkpoint_once(tiny
     assert streamed.kl_mean > 1e-6
     assert streamed.kl_mean == pytest.approx(in_memory.kl_mean, rel=1e-3, abs=1e-7)
     assert streamed.kl_max == pytest.approx(in_memory.kl_max, rel=1e-3, abs=1e-7)
-    from orthopatch.checkpoint import open_checkpoint
+    from orthopatch.io.checkpoint import open_checkpoint
 
     assert streamed.source_bytes_read <= 1.1 * open_checkpoint(src).total_bytes
     assert streamed.model_bytes_read <= 1.1 * open_checkpoint(out).total_bytes
@@ -113,8 +113,8 @@ def test_planted_refusal_is_measured_removed_and_judged(planted, tmp_path):
 
 def test_apply_evaluate_warns_when_the_kl_is_far_above_the_usual_cost(planted, tmp_path):
     folder, _ = planted
-    from orthopatch.checkpoint import open_checkpoint
-    from orthopatch.reader import CheckpointReader
+    from orthopatch.io.checkpoint import open_checkpoint
+    from orthopatch.io.reader import CheckpointReader
     from tests.tiny_models import vocabulary
 
     # The planted head says "sure" along the constant dimension every token has: ablating that
@@ -142,9 +142,9 @@ def test_bad_markers_and_token_budget(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_streamed_greedy_replies_equal_transformers_generate(tiny_models, family):
-    from orthopatch.chat import encode_set, load_tokenizer
-    from orthopatch.evaluate import InMemoryRunner, StreamedRunner
-    from orthopatch.prompts import builtin_prompts
+    from orthopatch.run.chat import encode_set, load_tokenizer
+    from orthopatch.run.evaluate import InMemoryRunner, StreamedRunner
+    from orthopatch.run.prompts import builtin_prompts
 
     folder = tiny_models(family)
     prompts = encode_set(load_tokenizer(folder), builtin_prompts("harmful_eval").sample(5, 0), None)
@@ -182,8 +182,8 @@ def test_nan_is_an_error_in_evaluate_and_a_warning_in_apply_evaluate(tiny_models
 
 
 def test_a_kl_that_is_not_a_number_is_never_below_the_limit():
-    from orthopatch.evaluate import _finite_kl
-    from orthopatch.layerwise import NonFiniteError
+    from orthopatch.run.evaluate import _finite_kl
+    from orthopatch.run.layerwise import NonFiniteError
 
     with pytest.raises(NonFiniteError, match="not finite"):
         _finite_kl(kl_divergence(torch.zeros(2, 5), torch.full((2, 5), float("nan"))), "m")
@@ -239,8 +239,8 @@ def test_apply_evaluate_of_a_model_transformers_cannot_build_is_refused_before_w
 # -- evaluate --json ------------------------------------------------------------------------------------
 
 def test_json_folder_is_checked_before_running_and_the_table_is_shown_first(tiny_models, tmp_path, monkeypatch):
-    import orthopatch.evaluate
-    import orthopatch.output
+    import orthopatch.io.folders
+    import orthopatch.run.evaluate
     from orthopatch.errors import OrthopatchError
 
     folder = str(tiny_models("llama"))
@@ -250,7 +250,7 @@ def test_json_folder_is_checked_before_running_and_the_table_is_shown_first(tiny
         raise AssertionError("ran before checking --json")
 
     with monkeypatch.context() as m:
-        m.setattr(orthopatch.evaluate, "evaluate", never)
+        m.setattr(orthopatch.run.evaluate, "evaluate", never)
         line = one_error_line(cli("evaluate", folder, "--source", folder, "--json", missing, "-q"))
         assert str(missing.parent) in line and "folder does not exist" in line
         line = one_error_line(cli("evaluate", folder, "--source", folder, "--json", tmp_path, "-q"))
@@ -259,7 +259,7 @@ def test_json_folder_is_checked_before_running_and_the_table_is_shown_first(tiny
     def disk_full(path, data):
         raise OrthopatchError("cannot write (No space left on device)", path=path)
 
-    monkeypatch.setattr(orthopatch.output, "write_atomic", disk_full)
+    monkeypatch.setattr(orthopatch.io.folders, "write_atomic", disk_full)
     result = cli("evaluate", folder, "--source", folder, "--json", tmp_path / "f.json", "--limit", "2",
                  "--no-refusals", "-q")
     assert "No space left on device" in one_error_line(result)
@@ -271,7 +271,7 @@ def test_json_folder_is_checked_before_running_and_the_table_is_shown_first(tiny
 def test_reply_end_ids_join_config_text_config_and_generation_config(tmp_path):
     from types import SimpleNamespace
 
-    from orthopatch.evaluate import reply_end_ids
+    from orthopatch.run.evaluate import reply_end_ids
 
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 1, "text_config": {"eos_token_id": [7]}}))
     assert reply_end_ids(SimpleNamespace(eos_token_id=2), tmp_path) == {1, 2, 7}
@@ -282,9 +282,9 @@ def test_reply_end_ids_join_config_text_config_and_generation_config(tmp_path):
 def test_an_end_of_turn_token_from_generation_config_stops_both_runners(tiny_models, tmp_path):
     import shutil
 
-    from orthopatch.chat import encode_set, load_tokenizer
-    from orthopatch.evaluate import InMemoryRunner, StreamedRunner, reply_end_ids
-    from orthopatch.prompts import builtin_prompts
+    from orthopatch.run.chat import encode_set, load_tokenizer
+    from orthopatch.run.evaluate import InMemoryRunner, StreamedRunner, reply_end_ids
+    from orthopatch.run.prompts import builtin_prompts
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_models("llama"), folder)
@@ -324,13 +324,13 @@ def test_the_report_names_models_from_the_hub_by_repo_id_and_commit(tiny_models,
 
 
 def test_a_model_without_a_final_norm_is_refused_before_any_pass(tiny_models, tmp_path, monkeypatch):
-    import orthopatch.layerwise
+    import orthopatch.run.layerwise
 
     def no_pass(*args, **kwargs):
         raise AssertionError("a pass ran")
 
-    monkeypatch.setattr(orthopatch.layerwise, "FINAL_NORM_NAMES", ())
-    monkeypatch.setattr(orthopatch.layerwise.LayerwiseModel, "run", no_pass)
+    monkeypatch.setattr(orthopatch.run.layerwise, "FINAL_NORM_NAMES", ())
+    monkeypatch.setattr(orthopatch.run.layerwise.LayerwiseModel, "run", no_pass)
     folder = tiny_models("llama")
     line = one_error_line(cli("evaluate", folder, "--source", folder, "--limit", "2", "-q"))
     assert str(folder / "config.json") in line and "cannot find the model's final norm in" in line

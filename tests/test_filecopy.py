@@ -12,12 +12,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orthopatch.executor import shard_segments, write_shard, written_ranges
-from orthopatch.filecopy import CopyStats, Piece, RangeCopier, split_aligned
-from orthopatch.plan import PatchTarget, ShardPlan
-from orthopatch.projection import unit_direction
-from orthopatch.safetensors_header import read_header
-from orthopatch.stream import TensorPatcher
+from orthopatch.io.filecopy import CopyStats, Piece, RangeCopier, split_aligned
+from orthopatch.io.safetensors_header import read_header
+from orthopatch.patch.plan import PatchTarget, ShardPlan
+from orthopatch.patch.projection import unit_direction
+from orthopatch.patch.shard import shard_segments, write_shard, written_ranges
+from orthopatch.patch.stream import TensorPatcher
 from tests.helpers import safetensors_bytes
 
 B = 4096
@@ -231,7 +231,7 @@ def test_write_shard_on_a_filesystem_that_shares(tmp_path: Path, monkeypatch) ->
         real_fallocate(fd, offset, length)
 
     monkeypatch.setattr(RangeCopier, "_clone", fake_clone)
-    monkeypatch.setattr("orthopatch.executor.block_size", lambda fd: B)
+    monkeypatch.setattr("orthopatch.patch.shard.block_size", lambda fd: B)
     monkeypatch.setattr(os, "posix_fallocate", fallocate)
     shared, stats = convert("shared")
     assert shared == plain

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orthopatch.kernel import project_out
-from orthopatch.projection import unit_direction
+from orthopatch.patch.kernel import project_out
+from orthopatch.patch.projection import unit_direction
 from orthopatch.synthetic import DEMO, write_direction
 from tests.helpers import (
     FLOAT_DTYPES,

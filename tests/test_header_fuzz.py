@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from safetensors import SafetensorError, deserialize
 
 from orthopatch.errors import HeaderError
-from orthopatch.safetensors_header import DTYPE_BITS, ShardHeader, parse_header, read_header
+from orthopatch.io.safetensors_header import DTYPE_BITS, ShardHeader, parse_header, read_header
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

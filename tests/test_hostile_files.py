@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from orthopatch import direction as direction_module
-from orthopatch.direction import load_direction
 from orthopatch.errors import OrthopatchError
-from orthopatch.output import PARTIAL_NAME, RECORD_NAME
-from orthopatch.smallfile import MAX_JSON_DEPTH, read_small_json
+from orthopatch.io.formats import PARTIAL_NAME, RECORD_NAME
+from orthopatch.io.smallfile import MAX_JSON_DEPTH, read_small_json
+from orthopatch.patch import direction as direction_module
+from orthopatch.patch.direction import load_direction
 from tests.helpers import TINY, cli, one_error_line, save_direction, tiny_llama, untouched
 
 HIDDEN = TINY.hidden
@@ -368,8 +368,8 @@ def test_scale_zero_is_refused(model, direction, tmp_path) -> None:
     result = cli("apply", model, direction, "-o", tmp_path / "out", "--scale", "0")
     assert result.exit_code == 2 and "0 removes nothing" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
-    from orthopatch.apply import ApplyOptions, apply
-    from orthopatch.record import Method
+    from orthopatch.patch.apply import ApplyOptions, apply
+    from orthopatch.patch.record import Method
 
     with pytest.raises(OrthopatchError, match="scale 0 removes nothing"):
         apply(ApplyOptions(model=model, direction=direction, out=tmp_path / "out", method=Method(scale=0.0),
@@ -379,7 +379,7 @@ def test_scale_zero_is_refused(model, direction, tmp_path) -> None:
 
 def test_header_length_is_read_from_a_regular_file_only(tmp_path) -> None:
     """The shard reader checks the descriptor it reads, not just the path."""
-    from orthopatch.safetensors_header import read_header
+    from orthopatch.io.safetensors_header import read_header
 
     path = tmp_path / "x.safetensors"
     path.write_bytes(struct.pack("<Q", 2) + b"{}")
@@ -466,7 +466,7 @@ def test_only_repeats_that_can_vary_inside_repeats_are_refused() -> None:
 
 def test_matching_outside_patterns_is_time_bounded(model, direction, monkeypatch) -> None:
     """A pattern the static check lets through but that backtracks polynomially is stopped by the clock."""
-    from orthopatch import plan
+    from orthopatch.patch import plan
 
     monkeypatch.setattr(plan, "MATCH_SECONDS", 0.5)
     slow = "model" + ".*" * 12 + "Z:0"

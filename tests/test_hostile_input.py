@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from orthopatch import direction as direction_module
-from orthopatch.direction import load_direction
 from orthopatch.errors import OrthopatchError
+from orthopatch.patch import direction as direction_module
+from orthopatch.patch.direction import load_direction
 from tests.helpers import TINY, Converted, cli, one_error_line, save_direction, untouched
 
 HIDDEN = TINY.hidden

@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 from orthopatch import hub
 from orthopatch.errors import OrthopatchError
-from orthopatch.model_card import build_card, read_source_card
-from orthopatch.output import PARTIAL_NAME, RECORD_NAME
-from orthopatch.record import DirectionInfo, Method, PatchedTensor, Record
+from orthopatch.io.formats import PARTIAL_NAME, RECORD_NAME
+from orthopatch.patch.model_card import build_card, read_source_card
+from orthopatch.patch.record import DirectionInfo, Method, PatchedTensor, Record
 from orthopatch.synthetic import write_direction
 from tests.helpers import TINIEST, cli, cli_ok, one_error_line, run_orthopatch, tiny_llama
 

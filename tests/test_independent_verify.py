@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from orthopatch import kernel, projection
-from orthopatch.apply import ApplyOptions, apply
-from orthopatch.plan import Selection
-from orthopatch.record import Method
+from orthopatch.patch import kernel, projection
+from orthopatch.patch.apply import ApplyOptions, apply
+from orthopatch.patch.plan import Selection
+from orthopatch.patch.record import Method
 from orthopatch.verify import VerifyOptions, verify
 from tests.helpers import TINY, save_direction, tiny_llama
 

@@ -23,13 +23,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from orthopatch.apply import ApplyOptions, apply, prepare
 from orthopatch.cli import main
 from orthopatch.errors import OrthopatchError
-from orthopatch.formats import RECORD_NAME
-from orthopatch.inplace import JOURNAL_DIR, STATE_NAME, InFlight, Journal, JournalWriter
-from orthopatch.record import Fingerprint, Method
-from orthopatch.stream import TensorPatcher
+from orthopatch.io.formats import RECORD_NAME
+from orthopatch.patch.apply import ApplyOptions, apply, prepare
+from orthopatch.patch.inplace import JOURNAL_DIR, STATE_NAME, InFlight, Journal, JournalWriter
+from orthopatch.patch.record import Fingerprint, Method
+from orthopatch.patch.stream import TensorPatcher
 from orthopatch.synthetic import LlamaShape, write_checkpoint
 from orthopatch.verify import VerifyOptions, verify
 from tests.helpers import TINY, folder_hashes, save_direction, tiny_llama, untouched
@@ -177,7 +177,7 @@ def test_a_folder_being_read_as_a_source_is_not_converted_in_place_and_back(tiny
 def test_the_out_of_place_run_holds_a_shared_lock_on_its_source(tiny, tmp_path, monkeypatch) -> None:
     import fcntl
 
-    from orthopatch import apply as apply_module
+    from orthopatch.patch import apply as apply_module
 
     model, direction, _ = tiny
     seen = []
@@ -241,7 +241,7 @@ def test_a_nan_in_the_last_tensor_is_refused_before_any_byte_changes(tiny, tmp_p
 
 def test_coefficients_that_overflow_are_refused_before_any_byte_changes(tiny, tmp_path) -> None:
     """Finite values whose uᵀW overflows float32: found by the read-only pass too, not halfway through."""
-    from orthopatch.executor import target_directions
+    from orthopatch.patch.shard import target_directions
 
     model, direction, _ = tiny
     work = fresh_copy(model, tmp_path / "model")

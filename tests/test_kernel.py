@@ -14,16 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orthopatch import filecopy, kernel
 from orthopatch.errors import OrthopatchError
-from orthopatch.executor import target_directions, write_shard
-from orthopatch.kernel import LANES, WORKERS_ENV, default_workers, project_, project_out
-from orthopatch.plan import PatchTarget, ShardPlan
-from orthopatch.projection import Layout, ordered_sum, unit_direction
-from orthopatch.safetensors_header import read_header
-from orthopatch.stream import TensorPatcher
+from orthopatch.io import filecopy
+from orthopatch.io.safetensors_header import read_header
+from orthopatch.io.writer import ShardWriter
+from orthopatch.patch import kernel
+from orthopatch.patch.kernel import LANES, WORKERS_ENV, default_workers, project_, project_out
+from orthopatch.patch.plan import PatchTarget, ShardPlan
+from orthopatch.patch.projection import Layout, ordered_sum, unit_direction
+from orthopatch.patch.shard import target_directions, write_shard
+from orthopatch.patch.stream import TensorPatcher
 from orthopatch.synthetic import DEMO, write_checkpoint
-from orthopatch.writer import ShardWriter
 from tests.helpers import (
     FLOAT_DTYPES,
     SHAPES_AND_AXES,

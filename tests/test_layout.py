@@ -109,21 +109,21 @@ def test_the_graph_sees_every_kind_of_import(tmp_path) -> None:
 
 def test_the_package_has_no_import_cycle() -> None:
     graph = import_graph()
-    assert "orthopatch.apply" in graph and graph["orthopatch.apply"]
+    assert "orthopatch.patch.apply" in graph and graph["orthopatch.patch.apply"]
     assert find_cycle(graph) is None
 
 
 def test_apply_never_reaches_verify_or_the_hub_push() -> None:
     graph = import_graph()
-    assert not {m for m in reachable(graph, "orthopatch.apply") if m.startswith("orthopatch.verify")}
+    assert not {m for m in reachable(graph, "orthopatch.patch.apply") if m.startswith("orthopatch.verify")}
     assert "orthopatch.verify" not in reachable(graph, "orthopatch.hub")
 
 
 def test_verify_shares_no_code_path_with_the_kernel() -> None:
     """The proof imports nothing, directly or through another module, that computes or writes the output."""
     graph = import_graph()
-    writers = {"orthopatch.projection", "orthopatch.kernel", "orthopatch.stream", "orthopatch.executor",
-               "orthopatch.apply"}
+    writers = {"orthopatch.patch.projection", "orthopatch.patch.kernel", "orthopatch.patch.stream", "orthopatch.patch.shard",
+               "orthopatch.patch.apply"}
     verifiers = [m for m in graph if m == "orthopatch.verify" or m.startswith("orthopatch.verify.")]
     assert len(verifiers) >= 3
     for module in verifiers:

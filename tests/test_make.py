@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orthopatch.output import RECORD_NAME
+from orthopatch.io.formats import RECORD_NAME
 from orthopatch.synthetic import write_checkpoint, write_direction
 from tests.helpers import TINIEST
 

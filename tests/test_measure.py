@@ -13,9 +13,9 @@ import torch
 from click.testing import CliRunner
 
 from orthopatch.cli import main
-from orthopatch.layerwise import RunSettings
-from orthopatch.measure import MeasureOptions, MeasureRecord, measure, sidecar_path
-from orthopatch.prompts import PromptChoice, builtin_prompts, parse_prompts
+from orthopatch.run.layerwise import RunSettings
+from orthopatch.run.measure import MeasureOptions, MeasureRecord, measure, sidecar_path
+from orthopatch.run.prompts import PromptChoice, builtin_prompts, parse_prompts
 from tests.helpers import cli, one_error_line, pre_norm_states
 
 transformers = pytest.importorskip("transformers")
@@ -40,7 +40,7 @@ def reference_states(folder: Path, prompts: list[list[int]]) -> list[torch.Tenso
 
 
 def encoded(folder: Path, kind: str) -> list[list[int]]:
-    from orthopatch.chat import encode_set, load_tokenizer
+    from orthopatch.run.chat import encode_set, load_tokenizer
 
     return encode_set(load_tokenizer(folder), builtin_prompts(kind).sample(LIMIT, 0), None)
 
@@ -51,7 +51,7 @@ def test_streamed_means_equal_the_whole_model_run(tiny_models, family, tmp_path)
     harmful, harmless = encoded(folder, "harmful"), encoded(folder, "harmless")
     ref_harmful, ref_harmless = reference_states(folder, harmful), reference_states(folder, harmless)
 
-    from orthopatch.layerwise import LayerwiseModel, make_batches
+    from orthopatch.run.layerwise import LayerwiseModel, make_batches
 
     seen: dict[int, torch.Tensor] = {}
     with LayerwiseModel(folder, device=torch.device("cpu")) as model:
@@ -83,7 +83,7 @@ def test_streamed_means_equal_the_whole_model_run(tiny_models, family, tmp_path)
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gemma3-mm", "mixtral", "qwen2_moe"])
 def test_reads_each_weight_once_never_the_head_and_one_block_at_a_time(tiny_models, family, tmp_path):
-    from orthopatch.layerwise import LayerwiseModel, make_batches
+    from orthopatch.run.layerwise import LayerwiseModel, make_batches
 
     folder = tiny_models(family)
     prompts = encoded(folder, "harmful") + encoded(folder, "harmless")
@@ -138,7 +138,7 @@ def test_layer_option_and_harmless_projection(tiny_models, tmp_path):
                                        run=CPU, quiet=True))
     assert raw.record.layer == projected.record.layer == 2 and raw.record.layer_rule == "--layer"
     # The projected direction is the raw one less its component along the harmless mean.
-    from orthopatch.layerwise import LayerwiseModel, make_batches
+    from orthopatch.run.layerwise import LayerwiseModel, make_batches
 
     states = {}
     with LayerwiseModel(folder, device=torch.device("cpu")) as model:
@@ -150,7 +150,7 @@ def test_layer_option_and_harmless_projection(tiny_models, tmp_path):
 
 
 def encoded_limit(folder: Path, kind: str, limit: int) -> list[list[int]]:
-    from orthopatch.chat import encode_set, load_tokenizer
+    from orthopatch.run.chat import encode_set, load_tokenizer
 
     return encode_set(load_tokenizer(folder), builtin_prompts(kind).sample(limit, 0), None)
 
@@ -313,8 +313,8 @@ def test_oversized_config_or_tokenizer_file(tiny_models, tmp_path):
 
 def test_moe_experts_are_fused_as_transformers_fuses_them(tiny_models):
     """Each fused expert parameter equals what transformers' from_pretrained builds from the same files."""
-    from orthopatch.conversion import Fused
-    from orthopatch.layerwise import LayerwiseModel
+    from orthopatch.run.layerwise import LayerwiseModel
+    from orthopatch.run.parameters import Fused
 
     for family in MOE_FAMILIES:
         folder = tiny_models(family)
@@ -338,8 +338,8 @@ def test_a_checkpoint_already_in_the_fused_layout_is_read_as_it_is(tiny_models, 
 
     from safetensors.torch import save_file
 
-    from orthopatch.conversion import Fused
-    from orthopatch.layerwise import LayerwiseModel, make_batches
+    from orthopatch.run.layerwise import LayerwiseModel, make_batches
+    from orthopatch.run.parameters import Fused
 
     source = tiny_models("mixtral")
     folder = tmp_path / "fused"
@@ -399,7 +399,7 @@ def test_a_conversion_other_than_stacking_and_concatenating_is_refused_in_one_li
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_holds_one_block_plus_activations_and_agrees_with_the_cpu(tmp_path):
-    from orthopatch.layerwise import LayerwiseModel, block_bytes, make_batches
+    from orthopatch.run.layerwise import LayerwiseModel, block_bytes, make_batches
     from tests.tiny_models import save_tiny_model
 
     folder = tmp_path / "wide"
@@ -430,10 +430,10 @@ def test_apply_reaches_none_of_the_modules_that_run_a_model():
     from tests.test_layout import import_graph, reachable
 
     graph = import_graph()
-    running = {"orthopatch.layerwise", "orthopatch.conversion", "orthopatch.measure", "orthopatch.evaluate",
-               "orthopatch.chat"}
+    running = {"orthopatch.run.layerwise", "orthopatch.run.parameters", "orthopatch.run.measure", "orthopatch.run.evaluate",
+               "orthopatch.run.chat"}
     assert running <= set(graph)
-    assert not reachable(graph, "orthopatch.apply") & running
+    assert not reachable(graph, "orthopatch.patch.apply") & running
 
 
 def test_prompt_files_from_a_hub_dataset_repo_in_the_cache(tiny_models, tmp_path, monkeypatch):
@@ -472,7 +472,7 @@ def test_cuda_requested_without_cuda_is_one_line(tiny_models, tmp_path):
 def test_multimodal_gemma3_reads_only_the_text_decoder(tiny_models):
     """Gemma3ForConditionalGeneration: the blocks, the final norm and every parameter read are the
     text decoder's (its vision tower has as many layers as the text decoder); vision weights are never read."""
-    from orthopatch.layerwise import LayerwiseModel, make_batches
+    from orthopatch.run.layerwise import LayerwiseModel, make_batches
 
     folder = tiny_models("gemma3-mm")
     prompts = encoded(folder, "harmful")[:4]
@@ -559,13 +559,13 @@ def test_any_failure_of_transformers_to_build_the_model_is_one_line(tiny_models,
 
 
 def test_transformers_older_than_required_is_one_line(tiny_models, tmp_path, monkeypatch):
-    import orthopatch.layerwise
+    import orthopatch.run.layerwise
 
     folder = str(tiny_models("llama"))
-    assert orthopatch.layerwise.MIN_TRANSFORMERS == 5
-    monkeypatch.setattr(orthopatch.layerwise, "MIN_TRANSFORMERS", int(transformers.__version__.split(".")[0]) + 1)
+    assert orthopatch.run.layerwise.MIN_TRANSFORMERS == 5
+    monkeypatch.setattr(orthopatch.run.layerwise, "MIN_TRANSFORMERS", int(transformers.__version__.split(".")[0]) + 1)
     one_line_error(run_measure(folder, "-o", str(tmp_path / "d.pth")),
-                   f"needs transformers {orthopatch.layerwise.MIN_TRANSFORMERS} or later, not "
+                   f"needs transformers {orthopatch.run.layerwise.MIN_TRANSFORMERS} or later, not "
                    f"{transformers.__version__}: pip install -U 'orthopatch[measure]'")
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orthopatch.output import RECORD_NAME
+from orthopatch.io.formats import RECORD_NAME
 from tests.helpers import assert_correctly_rounded, cli, cli_ok, one_error_line, reference, write_sharded
 
 HIDDEN, INTER, VOCAB, LAYERS = 32, 48, 40, 3

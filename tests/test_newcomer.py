@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orthopatch.output import RECORD_NAME
+from orthopatch.io.formats import RECORD_NAME
 from tests.helpers import TINY, cli, one_error_line, save_direction, tiny_llama, untouched
 
 HIDDEN = TINY.hidden

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from orthopatch.architecture import (
+from orthopatch.errors import OrthopatchError
+from orthopatch.io.checkpoint import open_checkpoint
+from orthopatch.patch.architecture import (
     architecture_from_dict,
     custom_architecture,
     find_architecture,
     known_architectures,
 )
-from orthopatch.checkpoint import open_checkpoint
-from orthopatch.errors import OrthopatchError
-from orthopatch.plan import PatchPlan, Selection, build_plan, format_layers, format_plan, parse_layers
+from orthopatch.patch.plan import PatchPlan, Selection, build_plan, format_layers, format_plan, parse_layers
 from tests.helpers import write_sharded
 
 H, M, V, E = 16, 24, 20, 3  # hidden, intermediate (MLP), vocab, experts

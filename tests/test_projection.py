@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from orthopatch.kernel import project_out
-from orthopatch.projection import Layout, unit_direction
+from orthopatch.patch.kernel import project_out
+from orthopatch.patch.projection import Layout, unit_direction
 from tests.helpers import assert_correctly_rounded, random_case
 
 CASES = [

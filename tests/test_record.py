@@ -7,13 +7,14 @@ import re
 
 import pytest
 
-from orthopatch.apply import ApplyOptions, apply
-from orthopatch.checkpoint import open_checkpoint
 from orthopatch.errors import OrthopatchError
-from orthopatch.formats import PARTIAL_NAME, RECORD_NAME
-from orthopatch.output import OutputFolder, OutputState
-from orthopatch.plan import Selection
-from orthopatch.record import RECORD_FORMAT, Fingerprint, Method, Record
+from orthopatch.io.checkpoint import open_checkpoint
+from orthopatch.io.formats import CONVERSION_RECORD_FORMAT as RECORD_FORMAT
+from orthopatch.io.formats import PARTIAL_NAME, RECORD_NAME
+from orthopatch.patch.apply import ApplyOptions, apply
+from orthopatch.patch.output import OutputFolder, OutputState
+from orthopatch.patch.plan import Selection
+from orthopatch.patch.record import Fingerprint, Method, Record
 from tests.helpers import TINY, save_direction, tiny_llama
 
 
@@ -66,7 +67,7 @@ def test_a_format_1_record_is_still_read(converted) -> None:
 
 def test_a_run_resumed_on_another_device_does_not_reuse_shards(converted) -> None:
     model, direction, out, method = converted
-    from orthopatch.apply import prepare
+    from orthopatch.patch.apply import prepare
 
     plan, loaded = prepare(ApplyOptions(model=model, direction=direction, method=method))
     cpu = Fingerprint.of(plan, loaded.sha256, method, "cpu", 1 << 20)

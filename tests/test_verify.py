@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from orthopatch.apply import ApplyOptions, apply
 from orthopatch.errors import OrthopatchError
-from orthopatch.output import PARTIAL_NAME, RECORD_NAME
-from orthopatch.plan import Selection
-from orthopatch.record import Method
-from orthopatch.safetensors_header import read_header
+from orthopatch.io.formats import PARTIAL_NAME, RECORD_NAME
+from orthopatch.io.safetensors_header import read_header
+from orthopatch.patch.apply import ApplyOptions, apply
+from orthopatch.patch.plan import Selection
+from orthopatch.patch.record import Method
 from orthopatch.verify import RoundingTally, VerifyOptions, format_table, ulp, verify
 from tests.helpers import (
     DTYPES_BY_NAME,

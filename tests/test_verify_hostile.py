@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from orthopatch.output import RECORD_NAME
+from orthopatch.io.formats import RECORD_NAME
 from tests.helpers import Converted, cli, one_error_line, untouched
 
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"
@@ -63,7 +63,7 @@ def test_a_catastrophic_pattern_in_a_record_is_refused_at_once(made) -> None:
 
 
 def test_a_slow_pattern_in_a_record_runs_under_a_clock(made, monkeypatch) -> None:
-    from orthopatch import plan
+    from orthopatch.patch import plan
 
     model, direction, out = made
     monkeypatch.setattr(plan, "MATCH_SECONDS", 0.5)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from orthopatch.apply import ApplyOptions, apply
-from orthopatch.executor import shard_segments
+from orthopatch.patch.apply import ApplyOptions, apply
+from orthopatch.patch.shard import shard_segments
 from orthopatch.synthetic import LlamaShape, write_checkpoint, write_direction
 
 pytestmark = pytest.mark.slow

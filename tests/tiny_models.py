@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from orthopatch.prompts import BUILTIN_SETS, builtin_prompts
+from orthopatch.run.prompts import BUILTIN_SETS, builtin_prompts
 
 CHAT_TEMPLATE = ("{% for m in messages %}<user> {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")

@@ -20,17 +20,18 @@ from pathlib import Path
 
 import torch
 
-from ..architecture import choose_architecture
-from ..checkpoint import Checkpoint, open_checkpoint, read_json
-from ..direction import MAX_DIRECTION_BYTES, file_sha256, load_direction
-from ..errors import OrthopatchError, quoted
-from ..formats import RECORD_NAME
-from ..output import shared_lock
-from ..plan import PatchPlan, PatchTarget, build_plan, format_layers
-from ..progress import ByteProgress
-from ..reader import open_source
-from ..record import Method
-from .reference import (
+from orthopatch.errors import OrthopatchError, quoted
+from orthopatch.io.checkpoint import Checkpoint, open_checkpoint
+from orthopatch.io.folders import shared_lock
+from orthopatch.io.formats import RECORD_NAME
+from orthopatch.io.reader import open_source
+from orthopatch.io.smallfile import read_small_json
+from orthopatch.patch.architecture import choose_architecture
+from orthopatch.patch.direction import MAX_DIRECTION_BYTES, file_sha256, load_direction
+from orthopatch.patch.plan import PatchPlan, PatchTarget, build_plan, format_layers
+from orthopatch.patch.record import Method
+from orthopatch.progress import ByteProgress
+from orthopatch.verify.reference import (
     CHUNK_ELEMENTS,
     RawReader,
     RoundingTally,
@@ -41,8 +42,8 @@ from .reference import (
     ulp,
     unit_vectors,
 )
-from .report import TensorCheck, VerifyReport, format_table, summary
-from .structure import check_folder, check_record, check_structure
+from orthopatch.verify.report import TensorCheck, VerifyReport, format_table, summary
+from orthopatch.verify.structure import check_folder, check_record, check_structure
 
 __all__ = ["RoundingTally", "TensorCheck", "VerifyOptions", "VerifyReport", "format_table", "recorded_direction",
            "summary", "ulp", "verify"]
@@ -185,7 +186,7 @@ def recorded_direction(out: Path) -> Path:
     if not os.path.lexists(record_path):
         raise OrthopatchError(f"no --direction given, and no {RECORD_NAME} to take it from: pass --direction",
                               path=out)
-    record = read_json(record_path)
+    record = read_small_json(record_path)
     direction = record.get("direction") if isinstance(record, dict) else None
     file = direction.get("file") if isinstance(direction, dict) else None
     sha256 = direction.get("sha256") if isinstance(direction, dict) else None

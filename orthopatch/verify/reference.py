@@ -29,14 +29,14 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..direction import Direction
-from ..errors import OrthopatchError
-from ..filecopy import pread_into
-from ..formats import torch_dtype
-from ..plan import PatchPlan, PatchTarget
-from ..record import Method
-from ..safetensors_header import TensorEntry
-from .report import TensorCheck
+from orthopatch.errors import OrthopatchError, first_line
+from orthopatch.io.filecopy import pread_into
+from orthopatch.io.formats import torch_dtype
+from orthopatch.io.safetensors_header import TensorEntry
+from orthopatch.patch.direction import Direction
+from orthopatch.patch.plan import PatchPlan, PatchTarget
+from orthopatch.patch.record import Method
+from orthopatch.verify.report import TensorCheck
 
 #: Elements per block of float64 work (8 MiB per temporary).
 CHUNK_ELEMENTS = 1 << 20
@@ -60,11 +60,6 @@ def arithmetic_eps(stored: torch.dtype) -> float:
 
 # --- reading ---------------------------------------------------------------------------------------
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 class TensorFile:
     """A safetensors file read with the ``safetensors`` package, one bounded slice at a time.
 
@@ -82,7 +77,7 @@ class TensorFile:
         try:
             handle = safe_open(str(self.path), framework="pt")
         except Exception as exc:  # the library's own refusal: one line naming the file
-            raise OrthopatchError(f"the safetensors library cannot open it ({_first_line(exc)})",
+            raise OrthopatchError(f"the safetensors library cannot open it ({first_line(exc)})",
                                   path=self.path) from None
         with handle:
             try:
@@ -90,7 +85,7 @@ class TensorFile:
             except OrthopatchError:
                 raise
             except Exception as exc:
-                raise OrthopatchError(f"the safetensors library cannot read it ({_first_line(exc)})",
+                raise OrthopatchError(f"the safetensors library cannot read it ({first_line(exc)})",
                                       path=self.path, tensor=name) from None
 
     def read(self, name: str, index: int | slice | tuple[int | slice, ...]) -> torch.Tensor:

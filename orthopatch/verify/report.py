@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..architecture import ROLES
-from ..errors import OrthopatchError
+from orthopatch.errors import OrthopatchError
+from orthopatch.patch.architecture import ROLES
 
 
 @dataclass

@@ -5,16 +5,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..checkpoint import Checkpoint
-from ..direction import Direction
-from ..errors import OrthopatchError
-from ..formats import CONFIG_NAME, INDEX_NAME, INPLACE_JOURNAL_DIR, INPLACE_STATE_NAME, PARTIAL_NAME, RECORD_NAME
-from ..output import temporaries
-from ..plan import PatchPlan
-from ..record import Record
-from ..safetensors_header import ShardHeader
-from ..smallfile import read_small_bytes
-from .report import VerifyReport
+from orthopatch.errors import OrthopatchError
+from orthopatch.io.checkpoint import Checkpoint
+from orthopatch.io.folders import temporaries
+from orthopatch.io.formats import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    INPLACE_JOURNAL_DIR,
+    INPLACE_STATE_NAME,
+    PARTIAL_NAME,
+    RECORD_NAME,
+)
+from orthopatch.io.safetensors_header import ShardHeader
+from orthopatch.io.smallfile import read_small_bytes
+from orthopatch.patch.direction import Direction
+from orthopatch.patch.plan import PatchPlan
+from orthopatch.patch.record import Record
+from orthopatch.verify.report import VerifyReport
 
 
 def check_folder(report: VerifyReport, out: Path) -> Record | None:

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .direction import Direction
-from .errors import OrthopatchError
-from .filecopy import CopyStats, RangeCopier, block_size, split_aligned
-from .plan import PatchPlan, PatchTarget, ShardPlan
-from .projection import unit_direction
-from .reader import open_source, read_small_tensor
-from .stream import TensorPatcher
-from .writer import ShardWriter, io_error
+from orthopatch.errors import OrthopatchError
+from orthopatch.io.filecopy import CopyStats, RangeCopier, block_size, split_aligned
+from orthopatch.io.reader import open_source, read_small_tensor
+from orthopatch.io.writer import ShardWriter, io_error
+from orthopatch.patch.direction import Direction
+from orthopatch.patch.plan import PatchPlan, PatchTarget, ShardPlan
+from orthopatch.patch.projection import unit_direction
+from orthopatch.patch.stream import TensorPatcher
 
 Progress = Callable[[int], None]
 

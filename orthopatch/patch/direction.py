@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import OrthopatchError
-from .smallfile import check_regular, open_regular
+from orthopatch.errors import OrthopatchError, first_line
+from orthopatch.io.smallfile import check_regular, open_regular
 
 NORM_TOLERANCE = 1e-3
 #: Larger files are not directions (a per-layer direction of a 70B model is about 3 MB); a zip
@@ -133,12 +133,11 @@ def _describe(value: Any, shape: tuple[int, ...] | None) -> str:
     return type(value).__name__
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_sentence(exc: BaseException) -> str:
     """The first sentence of an exception's message, for a one-line error."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return "file is empty or ends too early" if isinstance(exc, EOFError) else type(exc).__name__
-    return lines[0].split(". ")[0].rstrip(".")
+    if isinstance(exc, EOFError) and not str(exc).strip():
+        return "file is empty or ends too early"
+    return first_line(exc).split(". ")[0].rstrip(".")
 
 
 def _refusal(exc: BaseException) -> str:
@@ -148,7 +147,7 @@ def _refusal(exc: BaseException) -> str:
     if found:
         return f"it would call {found.group(1).rstrip('.')}"
     found = re.search(r"WeightsUnpickler error: \s*(.+)", text)
-    return found.group(1).strip() if found else _first_line(exc)
+    return found.group(1).strip() if found else _first_sentence(exc)
 
 
 def _check_zip(path: Path) -> None:
@@ -170,7 +169,7 @@ def _check_npy(path: Path, size: int) -> None:
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read(f)
     except Exception as exc:
-        raise OrthopatchError(f"cannot load direction ({_first_line(exc)})", path=path) from None
+        raise OrthopatchError(f"cannot load direction ({_first_sentence(exc)})", path=path) from None
     if dtype.hasobject:
         raise OrthopatchError("refused: the array holds Python objects (a pickle, which can run code)", path=path)
     numel = math.prod(shape)
@@ -200,7 +199,7 @@ def _read_raw(path: Path) -> Any:
                 path=path,
             ) from None
         except Exception as exc:  # a hostile or broken file may fail in any way; report it, never crash
-            raise OrthopatchError(f"cannot load direction ({_first_line(exc)})", path=path) from None
+            raise OrthopatchError(f"cannot load direction ({_first_sentence(exc)})", path=path) from None
     if suffix == ".safetensors":
         # The format's reader checks that every tensor's bytes lie in the file, so the file size
         # bound above also bounds what is loaded; shapes are checked before conversion below.
@@ -209,13 +208,13 @@ def _read_raw(path: Path) -> Any:
         try:
             return load_file(path, device="cpu")
         except Exception as exc:
-            raise OrthopatchError(f"cannot load direction ({_first_line(exc)})", path=path) from None
+            raise OrthopatchError(f"cannot load direction ({_first_sentence(exc)})", path=path) from None
     if suffix == ".npy":
         _check_npy(path, size)
         try:
             return np.load(path, allow_pickle=False)
         except Exception as exc:
-            raise OrthopatchError(f"cannot load direction ({_first_line(exc)})", path=path) from None
+            raise OrthopatchError(f"cannot load direction ({_first_sentence(exc)})", path=path) from None
     raise OrthopatchError("unknown direction format (expected .pth, .pt, .safetensors or .npy)", path=path)
 
 

@@ -18,10 +18,10 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from .checkpoint import Checkpoint
-from .errors import OrthopatchError, shortened
-from .formats import CONFIG_NAME
-from .saferegex import unsafe_reason
+from orthopatch.errors import OrthopatchError, shortened
+from orthopatch.io.checkpoint import Checkpoint
+from orthopatch.io.formats import CONFIG_NAME
+from orthopatch.saferegex import unsafe_reason
 
 ROLES = ("embedding", "position_embedding", "attention", "mlp", "other")
 EMBEDDING_ROLES = ("embedding", "position_embedding")

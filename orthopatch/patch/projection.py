@@ -13,7 +13,7 @@ back after the projection; the new norm is known in closed form from ``x·u``, s
 needed.
 
 Everything here takes tensors and returns (or updates) tensors: no files, threads or settings. The
-schedule that turns these steps into the same bytes on every path is :mod:`orthopatch.kernel`.
+schedule that turns these steps into the same bytes on every path is :mod:`orthopatch.patch.kernel`.
 """
 
 from __future__ import annotations

@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .chat import encode_set, load_tokenizer
-from .errors import OrthopatchError
-from .layerwise import LayerwiseModel, RunSettings, make_batches
-from .output import write_atomic
-from .prompts import PromptChoice, PromptSet
+from orthopatch import __version__
+from orthopatch.errors import OrthopatchError
+from orthopatch.io.folders import write_atomic
+from orthopatch.io.formats import DIRECTION_RECORD_FORMAT
+from orthopatch.run.chat import encode_set, load_tokenizer
+from orthopatch.run.layerwise import LayerwiseModel, RunSettings, make_batches
+from orthopatch.run.prompts import PromptChoice, PromptSet
 
-RECORD_FORMAT = 1
 #: The default layer is the best-separating one between these fractions of the depth.
 DEFAULT_LAYER_RANGE = (0.4, 0.8)
 #: A difference this small against the harmless mean's norm has no direction (every prompt ends
@@ -96,7 +96,7 @@ class MeasureRecord:
     layers: list[LayerStats] = field(default_factory=list)
     filled_rows: list[int] = field(default_factory=list)
     model_repo: str | None = None  # ORG/NAME@COMMIT of a model taken from the Hub; ``model`` is its path
-    format: int = RECORD_FORMAT
+    format: int = DIRECTION_RECORD_FORMAT
     orthopatch_version: str = __version__
 
     def to_json(self) -> dict[str, Any]:

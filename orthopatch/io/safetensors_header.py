@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from .errors import HeaderError, OrthopatchError
-from .formats import DTYPE_BITS
-from .smallfile import open_regular
+from orthopatch.errors import HeaderError, OrthopatchError
+from orthopatch.io.formats import DTYPE_BITS
+from orthopatch.io.smallfile import is_json_int, open_regular
 
 MAX_HEADER_BYTES = 100_000_000
 MAX_U64 = 2**64 - 1
@@ -86,10 +86,6 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def parse_header(prefix: bytes, file_size: int, path: str | os.PathLike = "<bytes>") -> ShardHeader:
     """Validate a header given the file's first bytes (at least the whole header) and its size.
 
@@ -142,7 +138,7 @@ def parse_header(prefix: bytes, file_size: int, path: str | os.PathLike = "<byte
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise fail(f"unknown dtype {dtype!r}", name)
-        if not isinstance(shape, list) or not all(_is_int(s) and 0 <= s <= MAX_U64 for s in shape):
+        if not isinstance(shape, list) or not all(is_json_int(s) and 0 <= s <= MAX_U64 for s in shape):
             raise fail(f"invalid shape {shape!r}", name)
         numel = 1
         for s in shape:  # as the reference reader multiplies: 64-bit, left to right
@@ -152,7 +148,7 @@ def parse_header(prefix: bytes, file_size: int, path: str | os.PathLike = "<byte
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(_is_int(o) and o >= 0 for o in offsets)
+            or not all(is_json_int(o) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
             raise fail(f"invalid data_offsets {offsets!r}", name)

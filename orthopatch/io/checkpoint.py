@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import OrthopatchError
-from .formats import CONFIG_NAME, INDEX_NAME, SHARD_SUFFIX, SINGLE_SHARD_NAME
-from .safetensors_header import ShardHeader, TensorEntry, read_header
-from .smallfile import describe_kind, read_small_json
+from orthopatch.errors import OrthopatchError
+from orthopatch.io.formats import CONFIG_NAME, INDEX_NAME, SHARD_SUFFIX, SINGLE_SHARD_NAME
+from orthopatch.io.safetensors_header import ShardHeader, TensorEntry, read_header
+from orthopatch.io.smallfile import describe_kind, read_small_json
 
 #: Suffixes of tensor files that hold a direction, not a model.
 DIRECTION_SUFFIXES = (".pth", ".pt", ".npy")
@@ -35,11 +35,6 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(h.file_size for h in self.shards.values())
-
-
-def read_json(path: Path) -> Any:
-    """A small JSON file of the folder: a regular file, of bounded size and nesting (one-line errors)."""
-    return read_small_json(path)
 
 
 def model_folder(path: Path) -> Path:
@@ -86,13 +81,13 @@ def open_checkpoint(root: str | Path) -> Checkpoint:
     if not os.path.lexists(config_path):
         raise OrthopatchError(f"no {CONFIG_NAME} in the model folder (it names the architecture and its sizes)",
                               path=root)
-    config = read_json(config_path)
+    config = read_small_json(config_path)
     if not isinstance(config, dict):
         raise OrthopatchError("config is not a JSON object", path=config_path)
 
     index_path = root / INDEX_NAME
     if os.path.lexists(index_path):
-        index = read_json(index_path)
+        index = read_small_json(index_path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -124,3 +119,22 @@ def open_checkpoint(root: str | Path) -> Checkpoint:
     header = read_header(root / SINGLE_SHARD_NAME)
     weight_map = {n: SINGLE_SHARD_NAME for n in header.names()}
     return Checkpoint(root, config, {SINGLE_SHARD_NAME: header}, weight_map, None)
+
+
+def folder_name(path: Path) -> str:
+    """What a model card calls a local folder: the repo id of a cache snapshot, else the name as given."""
+    if cached := cached_repo_name(path):
+        return cached
+    return path.name if path.name not in ("", ".", "..") else Path(os.path.abspath(path)).name
+
+
+def cached_repo_name(path: Path) -> str | None:
+    """``ORG/NAME`` when ``path`` is a snapshot folder of the Hugging Face cache, else ``None``."""
+    try:
+        parts = path.resolve().parts
+    except (OSError, RuntimeError):  # a symlink loop: not a cache folder; opening it will say what it is
+        return None
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        org_name = parts[-3].removeprefix("models--").split("--")
+        return "/".join(org_name) if all(org_name) else None
+    return None

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import OrthopatchError
+from orthopatch.errors import OrthopatchError
 
 #: Largest small file read whole (configs, indexes, cards and records are far smaller).
 MAX_SMALL_BYTES = 64 << 20
@@ -151,3 +151,10 @@ def read_small_json(path: Path, what: str = "file", limit: int = MAX_SMALL_BYTES
                     max_depth: int = MAX_JSON_DEPTH) -> Any:
     """A small regular file parsed as JSON (bounded size and nesting)."""
     return parse_json(read_small_bytes(path, what, limit), path, what, max_depth)
+
+
+def is_json_int(value: object, low: int | None = None, high: int | None = None) -> bool:
+    """Whether a parsed JSON value is an integer (not a bool) within ``[low, high]`` where those are given."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return False
+    return (low is None or value >= low) and (high is None or value <= high)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # --- a Hugging Face model folder -------------------------------------------------------------------
 
@@ -31,6 +34,12 @@ TMP_SUFFIX = ".orthopatch-tmp"
 INPLACE_JOURNAL_DIR = ".orthopatch-inplace"
 INPLACE_STATE_NAME = "state.json"
 
+#: Versions of the JSON files orthopatch writes: the conversion record (``orthopatch.json``), the record
+#: beside a measured direction, and the report of ``evaluate``.
+CONVERSION_RECORD_FORMAT = 2
+DIRECTION_RECORD_FORMAT = 1
+EVALUATION_REPORT_FORMAT = 1
+
 # --- safetensors ---------------------------------------------------------------------------------
 
 #: Bits per element of every dtype the safetensors format defines.
@@ -41,20 +50,24 @@ DTYPE_BITS: dict[str, int] = {
     "I64": 64, "U64": 64, "F64": 64, "C64": 64,
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }
-#: The floating-point dtypes the projection can rewrite, and their torch dtypes.
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-}
-FLOAT_DTYPES = tuple(TORCH_DTYPES)
-#: The safetensors name of each torch dtype above.
-DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+#: The floating-point dtypes the projection can rewrite (torch's names for them: :func:`torch_dtype`).
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_TORCH_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 #: The ``__metadata__`` transformers requires (it refuses shards of another ``format``).
 PT_METADATA = {"format": "pt"}
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a safetensors float dtype name (``BF16`` → ``torch.bfloat16``)."""
-    return TORCH_DTYPES[name]
+    """The torch dtype of a safetensors float dtype name (``BF16`` → ``torch.bfloat16``); torch is imported
+    only here, so reading a header does not load it."""
+    import torch
+
+    return getattr(torch, _TORCH_NAMES[name])
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch float dtype (``torch.bfloat16`` → ``BF16``)."""
+    return {torch_dtype(name): name for name in FLOAT_DTYPES}[dtype]
 
 
 def itemsize(name: str) -> int:

@@ -17,10 +17,10 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from .formats import CARD_NAME
-from .output import write_atomic
-from .record import Record
-from .smallfile import json_depth, read_small_text
+from orthopatch.io.folders import write_atomic
+from orthopatch.io.formats import CARD_NAME
+from orthopatch.io.smallfile import json_depth, read_small_text
+from orthopatch.patch.record import Record
 
 TAGS = ("abliterated", "orthopatch")
 #: Front-matter fields carried over from the source card.

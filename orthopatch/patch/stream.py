@@ -24,14 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import OrthopatchError
-from .filecopy import pread_into, start_writeback
-from .formats import torch_dtype
-from .kernel import BlockKernel, project_
-from .plan import PatchTarget
-from .projection import Layout, compute_dtype, row_dots
-from .safetensors_header import TensorEntry
-from .writer import ShardWriter
+from orthopatch.errors import OrthopatchError
+from orthopatch.io.filecopy import pread_into, start_writeback
+from orthopatch.io.formats import torch_dtype
+from orthopatch.io.safetensors_header import TensorEntry
+from orthopatch.io.writer import ShardWriter
+from orthopatch.patch.kernel import BlockKernel, project_
+from orthopatch.patch.plan import PatchTarget
+from orthopatch.patch.projection import Layout, compute_dtype, row_dots
 
 #: Bytes of stored data per chunk (one ``pread``/``pwrite``); rounded to whole kernel blocks.
 CHUNK_BYTES = 8 << 20
@@ -108,7 +108,7 @@ class TensorPatcher:
     def __init__(self, device: torch.device | str = "cpu", *, scale: float = 1.0, norm_preserving: bool = False,
                  chunk_bytes: int | None = None, block_elements: int | None = None, workers: int | None = None,
                  ring_buffers: int = RING_BUFFERS, retain_bytes: int = RETAIN_BYTES):
-        """``workers``: the kernel's threads (default :func:`~orthopatch.kernel.default_workers`)."""
+        """``workers``: the kernel's threads (default :func:`~orthopatch.patch.kernel.default_workers`)."""
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.scale = scale

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import OrthopatchError
-from .reader import CheckpointReader
+from orthopatch.errors import OrthopatchError
+from orthopatch.io.reader import CheckpointReader
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint
-from .errors import OrthopatchError
-from .filecopy import pread_into
-from .formats import TORCH_DTYPES, torch_dtype
-from .safetensors_header import TensorEntry
-from .smallfile import open_regular
+from orthopatch.errors import OrthopatchError
+from orthopatch.io.checkpoint import Checkpoint
+from orthopatch.io.filecopy import pread_into
+from orthopatch.io.formats import FLOAT_DTYPES, torch_dtype
+from orthopatch.io.safetensors_header import TensorEntry
+from orthopatch.io.smallfile import open_regular
 
 
 @contextmanager
@@ -94,7 +94,7 @@ class CheckpointReader:
         if name not in self.checkpoint.weight_map:
             raise OrthopatchError("the checkpoint has no such tensor", path=self.checkpoint.root, tensor=name)
         entry = self.checkpoint.entry(name)
-        if entry.dtype not in TORCH_DTYPES:
+        if entry.dtype not in FLOAT_DTYPES:
             raise OrthopatchError(f"cannot run a model on {entry.dtype} weights", path=self._path(name), tensor=name)
         return entry
 
@@ -120,8 +120,8 @@ class CheckpointReader:
         """The whole tensor, in its stored dtype."""
         entry = self._entry(name)
         raw = self._pread(name, entry.begin, entry.nbytes)
-        return torch.frombuffer(raw, dtype=TORCH_DTYPES[entry.dtype]).reshape(entry.shape) if raw else \
-            torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
+        return torch.frombuffer(raw, dtype=torch_dtype(entry.dtype)).reshape(entry.shape) if raw else \
+            torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
 
     def read_rows(self, name: str, rows: Iterable[int]) -> torch.Tensor:
         """Rows ``rows`` (sorted, distinct) of a 2-D tensor, each run of consecutive rows in one read."""
@@ -130,7 +130,7 @@ class CheckpointReader:
             raise OrthopatchError(f"expected a 2-D tensor, found shape {list(entry.shape)}",
                                   path=self._path(name), tensor=name)
         n_rows, width = entry.shape
-        dtype = TORCH_DTYPES[entry.dtype]
+        dtype = torch_dtype(entry.dtype)
         row_bytes = width * dtype.itemsize
         wanted = list(rows)
         if wanted and (wanted[0] < 0 or wanted[-1] >= n_rows):
@@ -146,7 +146,7 @@ class CheckpointReader:
         """``(first_row, rows)`` blocks of a 2-D tensor, each at most ``block_bytes`` (one row at least)."""
         entry = self._entry(name)
         n_rows, width = entry.shape
-        dtype = TORCH_DTYPES[entry.dtype]
+        dtype = torch_dtype(entry.dtype)
         step = max(1, block_bytes // max(1, width * dtype.itemsize))
         for first in range(0, n_rows, step):
             count = min(step, n_rows - first)

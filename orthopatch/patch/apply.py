@@ -9,31 +9,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .architecture import choose_architecture
-from .checkpoint import model_folder, open_checkpoint
-from .devices import resolve_device
-from .direction import Direction, load_direction
-from .errors import OrthopatchError, quoted
-from .executor import target_directions, write_shard
-from .filecopy import CopyStats
-from .formats import CARD_NAME, INDEX_NAME, PARTIAL_NAME
-from .hub import folder_name
-from .inplace import Journal, apply_in_place
-from .model_card import read_source_card, write_model_card
-from .output import (
-    OutputFolder,
-    OutputState,
-    copy_model_file,
-    model_files,
-    shard_done,
-    shared_lock,
-    write_atomic,
-)
-from .plan import PatchPlan, ShardPlan, build_plan, format_plan
-from .progress import ByteProgress
-from .record import Fingerprint, Method, Record
-from .smallfile import read_small_bytes
-from .stream import TensorPatcher
+from orthopatch.devices import resolve_device
+from orthopatch.errors import OrthopatchError, quoted
+from orthopatch.hub import folder_name
+from orthopatch.io.checkpoint import model_folder, open_checkpoint
+from orthopatch.io.filecopy import CopyStats
+from orthopatch.io.folders import shared_lock, write_atomic
+from orthopatch.io.formats import CARD_NAME, INDEX_NAME, PARTIAL_NAME
+from orthopatch.io.model_files import copy_model_file, model_files
+from orthopatch.io.smallfile import read_small_bytes
+from orthopatch.patch.architecture import choose_architecture
+from orthopatch.patch.direction import Direction, load_direction
+from orthopatch.patch.inplace import Journal, apply_in_place
+from orthopatch.patch.model_card import read_source_card, write_model_card
+from orthopatch.patch.output import OutputFolder, OutputState, shard_done
+from orthopatch.patch.plan import PatchPlan, ShardPlan, build_plan, format_plan
+from orthopatch.patch.record import Fingerprint, Method, Record
+from orthopatch.patch.shard import target_directions, write_shard
+from orthopatch.patch.stream import TensorPatcher
+from orthopatch.progress import ByteProgress
 
 
 @dataclass(frozen=True)
@@ -51,7 +45,7 @@ class ApplyOptions:
     #: How the model card names the source and the direction (default: folder and file names).
     base_model: str | None = None
     direction_name: str | None = None
-    #: Rewrite the patched tensors inside ``model``'s own shards (see :mod:`orthopatch.inplace`).
+    #: Rewrite the patched tensors inside ``model``'s own shards (see :mod:`orthopatch.patch.inplace`).
     in_place: bool = False
 
     @property

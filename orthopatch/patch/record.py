@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .checkpoint import read_json
-from .errors import OrthopatchError
-from .plan import PatchPlan, Selection
+from orthopatch import __version__
+from orthopatch.errors import OrthopatchError
+from orthopatch.io.formats import CONVERSION_RECORD_FORMAT
+from orthopatch.io.smallfile import is_json_int, read_small_json
+from orthopatch.patch.plan import PatchPlan, Selection
 
-RECORD_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 
 
@@ -52,7 +52,7 @@ class Method:
         layers = doc.get("layers", "all")
         if layers == "all":
             chosen = None
-        elif isinstance(layers, list) and all(_is_int(n) and n >= 0 for n in layers):
+        elif isinstance(layers, list) and all(is_json_int(n) and n >= 0 for n in layers):
             chosen = frozenset(layers)
         else:
             raise ValueError(f"layers {layers!r}")
@@ -139,7 +139,7 @@ class Record:
     total_bytes: int
     seconds: float
     fingerprint: dict[str, Any] = field(default_factory=dict)
-    format: int = RECORD_FORMAT
+    format: int = CONVERSION_RECORD_FORMAT
     #: The patched tensors were rewritten inside the source's own shards (``apply --in-place``).
     in_place: bool = False
 
@@ -186,7 +186,7 @@ class Record:
             raise bad(f"cannot read the options it records ({exc})") from None
         direction = doc.get("direction")
         if not isinstance(direction, dict) or not all(isinstance(direction.get(k), str) for k in ("file", "sha256")) \
-                or not all(_is_int(direction.get(k)) for k in ("rows", "hidden_size")):
+                or not all(is_json_int(direction.get(k)) for k in ("rows", "hidden_size")):
             raise bad("cannot read the direction it records")
         listed = doc.get("tensors_patched")
         if not isinstance(listed, list):
@@ -194,7 +194,7 @@ class Record:
         tensors = []
         for t in listed:
             if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not isinstance(t.get("role"), str) \
-                    or not (t.get("layer") is None or _is_int(t.get("layer"))) or not _is_int(t.get("axis")) \
+                    or not (t.get("layer") is None or is_json_int(t.get("layer"))) or not is_json_int(t.get("axis")) \
                     or not (t.get("gain") is None or isinstance(t.get("gain"), str)):
                 raise bad(f"cannot read a patched tensor it records ({_short(t)})")
             tensors.append(PatchedTensor(t["name"], t["role"], t["layer"], t["axis"], t.get("gain")))
@@ -203,7 +203,7 @@ class Record:
         device = options.get("device", "")
         if not all(isinstance(v, str) for v in texts.values()) or not isinstance(device, str):
             raise bad("cannot read the version, source, architecture or device it records")
-        if not all(_is_int(v) for v in numbers.values()):
+        if not all(is_json_int(v) for v in numbers.values()):
             raise bad("cannot read the byte counts it records")
         seconds, fingerprint = doc.get("seconds", 0.0), doc.get("fingerprint", {})
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not isinstance(fingerprint, dict):
@@ -218,11 +218,7 @@ class Record:
 
     @classmethod
     def read(cls, path: Path) -> Record:
-        return cls.from_json(read_json(path), path)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+        return cls.from_json(read_small_json(path), path)
 
 
 def _short(value: object) -> str:

@@ -9,7 +9,7 @@ memory). A pass runs every prompt through block 0, then block 1, and so on (laye
    the rotary position embeddings, per block since some models alternate sliding and full
    attention), then the model's forward stops;
 3. block by block: its weights are read from the shards (experts fused as transformers fuses them:
-   :mod:`orthopatch.conversion`), every batch runs through it with the recorded arguments, the
+   :mod:`orthopatch.run.parameters`), every batch runs through it with the recorded arguments, the
    outputs become the next block's inputs, and the weights go back to meta.
 
 Prompts are batched with right padding: under a causal mask a token never sees the padding that
@@ -37,16 +37,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import open_checkpoint
-from .conversion import Fused, parameter_sources, read_fused
-from .errors import OrthopatchError
-from .formats import CONFIG_NAME
-from .reader import CheckpointReader
-from .smallfile import check_small_file
+from orthopatch.errors import OrthopatchError, first_line
+from orthopatch.io.checkpoint import open_checkpoint
+from orthopatch.io.formats import CONFIG_NAME
+from orthopatch.io.reader import CheckpointReader
+from orthopatch.io.smallfile import check_small_file
+from orthopatch.run.parameters import Fused, parameter_sources, read_fused
 
 INSTALL_HINT = "pip install 'orthopatch[measure]'"
 #: The oldest transformers major version that builds models as this module expects (``dtype=``,
-#: the loading conversions of :mod:`orthopatch.conversion`, the cache keyword).
+#: the loading conversions of :mod:`orthopatch.run.parameters`, the cache keyword).
 MIN_TRANSFORMERS = 5
 #: Where causal LMs keep the norm applied after the last block.
 FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm", "norm_f")
@@ -108,7 +108,7 @@ class RunSettings:
     tokenizer: Path | None = None  # None: the model folder's own
 
     def torch_device(self) -> torch.device:
-        from .devices import resolve_device
+        from orthopatch.devices import resolve_device
 
         return resolve_device(self.device)
 
@@ -207,8 +207,7 @@ class LayerwiseModel:
             with parameters_on_meta():
                 model = transformers.AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
         except Exception as exc:  # transformers fails in many ways on a config it cannot build; all end as one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OrthopatchError(f"transformers cannot build this model ({first})",
+            raise OrthopatchError(f"transformers cannot build this model ({first_line(exc)})",
                                   path=self.root / CONFIG_NAME) from None
         self.model = model.eval()
         if self.device.type != "cpu":

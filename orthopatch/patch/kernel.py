@@ -1,8 +1,8 @@
-"""The threaded kernel: the projection of :mod:`orthopatch.projection` applied to stored data, block by block.
+"""The threaded kernel: the projection of :mod:`orthopatch.patch.projection` applied to stored data, block by block.
 
 :class:`BlockKernel` works in place on rows of stored data, one block at a time, in a reused buffer
 of the compute dtype. The same kernel serves whole in-memory tensors (:func:`project_out`), streamed
-files (:mod:`orthopatch.stream`), the CPU and CUDA: given the same block size, every path produces
+files (:mod:`orthopatch.patch.stream`), the CPU and CUDA: given the same block size, every path produces
 the same bytes. On the CPU every torch op of the kernel runs on one intra-op thread, which makes its
 reductions independent of ``torch.get_num_threads()``; the parallelism is the kernel's own: a chunk's
 blocks are split across a few Python worker threads (torch ops release the GIL), each with its own
@@ -23,8 +23,15 @@ from functools import partial
 
 import torch
 
-from .errors import OrthopatchError
-from .projection import Layout, accumulate_columns, compute_dtype, project_columns_, project_rows_, restore_norms
+from orthopatch.errors import OrthopatchError
+from orthopatch.patch.projection import (
+    Layout,
+    accumulate_columns,
+    compute_dtype,
+    project_columns_,
+    project_rows_,
+    restore_norms,
+)
 
 #: Elements per block of compute-dtype work on the CPU: 4 MiB of float32, measured fastest on one core.
 BLOCK_ELEMENTS = 1 << 20

@@ -24,16 +24,15 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .chat import decode, encode_set, load_tokenizer
-from .errors import OrthopatchError
-from .formats import CONFIG_NAME, GENERATION_CONFIG_NAME
-from .layerwise import LayerwiseModel, NonFiniteError, RunSettings, make_batches, require_transformers
-from .measure import PromptRecord
-from .prompts import PromptChoice, PromptSet, builtin_prompts, load_markers
-from .smallfile import read_small_json
+from orthopatch import __version__
+from orthopatch.errors import OrthopatchError, first_line
+from orthopatch.io.formats import CONFIG_NAME, EVALUATION_REPORT_FORMAT, GENERATION_CONFIG_NAME
+from orthopatch.io.smallfile import read_small_json
+from orthopatch.run.chat import decode, encode_set, load_tokenizer
+from orthopatch.run.layerwise import LayerwiseModel, NonFiniteError, RunSettings, make_batches, require_transformers
+from orthopatch.run.measure import PromptRecord
+from orthopatch.run.prompts import PromptChoice, PromptSet, builtin_prompts, load_markers
 
-RECORD_FORMAT = 1
 #: ``apply --evaluate`` warns above this mean KL (nats) on the built-in harmless set: a first-token
 #: distribution that moved this far no longer answers plain requests the way the source did.
 KL_WARNING = 1.0
@@ -78,7 +77,7 @@ class EvaluateReport:
     seconds: float
     model_repo: str | None = None  # ORG/NAME@COMMIT of a model taken from the Hub; ``model`` is its path
     source_repo: str | None = None
-    format: int = RECORD_FORMAT
+    format: int = EVALUATION_REPORT_FORMAT
     orthopatch_version: str = __version__
 
     @property
@@ -144,8 +143,7 @@ class InMemoryRunner:
         try:
             self.model = transformers.AutoModelForCausalLM.from_pretrained(root, dtype=dtype).to(device).eval()
         except Exception as exc:  # loading fails in many ways; all end as one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OrthopatchError(f"transformers cannot load the model ({first})", path=root) from None
+            raise OrthopatchError(f"transformers cannot load the model ({first_line(exc)})", path=root) from None
         self.root, self.device = root, device
         self.bytes_read = 0
 

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import OrthopatchError
-from .layerwise import require_transformers
-from .prompts import PromptSet
-from .smallfile import check_small_file
+from orthopatch.errors import OrthopatchError, first_line
+from orthopatch.io.smallfile import check_small_file
+from orthopatch.run.layerwise import require_transformers
+from orthopatch.run.prompts import PromptSet
 
 #: Files of which at least one is in a folder that holds a tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "tiktoken.model")
@@ -28,14 +28,9 @@ def load_tokenizer(folder: Path) -> Any:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # tokenizers fail in many ways; all end as one line
-        raise OrthopatchError(f"cannot load the tokenizer ({_first_line(exc)})", path=folder) from None
+        raise OrthopatchError(f"cannot load the tokenizer ({first_line(exc)})", path=folder) from None
     encode(tokenizer, "Hello.", folder)  # a broken chat template fails here, before any model is read
     return tokenizer
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def encode(tokenizer: Any, prompt: str, folder: Path | None = None) -> list[int]:
@@ -50,7 +45,7 @@ def encode(tokenizer: Any, prompt: str, folder: Path | None = None) -> list[int]
         except Exception as exc:  # jinja2's syntax, undefined-name and raise_exception errors, among others
             where = folder if folder is not None else getattr(tokenizer, "name_or_path", None) or None
             raise OrthopatchError(f"the tokenizer's chat template fails ({type(exc).__name__}: "
-                                  f"{_first_line(exc)})", path=where) from None
+                                  f"{first_line(exc)})", path=where) from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return [int(i) for i in ids]

@@ -8,9 +8,9 @@ import os
 import threading
 from pathlib import Path
 
-from .errors import OrthopatchError
-from .filecopy import RangeCopier, pwrite_all
-from .formats import TMP_SUFFIX
+from orthopatch.errors import OrthopatchError
+from orthopatch.io.filecopy import RangeCopier, pwrite_all
+from orthopatch.io.formats import TMP_SUFFIX
 
 
 def temp_path(final: Path) -> Path:

@@ -10,12 +10,12 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from .architecture import EMBEDDING_ROLES, Architecture, TargetRule
-from .checkpoint import Checkpoint
-from .errors import OrthopatchError, quoted
-from .formats import CONFIG_NAME, FLOAT_DTYPES
-from .saferegex import MATCH_SECONDS, time_limit
-from .safetensors_header import ShardHeader, TensorEntry
+from orthopatch.errors import OrthopatchError, quoted
+from orthopatch.io.checkpoint import Checkpoint
+from orthopatch.io.formats import CONFIG_NAME, FLOAT_DTYPES
+from orthopatch.io.safetensors_header import ShardHeader, TensorEntry
+from orthopatch.patch.architecture import EMBEDDING_ROLES, Architecture, TargetRule
+from orthopatch.saferegex import MATCH_SECONDS, time_limit
 
 #: Highest layer index ``--layers`` accepts (a typo must not build a set of a billion numbers).
 MAX_LAYERS = 1 << 20

@@ -42,24 +42,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .devices import resolve_device
-from .errors import OrthopatchError, quoted
-from .executor import target_directions
-from .filecopy import CopyStats, RangeCopier, block_size, pwrite_all
-from .formats import CARD_NAME, INPLACE_JOURNAL_DIR, INPLACE_STATE_NAME, RECORD_NAME
-from .hub import folder_name
-from .output import exclusive_lock, write_json
-from .progress import ByteProgress
-from .reader import open_source
-from .record import Fingerprint, Method, Record
-from .safetensors_header import TensorEntry
-from .smallfile import describe_kind, read_small_json
-from .stream import TensorPatcher
-from .writer import fsync_dir, io_error, temp_path
+from orthopatch.devices import resolve_device
+from orthopatch.errors import OrthopatchError, quoted
+from orthopatch.hub import folder_name
+from orthopatch.io.filecopy import CopyStats, RangeCopier, block_size, pwrite_all
+from orthopatch.io.folders import exclusive_lock, write_json
+from orthopatch.io.formats import CARD_NAME, INPLACE_JOURNAL_DIR, INPLACE_STATE_NAME, RECORD_NAME
+from orthopatch.io.reader import open_source
+from orthopatch.io.safetensors_header import TensorEntry
+from orthopatch.io.smallfile import describe_kind, is_json_int, read_small_json
+from orthopatch.io.writer import fsync_dir, io_error, temp_path
+from orthopatch.patch.record import Fingerprint, Method, Record
+from orthopatch.patch.shard import target_directions
+from orthopatch.patch.stream import TensorPatcher
+from orthopatch.progress import ByteProgress
 
 if TYPE_CHECKING:
-    from .direction import Direction
-    from .plan import PatchPlan, PatchTarget
+    from orthopatch.patch.direction import Direction
+    from orthopatch.patch.plan import PatchPlan, PatchTarget
 
 
 JOURNAL_DIR = INPLACE_JOURNAL_DIR
@@ -151,16 +151,12 @@ class InFlight:
             raise bad
         numbers = [doc.get(k) for k in ("index", "begin", "end")]
         texts = [doc.get(k) for k in ("tensor", "shard", "sha256")]
-        if not all(_is_count(n) for n in numbers) or not all(isinstance(t, str) for t in texts):
+        if not all(is_json_int(n, 0, MAX_RECORDED) for n in numbers) or not all(isinstance(t, str) for t in texts):
             raise bad
         flight = cls(numbers[0], texts[0], texts[1], numbers[1], numbers[2], texts[2])
         if flight.begin > flight.end or len(flight.sha256) != 64:
             raise bad
         return flight
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_RECORDED
 
 
 class Journal:
@@ -206,7 +202,7 @@ class Journal:
         if not isinstance(doc, dict) or not isinstance(doc.get("fingerprint"), dict):
             raise OrthopatchError("the in-place journal is not one this version wrote", path=self.state_path)
         done = doc.get("done")
-        if not _is_count(done) or done > tensors:
+        if not is_json_int(done, 0, MAX_RECORDED) or done > tensors:
             raise OrthopatchError(f"the in-place journal records {done!r} tensors done, of {tensors} in the plan",
                                   path=self.state_path)
         flight = InFlight.load(doc.get("in_flight"), self.state_path)
@@ -288,7 +284,7 @@ class Journal:
 class JournalWriter:
     """Receives one patched tensor's chunks, in order, at the tensor's own offset of the journal file.
 
-    It stands where a :class:`~orthopatch.writer.ShardWriter` stands for :class:`~orthopatch.stream.TensorPatcher`
+    It stands where a :class:`~orthopatch.io.writer.ShardWriter` stands for :class:`~orthopatch.patch.stream.TensorPatcher`
     and hashes the bytes as they pass.
     """
 
@@ -390,7 +386,7 @@ def check_targets(root: Path, targets: list[PatchTarget], directions: dict[str, 
                   quiet: bool = False) -> None:
     """Read every tensor to be patched once, writing nothing, and refuse (one line naming the tensor and
     how many values) any that the projection would refuse halfway through the plan: NaN or Inf values,
-    or coefficients that overflow (:meth:`~orthopatch.stream.TensorPatcher.check`)."""
+    or coefficients that overflow (:meth:`~orthopatch.patch.stream.TensorPatcher.check`)."""
     with ByteProgress(sum(t.entry.nbytes for t in targets), disable=quiet) as progress:
         for target in targets:
             progress.set_description(f"checking {quoted(target.shard)}")
@@ -484,7 +480,7 @@ def apply_in_place(plan: PatchPlan, direction: Direction, *, direction_file: Pat
                            direction_sha256=direction.sha256, direction_rows=int(direction.rows.shape[0]),
                            method=method, device=str(device), seconds=seconds, fingerprint=fingerprint,
                            in_place=True)
-        from .model_card import write_model_card
+        from orthopatch.patch.model_card import write_model_card
 
         # The card is built from the original card, kept in the journal (the model's own is ours by now).
         write_model_card(root, journal.root, record, base_model=base_model or folder_name(root),

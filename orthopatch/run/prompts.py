@@ -16,9 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import OrthopatchError
-from .hub import resolve_file
-from .smallfile import read_small_text
+from orthopatch.errors import OrthopatchError
+from orthopatch.hub import resolve_file
+from orthopatch.io.smallfile import read_small_text
 
 #: The built-in sets: measured on (``harmful``, ``harmless``) and held out for judging (``*_eval``).
 BUILTIN_SETS = ("harmful", "harmless", "harmful_eval", "harmless_eval")

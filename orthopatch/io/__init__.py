@@ -1,0 +1,1 @@
+"""Bytes and files: safetensors headers, small files, model folders, shard readers and writers, byte-range copies."""

@@ -1,0 +1,156 @@
+"""The output folder of an out-of-place conversion: its lock and its state (new, partial, complete, foreign).
+
+Order of writing, so that an interrupted run never looks finished: a hidden partial marker holding
+the run's fingerprint, the shards (each published by rename), the other model files, the index,
+then the record ``orthopatch.json`` (the completion marker), then the partial marker is removed.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from orthopatch.errors import OrthopatchError
+from orthopatch.io.folders import write_json
+from orthopatch.io.formats import PARTIAL_NAME, RECORD_NAME
+from orthopatch.io.smallfile import read_small_json
+from orthopatch.io.writer import fsync_dir, io_error, temp_path
+
+
+class OutputState(enum.Enum):
+    NEW = "new"  # missing or empty
+    PARTIAL = "partial"  # an interrupted run with the same fingerprint
+    COMPLETE = "complete"  # a finished run with the same fingerprint
+    OTHER = "other"  # anything else: another run's output or a foreign folder
+
+
+def _read_json(path: Path) -> Any:
+    """A marker or record in the output folder, or None when it is unreadable (then it is not ours)."""
+    try:
+        return read_small_json(path)
+    except OrthopatchError:
+        return None
+
+
+def shard_done(out: Path, shard_name: str, raw_header: bytes, size: int) -> bool:
+    """Whether ``out`` holds a published shard of the right size and header (from an interrupted run
+    with the same fingerprint: shards are published only when complete)."""
+    path = out / shard_name
+    try:
+        if path.stat().st_size != size:
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(raw_header)) == raw_header
+    except OSError:
+        return False
+
+
+class OutputFolder:
+    """``OUT``, locked for the lifetime of the object against a second concurrent writer."""
+
+    def __init__(self, root: Path, src: Path):
+        self.root = root
+        try:
+            real, real_src = root.resolve(), src.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise OrthopatchError(f"cannot resolve the output folder's path ({exc})", path=root) from None
+        if real == real_src or real_src in real.parents:
+            raise OrthopatchError("output folder must not be the source folder or inside it", path=root)
+        if real in real_src.parents:
+            raise OrthopatchError("output folder must not contain the source folder", path=root)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(root, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise io_error(exc, root, "create output folder") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise OrthopatchError("another orthopatch run is writing to this folder", path=root) from None
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __enter__(self) -> OutputFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def record_path(self) -> Path:
+        return self.root / RECORD_NAME
+
+    @property
+    def partial_path(self) -> Path:
+        return self.root / PARTIAL_NAME
+
+    def state(self, fingerprint: dict[str, Any]) -> OutputState:
+        # A run killed while writing its first marker leaves only the marker's temporary: still empty.
+        # Any other file, a user's file with a temporary-looking name included, makes the folder taken.
+        marker_tmp = temp_path(self.partial_path)
+        entries = [p for p in self.root.iterdir() if p != marker_tmp]
+        if not entries:
+            return OutputState.NEW
+        if self.partial_path.exists():
+            partial = _read_json(self.partial_path)
+            return OutputState.PARTIAL if partial == fingerprint else OutputState.OTHER
+        record = _read_json(self.record_path)
+        if isinstance(record, dict) and record.get("fingerprint") == fingerprint:
+            return OutputState.COMPLETE
+        return OutputState.OTHER
+
+    def describe_other(self) -> str:
+        if self.partial_path.exists() or self.record_path.exists():
+            return "holds an orthopatch output made with another direction, source or options"
+        return "is not empty and holds no orthopatch output"
+
+    def clear(self) -> None:
+        """Remove everything in the folder (``--overwrite``), the completion record first.
+
+        An interrupted clear then leaves a folder that no longer looks finished.
+        """
+        try:
+            self.record_path.unlink(missing_ok=True)
+            fsync_dir(self.root)
+            for entry in self.root.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            fsync_dir(self.root)
+        except OSError as exc:
+            raise io_error(exc, Path(exc.filename or self.root), "clear the output folder") from None
+
+    def remove_temporaries(self, written: Iterable[Path]) -> None:
+        """Delete the temporaries an interrupted run of this plan left: those named after ``written``.
+
+        ``written`` are the paths (relative to the folder) the run publishes; only their temporary
+        names are removed, so a file of the user's that merely looks temporary is never deleted.
+        """
+        for rel in [Path(PARTIAL_NAME), Path(RECORD_NAME), *written]:
+            tmp = temp_path(self.root / rel)
+            if tmp.is_file() or tmp.is_symlink():
+                try:
+                    tmp.unlink()
+                except OSError as exc:
+                    raise io_error(exc, tmp, "remove") from None
+
+    def begin(self, fingerprint: dict[str, Any]) -> None:
+        write_json(self.partial_path, fingerprint)
+
+    def complete(self, record: dict[str, Any]) -> None:
+        write_json(self.record_path, record)
+        try:
+            self.partial_path.unlink(missing_ok=True)
+            fsync_dir(self.root)
+        except OSError as exc:
+            raise io_error(exc, self.partial_path, "remove") from None
