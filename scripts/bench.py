@@ -243,7 +243,7 @@ class Way:
     warm: list[str] | None = None
 
 
-WARM = [sys.executable, "-c", "import orthopatch.cli, orthopatch.patch.apply, orthopatch.patch.inplace, orthopatch.patch.model_card"]
+WARM = [sys.executable, "-c", "import orthopatch.cli, orthopatch.patch.apply"]
 
 
 def way_commands(src: Path, direction: Path, out: Path, device: str, kernel_workers: list[int] | None = None,

@@ -22,7 +22,7 @@ from orthopatch import hub
 from orthopatch.errors import OrthopatchError
 from orthopatch.io.formats import PARTIAL_NAME, RECORD_NAME
 from orthopatch.patch.model_card import build_card, read_source_card
-from orthopatch.patch.record import DirectionInfo, Method, PatchedTensor, Record
+from orthopatch.patch.record import ConversionRecord, DirectionInfo, Method, PatchedTensor
 from orthopatch.synthetic import write_direction
 from tests.helpers import TINIEST, cli, cli_ok, one_error_line, run_orthopatch, tiny_llama
 
@@ -261,8 +261,8 @@ def test_source_card_parsing(tmp_path):
     meta, body = read_source_card(tmp_path)
     assert meta["license"] == "llama3" and body.strip().startswith("# Tiny Llama")
 
-    record = Record("9.9", "src", DirectionInfo("d.pth", "f" * 64, 1, 8), "llama", Method(scale=0.5), "cuda:0",
-                    (PatchedTensor("model.embed_tokens.weight", "embedding", None, 1),), 0, 0, 0.0)
+    record = ConversionRecord("9.9", "src", DirectionInfo("d.pth", "f" * 64, 1, 8), "llama", Method(scale=0.5),
+                              "cuda:0", (PatchedTensor("model.embed_tokens.weight", "embedding", None, 1),), 0, 0, 0.0)
     card = build_card(record, base_model="org/name", direction="d.pth", source=(meta, body))
     assert card.data.base_model == "org/name" and card.data.license == "llama3"
     assert card.data.tags[:2] == ["abliterated", "orthopatch"]

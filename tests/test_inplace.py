@@ -25,9 +25,11 @@ from click.testing import CliRunner
 
 from orthopatch.cli import main
 from orthopatch.errors import OrthopatchError
+from orthopatch.io.formats import INPLACE_JOURNAL_DIR as JOURNAL_DIR
+from orthopatch.io.formats import INPLACE_STATE_NAME as STATE_NAME
 from orthopatch.io.formats import RECORD_NAME
 from orthopatch.patch.apply import ApplyOptions, apply, prepare
-from orthopatch.patch.inplace import JOURNAL_DIR, STATE_NAME, InFlight, Journal, JournalWriter
+from orthopatch.patch.journal import InFlight, Journal, JournalWriter
 from orthopatch.patch.record import Fingerprint, Method
 from orthopatch.patch.stream import TensorPatcher
 from orthopatch.synthetic import LlamaShape, write_checkpoint
@@ -193,8 +195,8 @@ def test_the_out_of_place_run_holds_a_shared_lock_on_its_source(tiny, tmp_path, 
             os.close(fd)
         return real(*args, **kwargs)
 
-    real = apply_module._apply_out_of_place
-    monkeypatch.setattr(apply_module, "_apply_out_of_place", probe)
+    real = apply_module.run  # the driver, called while the source is locked
+    monkeypatch.setattr(apply_module, "run", probe)
     apply(ApplyOptions(model=model, direction=direction, out=tmp_path / "out", quiet=True))
     assert seen == [True]
 
@@ -241,7 +243,7 @@ def test_a_nan_in_the_last_tensor_is_refused_before_any_byte_changes(tiny, tmp_p
 
 def test_coefficients_that_overflow_are_refused_before_any_byte_changes(tiny, tmp_path) -> None:
     """Finite values whose uᵀW overflows float32: found by the read-only pass too, not halfway through."""
-    from orthopatch.patch.shard import target_directions
+    from orthopatch.patch.conversion import target_directions
 
     model, direction, _ = tiny
     work = fresh_copy(model, tmp_path / "model")
@@ -305,7 +307,7 @@ def start_journal(work: Path, direction: Path, done: int, tiny=None) -> tuple[Jo
         with open(work / target.shard, "r+b") as f:
             f.seek(target.entry.begin)
             f.write(_new_tensor_bytes(tiny, target))
-        journal.record(targets.index(target) + 1, None)
+        journal.save_progress(targets.index(target) + 1, None)
     return journal, targets, options
 
 
@@ -316,7 +318,7 @@ def fly(tiny, journal: Journal, target, index: int) -> bytes:
     writer.write(target.entry.begin, target.entry.begin, memoryview(new_bytes))
     sha = writer.finish()
     writer.close()
-    journal.record(index, InFlight(index, target.name, target.shard, target.entry.begin, target.entry.end, sha))
+    journal.save_progress(index, InFlight(index, target.name, target.shard, target.entry.begin, target.entry.end, sha))
     return new_bytes
 
 
@@ -350,7 +352,7 @@ def test_a_tensor_in_flight_that_is_not_in_the_plan_is_refused(tiny, tmp_path) -
     journal, targets, options = start_journal(work, direction, 2, tiny)
     fly(tiny, journal, targets[2], 2)
     other = targets[5]  # the journal claims another tensor's place as number 2
-    journal.record(2, InFlight(2, other.name, other.shard, other.entry.begin, other.entry.end, "0" * 64))
+    journal.save_progress(2, InFlight(2, other.name, other.shard, other.entry.begin, other.entry.end, "0" * 64))
     with untouched(work):
         one_line_refusal(work, direction, "tensor in flight is not in the plan")
 
@@ -368,7 +370,7 @@ def test_a_torn_tensor_in_flight_is_copied_again(tiny, tmp_path) -> None:
     writer.write(target.entry.begin, target.entry.begin, memoryview(new_bytes))
     sha = writer.finish()
     writer.close()
-    journal.record(0, InFlight(0, target.name, target.shard, target.entry.begin, target.entry.end, sha))
+    journal.save_progress(0, InFlight(0, target.name, target.shard, target.entry.begin, target.entry.end, sha))
     half = len(new_bytes) // 2 + 7
     with open(work / target.shard, "r+b") as f:
         f.seek(target.entry.begin)
@@ -402,7 +404,7 @@ def test_a_damaged_journal_in_flight_is_refused(tiny, tmp_path) -> None:
     journal, targets, options = start_journal(work, direction, 0)
     target = targets[0]
     journal.data_path.write_bytes(bytes(target.entry.end))
-    journal.record(0, InFlight(0, target.name, target.shard, target.entry.begin, target.entry.end, "0" * 64))
+    journal.save_progress(0, InFlight(0, target.name, target.shard, target.entry.begin, target.entry.end, "0" * 64))
     with pytest.raises(OrthopatchError, match="do not match their sha256"):
         apply(options)
 

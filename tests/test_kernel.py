@@ -19,10 +19,11 @@ from orthopatch.io import filecopy
 from orthopatch.io.safetensors_header import read_header
 from orthopatch.io.writer import ShardWriter
 from orthopatch.patch import kernel
+from orthopatch.patch.conversion import target_directions
 from orthopatch.patch.kernel import LANES, WORKERS_ENV, default_workers, project_, project_out
 from orthopatch.patch.plan import PatchTarget, ShardPlan
 from orthopatch.patch.projection import Layout, ordered_sum, unit_direction
-from orthopatch.patch.shard import target_directions, write_shard
+from orthopatch.patch.shard import write_shard
 from orthopatch.patch.stream import TensorPatcher
 from orthopatch.synthetic import DEMO, write_checkpoint
 from tests.helpers import (
@@ -398,7 +399,7 @@ def test_kernel_runs_only_elementwise_ops(axis: int, norm_preserving: bool, scal
 
     seen: set[str] = set()
 
-    class Record(TorchDispatchMode):
+    class ConversionRecord(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             seen.add(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
@@ -407,7 +408,7 @@ def test_kernel_runs_only_elementwise_ops(axis: int, norm_preserving: bool, scal
     w = torch.randn(96, 80, generator=gen).to(torch.bfloat16)
     u = torch.randn(96 if axis == 0 else 80, generator=gen, dtype=torch.float64)
     u /= u.norm()
-    with Record():
+    with ConversionRecord():
         project_out(w, u, axis, scale=scale, norm_preserving=norm_preserving, block_elements=1024, workers=1)
     assert seen and seen <= ELEMENTWISE_OPS, sorted(seen - ELEMENTWISE_OPS)
 

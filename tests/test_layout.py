@@ -122,9 +122,65 @@ def test_apply_never_reaches_verify_or_the_hub_push() -> None:
 def test_verify_shares_no_code_path_with_the_kernel() -> None:
     """The proof imports nothing, directly or through another module, that computes or writes the output."""
     graph = import_graph()
-    writers = {"orthopatch.patch.projection", "orthopatch.patch.kernel", "orthopatch.patch.stream", "orthopatch.patch.shard",
-               "orthopatch.patch.apply"}
+    writers = {f"orthopatch.patch.{m}" for m in ("projection", "kernel", "stream", "shard", "apply", "driver",
+                                                 "conversion", "output", "inplace", "journal")}
+    assert writers <= set(graph)
     verifiers = [m for m in graph if m == "orthopatch.verify" or m.startswith("orthopatch.verify.")]
     assert len(verifiers) >= 3
     for module in verifiers:
         assert not (reachable(graph, module) | {module}) & writers, module
+
+
+def in_folder(module: str, folder: str) -> bool:
+    return module.startswith(f"orthopatch.{folder}.") or module == f"orthopatch.{folder}"
+
+
+#: folder -> what its modules may import from the package besides their own folder.
+FOLDER_RULES = {
+    # Bytes and files: nothing above them but the error type.
+    "io": {"orthopatch.errors"},
+}
+#: folder -> package prefixes its modules must never import (directly or not).
+FORBIDDEN = {
+    "patch": ("orthopatch.run", "orthopatch.hub", "orthopatch.verify", "orthopatch.cli"),
+    "io": ("orthopatch.patch", "orthopatch.run", "orthopatch.hub", "orthopatch.verify", "orthopatch.cli"),
+}
+
+
+def test_io_imports_nothing_above_it() -> None:
+    graph = import_graph()
+    for module, imports in graph.items():
+        for folder, allowed in FOLDER_RULES.items():
+            if in_folder(module, folder):
+                outside = {m for m in imports if not in_folder(m, folder) and m not in allowed | {"orthopatch"}}
+                assert not outside, f"{module} imports {sorted(outside)}"
+
+
+def test_folders_never_reach_the_layers_above() -> None:
+    graph = import_graph()
+    for folder, prefixes in FORBIDDEN.items():
+        members = [m for m in graph if in_folder(m, folder)]
+        assert members, folder
+        for module in members:
+            bad = {m for m in reachable(graph, module) if m.startswith(prefixes)}
+            assert not bad, f"{module} reaches {sorted(bad)}"
+
+
+def test_the_rules_catch_a_breach(tmp_path) -> None:
+    pkg = tmp_path / "orthopatch"
+    for folder in ("io", "patch", "run"):
+        (pkg / folder).mkdir(parents=True)
+        (pkg / folder / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "io" / "a.py").write_text("from orthopatch.patch import b\n")
+    (pkg / "patch" / "b.py").write_text("def f():\n    from orthopatch.run import c\n")
+    (pkg / "run" / "c.py").write_text("")
+    graph = import_graph(pkg)
+    assert "orthopatch.patch.b" in graph["orthopatch.io.a"]
+    assert "orthopatch.run.c" in reachable(graph, "orthopatch.io.a")
+
+
+def test_no_module_is_long() -> None:
+    """Small modules: a file past ~500 lines is two files."""
+    for name, path in modules(PACKAGE_DIR).items():
+        assert len(path.read_text().splitlines()) <= 520, name

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from orthopatch.cli import main
 from orthopatch.run.layerwise import RunSettings
-from orthopatch.run.measure import MeasureOptions, MeasureRecord, measure, sidecar_path
+from orthopatch.run.measure import DirectionRecord, MeasureOptions, measure, sidecar_path
 from orthopatch.run.prompts import PromptChoice, builtin_prompts, parse_prompts
 from tests.helpers import cli, one_error_line, pre_norm_states
 
@@ -116,8 +116,8 @@ def test_measure_writes_a_direction_and_its_record(tiny_models, tmp_path):
     assert result.exit_code == 0, result.output
     direction = torch.load(out, weights_only=True)
     assert direction.shape == (32,) and abs(direction.double().norm().item() - 1) < 1e-6
-    record = MeasureRecord.from_json(json.loads(sidecar_path(out).read_text()))
-    assert record == MeasureRecord.from_json(record.to_json())
+    record = DirectionRecord.from_json(json.loads(sidecar_path(out).read_text()))
+    assert record == DirectionRecord.from_json(record.to_json())
     assert record.harmful.count == record.harmless.count == 8
     assert record.harmful.sha256 == builtin_prompts("harmful").sample(8, 0).sha256
     assert record.layer_rule.startswith("best separation") and 1 <= record.layer <= 3
@@ -430,8 +430,7 @@ def test_apply_reaches_none_of_the_modules_that_run_a_model():
     from tests.test_layout import import_graph, reachable
 
     graph = import_graph()
-    running = {"orthopatch.run.layerwise", "orthopatch.run.parameters", "orthopatch.run.measure", "orthopatch.run.evaluate",
-               "orthopatch.run.chat"}
+    running = {f"orthopatch.run.{m}" for m in ("layerwise", "parameters", "measure", "evaluate", "chat")}
     assert running <= set(graph)
     assert not reachable(graph, "orthopatch.patch.apply") & running
 
@@ -454,7 +453,7 @@ def test_prompt_files_from_a_hub_dataset_repo_in_the_cache(tiny_models, tmp_path
     result = run_measure(str(tiny_models("llama")), "-o", str(out), "--harmful",
                          "datasets/someorg/prompts:harmful.jsonl", "--limit", "5")
     assert result.exit_code == 0, result.output
-    record = MeasureRecord.from_json(json.loads(sidecar_path(out).read_text()))
+    record = DirectionRecord.from_json(json.loads(sidecar_path(out).read_text()))
     assert record.harmful.source == "datasets/someorg/prompts:harmful.jsonl" and record.harmful.count == 5
     missing = run_measure(str(tiny_models("llama")), "-o", str(out), "--harmful", "datasets/someorg/prompts:nope.txt")
     one_line_error(missing, "datasets/someorg/prompts:nope.txt", "'nope.txt'")
@@ -581,7 +580,7 @@ def test_a_model_from_the_hub_cache_is_recorded_by_repo_id_and_commit(tiny_model
     out = tmp_path / "d.pth"
     result = run_measure("someorg/tiny", "-o", str(out), "--limit", "4")
     assert result.exit_code == 0, result.output
-    record = MeasureRecord.from_json(json.loads(sidecar_path(out).read_text()))
+    record = DirectionRecord.from_json(json.loads(sidecar_path(out).read_text()))
     assert record.model_repo == f"someorg/tiny@{commit}"
     assert Path(record.model) == snapshot
     # A local folder has no repo.

@@ -14,7 +14,7 @@ from orthopatch.io.formats import PARTIAL_NAME, RECORD_NAME
 from orthopatch.patch.apply import ApplyOptions, apply
 from orthopatch.patch.output import OutputFolder, OutputState
 from orthopatch.patch.plan import Selection
-from orthopatch.patch.record import Fingerprint, Method, Record
+from orthopatch.patch.record import ConversionRecord, Fingerprint, Method
 from tests.helpers import TINY, save_direction, tiny_llama
 
 
@@ -32,7 +32,7 @@ def converted(tmp_path_factory):
 def test_the_written_record_reads_back_as_written(converted) -> None:
     _, _, out, method = converted
     doc = json.loads((out / RECORD_NAME).read_text())
-    record = Record.read(out / RECORD_NAME)
+    record = ConversionRecord.read(out / RECORD_NAME)
     assert record.to_json() == doc
     assert record.format == RECORD_FORMAT == doc["format"]
     assert record.method == method
@@ -55,14 +55,14 @@ def test_a_malformed_record_is_one_error_naming_the_file(converted, tmp_path, ed
     path = tmp_path / RECORD_NAME
     path.write_text(json.dumps(doc))
     with pytest.raises(OrthopatchError, match=re.escape(message)) as caught:
-        Record.read(path)
+        ConversionRecord.read(path)
     assert caught.value.path == str(path)
 
 
 def test_a_format_1_record_is_still_read(converted) -> None:
     _, _, out, method = converted
     doc = json.loads((out / RECORD_NAME).read_text()) | {"format": 1}
-    assert Record.from_json(doc).method == method
+    assert ConversionRecord.from_json(doc).method == method
 
 
 def test_a_run_resumed_on_another_device_does_not_reuse_shards(converted) -> None:

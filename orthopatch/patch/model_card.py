@@ -20,7 +20,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from orthopatch.io.folders import write_atomic
 from orthopatch.io.formats import CARD_NAME
 from orthopatch.io.smallfile import json_depth, read_small_text
-from orthopatch.patch.record import Record
+from orthopatch.patch.record import ConversionRecord
 
 TAGS = ("abliterated", "orthopatch")
 #: Front-matter fields carried over from the source card.
@@ -91,7 +91,7 @@ def _value(value: Any) -> str:
     return str(value)
 
 
-def build_card(record: Record, *, base_model: str, direction: str,
+def build_card(record: ConversionRecord, *, base_model: str, direction: str,
                source: tuple[dict[str, Any], str] = ({}, "")) -> ModelCard:
     """The model card for a finished conversion described by ``record``."""
     meta, body = source
@@ -135,7 +135,7 @@ def build_card(record: Record, *, base_model: str, direction: str,
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def write_model_card(out: Path, src: Path, record: Record, *, base_model: str, direction: str,
+def write_model_card(out: Path, src: Path, record: ConversionRecord, *, base_model: str, direction: str,
                      source: tuple[dict[str, Any], str] | None = None) -> None:
     """Write ``out/README.md`` atomically (before the record, which marks the output complete).
 

@@ -1,4 +1,5 @@
-"""The output folder of an out-of-place conversion: its lock and its state (new, partial, complete, foreign).
+"""The destination of an out-of-place conversion: a new folder, its lock and its state (new, partial, complete,
+foreign).
 
 Order of writing, so that an interrupted run never looks finished: a hidden partial marker holding
 the run's fingerprint, the shards (each published by rename), the other model files, the index,
@@ -11,15 +12,27 @@ import enum
 import fcntl
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from orthopatch.errors import OrthopatchError
-from orthopatch.io.folders import write_json
-from orthopatch.io.formats import PARTIAL_NAME, RECORD_NAME
-from orthopatch.io.smallfile import read_small_json
+from orthopatch.errors import OrthopatchError, quoted
+from orthopatch.io.filecopy import CopyStats
+from orthopatch.io.folders import write_atomic, write_json
+from orthopatch.io.formats import CARD_NAME, INDEX_NAME, PARTIAL_NAME, RECORD_NAME
+from orthopatch.io.model_files import copy_model_file, model_files
+from orthopatch.io.smallfile import read_small_bytes, read_small_json
 from orthopatch.io.writer import fsync_dir, io_error, temp_path
+from orthopatch.patch.conversion import Conversion
+from orthopatch.patch.driver import Log, Step
+from orthopatch.patch.journal import Journal
+from orthopatch.patch.model_card import write_model_card
+from orthopatch.patch.plan import ShardPlan
+from orthopatch.patch.record import ConversionRecord
+from orthopatch.patch.shard import write_shard
+from orthopatch.patch.stream import Progress
 
 
 class OutputState(enum.Enum):
@@ -154,3 +167,73 @@ class OutputFolder:
             fsync_dir(self.root)
         except OSError as exc:
             raise io_error(exc, self.partial_path, "remove") from None
+
+
+class FolderDestination:
+    """An out-of-place conversion's destination: a new folder, written shard by shard."""
+
+    in_place = False
+
+    def __init__(self, root: Path, overwrite: bool = False):
+        self.root = root
+        self.overwrite = overwrite
+
+    @contextmanager
+    def open(self, conversion: Conversion, log: Log) -> Iterator[_FolderSession]:
+        src = conversion.plan.checkpoint.root
+        if Journal(src).exists():
+            raise OrthopatchError("an in-place conversion of this folder is unfinished (rerun it with --in-place to "
+                                  "finish it): it is not a source", path=src)
+        with OutputFolder(self.root, src) as out:
+            yield _FolderSession(out, conversion, self.overwrite, log)
+
+
+class _FolderSession:
+    """One run into an output folder: state, partial marker, shards, small files, index, card, record."""
+
+    def __init__(self, out: OutputFolder, conversion: Conversion, overwrite: bool, log: Log):
+        self.out, self.conversion = out, conversion
+        self.patched, self.copied = 0, CopyStats()
+        plan, fp = conversion.plan, conversion.fingerprint.to_json()
+        state = out.state(fp)
+        self.complete = state is OutputState.COMPLETE
+        self.resumed = state is OutputState.PARTIAL
+        if self.complete:
+            return
+        if state is OutputState.OTHER:
+            if not overwrite:
+                raise OrthopatchError(f"output folder {out.describe_other()} (use --overwrite to replace it)",
+                                      path=out.root)
+            out.clear()
+        self.files = model_files(plan.checkpoint.root)
+        written = [Path(s.name) for s in plan.shards] + self.files.copied + [Path(INDEX_NAME), Path(CARD_NAME)]
+        out.remove_temporaries(written)
+        out.begin(fp)
+        for rel, why in self.files.skipped:
+            log(f"note: not copied: {quoted(str(rel))} {why}")
+        self.todo = [s for s in plan.shards
+                     if not shard_done(out.root, s.name, s.header.raw, s.header.file_size)]
+
+    def steps(self) -> list[Step]:
+        return [Step(shard.name, shard.header.file_size, partial(self._write, shard)) for shard in self.todo]
+
+    def _write(self, shard: ShardPlan, progress: Progress) -> None:
+        c = self.conversion
+        self.copied += write_shard(shard, c.plan.checkpoint.root, self.out.root, c.unit_vectors, c.patcher, progress)
+        self.patched += shard.patched_bytes
+
+    def plan_tail(self, steps: list[Step]) -> str:
+        plan = self.conversion.plan
+        left = "" if len(steps) == len(plan.shards) else f", {len(steps)} of {len(plan.shards)} shards left to write"
+        return f", copying {plan.total_bytes - plan.patched_bytes:,} bytes unchanged{left}"
+
+    def finish(self, record: ConversionRecord) -> None:
+        plan, src, out = self.conversion.plan, self.conversion.plan.checkpoint.root, self.out.root
+        for rel in self.files.copied:
+            copy_model_file(src, out, rel)
+        if plan.checkpoint.index_path is not None:
+            write_atomic(out / INDEX_NAME, read_small_bytes(plan.checkpoint.index_path, "index"))
+        card = self.conversion.card
+        write_model_card(out, src, record, base_model=card.base_model, direction=card.direction_name,
+                         source=card.source_card)
+        self.out.complete(record.to_json())

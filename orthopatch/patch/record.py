@@ -1,7 +1,7 @@
 """What a conversion leaves behind: its method, its fingerprint and the record ``orthopatch.json``.
 
 ``apply`` writes the record last (it marks the output complete); ``verify`` and the model card read
-it. The record is untrusted input when read back: :meth:`Record.from_json` checks every field and
+it. The record is untrusted input when read back: :meth:`ConversionRecord.from_json` checks every field and
 names the file in its error.
 
 Format 2 (this version) added the device type and the kernel's block size to the fingerprint: CPU
@@ -125,7 +125,7 @@ class DirectionInfo:
 
 
 @dataclass(frozen=True)
-class Record:
+class ConversionRecord:
     """The content of ``orthopatch.json``."""
 
     orthopatch_version: str
@@ -145,7 +145,8 @@ class Record:
 
     @classmethod
     def of(cls, plan: PatchPlan, *, source: Path, direction_file: Path, direction_sha256: str, direction_rows: int,
-           method: Method, device: str, seconds: float, fingerprint: Fingerprint, in_place: bool = False) -> Record:
+           method: Method, device: str, seconds: float, fingerprint: Fingerprint,
+           in_place: bool = False) -> ConversionRecord:
         tensors = tuple(PatchedTensor(t.name, t.role, t.layer, t.axis, t.gain) for t in plan.targets())
         return cls(__version__, str(source), DirectionInfo(str(direction_file), direction_sha256, direction_rows,
                                                            plan.hidden_size),
@@ -169,7 +170,7 @@ class Record:
         } | ({"in_place": True} if self.in_place else {})
 
     @classmethod
-    def from_json(cls, doc: Any, path: str | Path = "orthopatch.json") -> Record:
+    def from_json(cls, doc: Any, path: str | Path = "orthopatch.json") -> ConversionRecord:
         """Check and read a record; an :class:`OrthopatchError` naming ``path`` for anything malformed."""
         def bad(what: str) -> OrthopatchError:
             return OrthopatchError(what, path=path)
@@ -217,7 +218,7 @@ class Record:
                    numbers["total_bytes"], float(seconds), fingerprint, fmt, in_place)
 
     @classmethod
-    def read(cls, path: Path) -> Record:
+    def read(cls, path: Path) -> ConversionRecord:
         return cls.from_json(read_small_json(path), path)
 
 

@@ -1,4 +1,4 @@
-"""Execute a plan shard by shard: unchanged byte runs copied in the kernel, targets streamed.
+"""Write one output shard: unchanged byte runs copied in the kernel, patched tensors streamed.
 
 An output shard has exactly the source's header bytes and offsets (a patch changes no name, dtype
 or shape), so it is laid out before any data is read: runs of unchanged bytes become copy segments
@@ -12,16 +12,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from orthopatch.errors import OrthopatchError
 from orthopatch.io.filecopy import CopyStats, RangeCopier, block_size, split_aligned
-from orthopatch.io.reader import open_source, read_small_tensor
+from orthopatch.io.reader import open_source
 from orthopatch.io.writer import ShardWriter, io_error
-from orthopatch.patch.direction import Direction
-from orthopatch.patch.plan import PatchPlan, PatchTarget, ShardPlan
-from orthopatch.patch.projection import unit_direction
+from orthopatch.patch.plan import PatchTarget, ShardPlan
 from orthopatch.patch.stream import TensorPatcher
 
 Progress = Callable[[int], None]
@@ -44,28 +41,6 @@ def shard_segments(shard: ShardPlan) -> list[tuple[int, int, PatchTarget | None]
     if run_start < shard.header.file_size:
         segments.append((run_start, shard.header.file_size, None))
     return segments
-
-
-def target_directions(plan: PatchPlan, direction: Direction) -> dict[str, torch.Tensor]:
-    """The unit vector each target is projected against: its layer's row, weighted by its norm gain."""
-    gains: dict[str, torch.Tensor] = {}
-    for name in plan.gain_names():
-        shard = plan.checkpoint.weight_map[name]
-        with open_source(plan.checkpoint.root / shard) as fd:
-            gains[name] = read_small_tensor(fd, plan.checkpoint.entry(name))
-        bad = int((~torch.isfinite(gains[name])).sum())
-        if bad:
-            raise OrthopatchError(f"norm gain holds {bad:,} non-finite values (NaN or Inf); the tensors it "
-                                  "scales cannot be patched", path=plan.checkpoint.root / shard, tensor=name)
-    out = {}
-    for target in plan.targets():
-        r = torch.from_numpy(np.ascontiguousarray(direction.for_layer(target.layer), dtype=np.float64))
-        try:
-            out[target.name] = unit_direction(r, gains.get(target.gain) if target.gain else None, target.gain_offset)
-        except ValueError as exc:
-            raise OrthopatchError(f"{exc} {target.gain!r}", path=plan.checkpoint.root / target.shard,
-                                  tensor=target.name) from None
-    return out
 
 
 class _Stopped(Exception):

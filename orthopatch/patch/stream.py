@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -28,7 +29,6 @@ from orthopatch.errors import OrthopatchError
 from orthopatch.io.filecopy import pread_into, start_writeback
 from orthopatch.io.formats import torch_dtype
 from orthopatch.io.safetensors_header import TensorEntry
-from orthopatch.io.writer import ShardWriter
 from orthopatch.patch.kernel import BlockKernel, project_
 from orthopatch.patch.plan import PatchTarget
 from orthopatch.patch.projection import Layout, compute_dtype, row_dots
@@ -43,6 +43,17 @@ RING_BUFFERS = 4
 RETAIN_BYTES = 512 << 20
 
 Progress = Callable[[int], None]
+
+
+class TensorSink(Protocol):
+    """Where a patched tensor's bytes go, chunk by chunk and in order: a shard being written
+    (:class:`~orthopatch.io.writer.ShardWriter`) or an in-place journal
+    (:class:`~orthopatch.patch.journal.JournalWriter`)."""
+
+    fd: int
+
+    def write(self, segment: int, offset: int, data: memoryview) -> None:
+        """Write ``data`` at file ``offset``, inside the segment that starts at ``segment``."""
 
 
 class _NonFinite(Exception):
@@ -81,7 +92,7 @@ def split_rows(first: int, stop: int, step: int) -> list[Chunk]:
 class _TensorIO:
     """Reads and writes whole chunks of one tensor, turning I/O failures into one-line errors."""
 
-    def __init__(self, fd: int, entry: TensorEntry, row_bytes: int, writer: ShardWriter | None,
+    def __init__(self, fd: int, entry: TensorEntry, row_bytes: int, writer: TensorSink | None,
                  on_progress: Progress | None, path: str | None = None):
         self.fd, self.entry, self.row_bytes = fd, entry, row_bytes
         self.writer, self.on_progress, self.path = writer, on_progress, path
@@ -103,7 +114,7 @@ class _TensorIO:
 
 
 class TensorPatcher:
-    """Projects tensors from a file descriptor into a :class:`ShardWriter`, reusing its buffers."""
+    """Projects tensors from a file descriptor into a :class:`TensorSink`, reusing its buffers."""
 
     def __init__(self, device: torch.device | str = "cpu", *, scale: float = 1.0, norm_preserving: bool = False,
                  chunk_bytes: int | None = None, block_elements: int | None = None, workers: int | None = None,
@@ -217,34 +228,40 @@ class TensorPatcher:
             yield
         self._stream.synchronize()
 
-    def patch(self, src_fd: int, target: PatchTarget, u: torch.Tensor, writer: ShardWriter,
+    def _open(self, src_fd: int, target: PatchTarget, sink: TensorSink | None, on_progress: Progress | None,
+              src_path: str | os.PathLike | None) -> tuple[_TensorIO, torch.dtype, Layout, int] | None:
+        """What both passes over a tensor need: its I/O, stored dtype, layout and rows per chunk; None for a
+        tensor without bytes."""
+        entry = target.entry
+        stored = torch_dtype(entry.dtype)
+        layout = Layout.of(entry.shape, target.axis)
+        row_bytes = layout.width * stored.itemsize
+        if row_bytes == 0 or entry.nbytes == 0:
+            return None
+        path = os.fspath(src_path) if src_path is not None else None
+        io = _TensorIO(src_fd, entry, row_bytes, sink, on_progress, path)
+        return io, stored, layout, self.chunk_rows(layout, row_bytes)
+
+    def patch(self, src_fd: int, target: PatchTarget, u: torch.Tensor, sink: TensorSink,
               on_progress: Progress | None = None, src_path: str | os.PathLike | None = None) -> None:
-        """Write ``target``'s tensor, projected against unit vector ``u``, into its segment of ``writer``.
+        """Write ``target``'s tensor, projected against unit vector ``u``, into its segment of ``sink``.
 
         ``src_path`` (the file behind ``src_fd``) only names the file in errors.
         """
-        entry = target.entry
-        stored = torch_dtype(entry.dtype)
-        itemsize = stored.itemsize
-        layout = Layout.of(entry.shape, target.axis)
-        row_bytes = layout.width * itemsize
-        if row_bytes == 0 or entry.nbytes == 0:
-            writer.write(entry.begin, entry.begin, memoryview(b""))
+        opened = self._open(src_fd, target, sink, on_progress, src_path)
+        if opened is None:
+            sink.write(target.entry.begin, target.entry.begin, memoryview(b""))
             return
-        kernel = self.kernel
-        chunk_rows = self.chunk_rows(layout, row_bytes)
-        io = _TensorIO(src_fd, entry, row_bytes, writer, on_progress,
-                       os.fspath(src_path) if src_path is not None else None)
-
-        with kernel.running(), self._device_stream():
+        io, stored, layout, chunk_rows = opened
+        with self.kernel.running(), self._device_stream():
             u = u.to(device=self.device, dtype=compute_dtype(stored))
             try:
                 if layout.rowwise:
                     chunks = split_rows(0, layout.rows, chunk_rows)
-                    self._run(io, chunks, self._ring_slots(chunk_rows * row_bytes), stored, layout.width,
+                    self._run(io, chunks, self._ring_slots(chunk_rows * io.row_bytes), stored, layout.width,
                               lambda c, data: self._rows_checked(data, u, layout), read=True, write=True)
                     return
-                retain = layout.dim * row_bytes <= self.retain_bytes
+                retain = layout.dim * io.row_bytes <= self.retain_bytes
                 for b in range(layout.batches):
                     self._patch_slab(io, b * layout.dim, layout, chunk_rows, stored, u, retain)
             except _NonFinite:
@@ -311,16 +328,11 @@ class TensorPatcher:
         Only a result that overflows the stored dtype while its coefficient does not (values within
         a rounding step of the dtype's largest) is left to :meth:`patch` to find.
         """
-        entry = target.entry
-        stored = torch_dtype(entry.dtype)
-        layout = Layout.of(entry.shape, target.axis)
-        row_bytes = layout.width * stored.itemsize
-        if row_bytes == 0 or entry.nbytes == 0:
+        opened = self._open(src_fd, target, None, None, src_path)
+        if opened is None:
             return
-        chunk_rows = self.chunk_rows(layout, row_bytes)
-        io = _TensorIO(src_fd, entry, row_bytes, None, None,
-                       os.fspath(src_path) if src_path is not None else None)
-        slots = self._ring_slots(chunk_rows * row_bytes)
+        io, stored, layout, chunk_rows = opened
+        slots = self._ring_slots(chunk_rows * io.row_bytes)
         with self.kernel.running(), self._device_stream():
             u = u.to(device=self.device, dtype=compute_dtype(stored))
             try:

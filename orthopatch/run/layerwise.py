@@ -358,7 +358,7 @@ class LayerwiseModel:
             if saved_pad is not None:
                 emb.padding_idx = saved_pad
 
-    def _record(self, embeds: torch.Tensor, **forward: Any) -> list[tuple[torch.Tensor, tuple, dict]]:
+    def _capture_inputs(self, embeds: torch.Tensor, **forward: Any) -> list[tuple[torch.Tensor, tuple, dict]]:
         """What each block receives for this batch: (input of block 0, args, kwargs) per block.
 
         ``forward`` goes to the model's forward (a key-value cache); without it no cache is used."""
@@ -390,7 +390,7 @@ class LayerwiseModel:
         """
         hidden, records = [], []
         for b, batch in enumerate(batches):
-            recorded = self._record(self._embed(batch), **(forward[b] if forward else {}))
+            recorded = self._capture_inputs(self._embed(batch), **(forward[b] if forward else {}))
             hidden.append(recorded[0][0])
             records.append([(args, kwargs) for _, args, kwargs in recorded])
         bar = tqdm(range(self.num_layers), desc=self.root.name, unit="block", file=sys.stderr,

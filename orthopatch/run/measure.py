@@ -75,7 +75,7 @@ class PromptRecord:
 
 
 @dataclass(frozen=True)
-class MeasureRecord:
+class DirectionRecord:
     """What ``refusal_dir.json`` records beside the direction file."""
 
     model: str
@@ -103,7 +103,7 @@ class MeasureRecord:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> MeasureRecord:
+    def from_json(cls, doc: dict[str, Any]) -> DirectionRecord:
         doc = dict(doc)
         doc["harmful"] = PromptRecord(**doc["harmful"])
         doc["harmless"] = PromptRecord(**doc["harmless"])
@@ -114,7 +114,7 @@ class MeasureRecord:
 @dataclass(frozen=True)
 class MeasureResult:
     direction: torch.Tensor  # [d] or [n_layers + 1, d], float32, unit rows
-    record: MeasureRecord
+    record: DirectionRecord
 
 
 class _Means:
@@ -241,7 +241,7 @@ def measure(options: MeasureOptions, log: Callable[[str], None] | None = None) -
     direction = direction.float().contiguous()
     log(format_table(stats, layer))
 
-    record = MeasureRecord(
+    record = DirectionRecord(
         model=str(options.model), direction_file=options.out.name, layer=layer, layer_rule=rule,
         per_layer=options.per_layer, project_harmless=options.project_harmless,
         harmful=PromptRecord(harmful.source, len(harmful_ids), harmful.sha256),

@@ -20,11 +20,11 @@ from orthopatch.io.safetensors_header import ShardHeader
 from orthopatch.io.smallfile import read_small_bytes
 from orthopatch.patch.direction import Direction
 from orthopatch.patch.plan import PatchPlan
-from orthopatch.patch.record import Record
+from orthopatch.patch.record import ConversionRecord
 from orthopatch.verify.report import VerifyReport
 
 
-def check_folder(report: VerifyReport, out: Path) -> Record | None:
+def check_folder(report: VerifyReport, out: Path) -> ConversionRecord | None:
     """The record (or None), with failures for what an unfinished or interrupted run leaves."""
     record = None
     record_path = out / RECORD_NAME
@@ -33,7 +33,7 @@ def check_folder(report: VerifyReport, out: Path) -> Record | None:
                     path=out)
     else:
         try:
-            record = Record.read(record_path)
+            record = ConversionRecord.read(record_path)
         except OrthopatchError as exc:
             report.failures.append(exc)
     if (out / PARTIAL_NAME).exists():
@@ -46,7 +46,7 @@ def check_folder(report: VerifyReport, out: Path) -> Record | None:
     return record
 
 
-def check_record(report: VerifyReport, record: Record | None, plan: PatchPlan, direction: Direction) -> None:
+def check_record(report: VerifyReport, record: ConversionRecord | None, plan: PatchPlan, direction: Direction) -> None:
     """The record names this direction file and the tensors the plan patches."""
     if record is None:
         return
