@@ -28,11 +28,24 @@ from functools import cached_property
 import gguf
 
 from ..errors import OrthopatchError, shortened
-from .container import MAGIC, MAX_HEADER_BYTES, MAX_NAME, MAX_VALUE_STRING, GGUFFile, align_up
+from .container import (
+    ALIGNMENT_KEY,
+    MAGIC,
+    MAX_HEADER_BYTES,
+    MAX_NAME,
+    MAX_VALUE_STRING,
+    SPLIT_COUNT,
+    SPLIT_NO,
+    SPLIT_TENSORS,
+    GGUFFile,
+    align_up,
+)
 
 #: The string entry whose length places the output's data section.
 PADDING_KEY = "orthopatch.padding"
 DEFAULT_BLOCK = 4096
+#: Keys a patch may not set: the format reads them as numbers that place the data or number the parts.
+RESERVED_KEYS = frozenset({PADDING_KEY, ALIGNMENT_KEY, SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS})
 
 
 @dataclass(frozen=True)
@@ -74,8 +87,9 @@ def _check_extra(src: GGUFFile, extra: dict[str, str]) -> None:
                                   path=src.path) from None
         if not k or len(k) > MAX_NAME or len(v) > MAX_VALUE_STRING:
             raise OrthopatchError(f"metadata key {shortened(key)} or its value is empty or too long", path=src.path)
-        if key == PADDING_KEY:
-            raise OrthopatchError(f"metadata key {PADDING_KEY} is reserved for the header's padding", path=src.path)
+        if key in RESERVED_KEYS:
+            raise OrthopatchError(f"metadata key {key} is reserved (it places the data or numbers split parts)",
+                                  path=src.path)
         old = src.metadata.get(key)
         if old is not None and old.type != gguf.GGUFValueType.STRING:
             raise OrthopatchError(f"metadata key {shortened(key)} is {old.type.name} in the source; only string "
