@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,10 +21,10 @@ from hypothesis import strategies as st
 
 from orthopatch.errors import OrthopatchError
 from orthopatch.gguf import container
-from orthopatch.gguf.container import GGUFFile, open_split, read_gguf
+from orthopatch.gguf.container import GGUFFile, read_gguf
 from orthopatch.gguf.layout import PADDING_KEY, OutputLayout, plan_output, write_gguf_header
+from orthopatch.gguf.split import open_split
 
-gguf = pytest.importorskip("gguf")
 QT = gguf.GGMLQuantizationType
 VT = gguf.GGUFValueType
 
@@ -206,6 +207,13 @@ HOSTILE = {
     "unknown value type": (handmade(kvs=[kv("k", 13, b"\x00" * 8)]), "unknown value type 13"),
     "invalid utf-8 key": (handmade(kvs=[kv(b"k\xff", VT.UINT8, b"\x01")]), "not valid UTF-8"),
     "invalid utf-8 value": (handmade(kvs=[kv("k", VT.STRING, gstr(b"\xc3\x28"))]), "not valid UTF-8"),
+    "invalid utf-8 in a string array": (handmade(kvs=[kv("k", VT.ARRAY, struct.pack("<IQ", VT.STRING, 2) + gstr("a")
+                                                       + gstr(b"\x80"))]), "element 1 is not valid UTF-8"),
+    "string array element claims 2^40 bytes": (handmade(kvs=[kv("k", VT.ARRAY, struct.pack("<IQQ", VT.STRING, 1,
+                                                                                         2**40))]),
+                                               "element 0 claims 1,099,511,627,776 bytes"),
+    "string array element runs past the end": (handmade(kvs=[kv("k", VT.ARRAY, struct.pack("<IQQ", VT.STRING, 1,
+                                                                                         100))]), "truncated"),
     "invalid utf-8 tensor name": (handmade(tensors=[(b"\xed\xa0\x80", [8], QT.F32, 0)], data=bytes(32)),
                                   "not valid UTF-8"),
     "empty key": (handmade(kvs=[kv("", VT.UINT8, b"\x01")]), "is empty"),

@@ -34,12 +34,10 @@ from .container import (
     MAX_HEADER_BYTES,
     MAX_NAME,
     MAX_VALUE_STRING,
-    SPLIT_COUNT,
-    SPLIT_NO,
-    SPLIT_TENSORS,
     GGUFFile,
     align_up,
 )
+from .split import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS
 
 #: The string entry whose length places the output's data section.
 PADDING_KEY = "orthopatch.padding"
