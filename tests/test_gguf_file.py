@@ -326,13 +326,37 @@ SMALL_MODEL = _small_model()
 _SIZES = [0, 1, 2, 3, 4, 5, 7, 8, 31, 32, 33, 0x7F, 0xFF, 0xFFFF, 2**31, 2**32 - 1, 2**40, 2**63, 2**64 - 1]
 
 
+def _field_starts(data: bytes) -> list[int]:
+    """Where the counts, each kv entry and each tensor info start: the places where a lie matters most."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s.gguf"
+        path.write_bytes(data)
+        f = read_gguf(path)
+    starts, at = [], container.FIXED_HEADER
+    for _, raw in f.kv_raw:
+        starts.append(at)
+        at += len(raw)
+    for t in f.tensors:
+        starts.append(at)
+        at += 8 + len(t.name.encode()) + 4 + 8 * len(t.shape_ggml) + 4 + 8
+    assert at == f.header_end
+    return [*starts, f.header_end, f.data_start, 16, 8, 4, 0]
+
+
+FIELD_STARTS = _field_starts(SMALL_MODEL)
+
+
 @st.composite
 def mutated(draw) -> bytes:
-    """The small model with a few bytes overwritten, a little-endian integer planted, or its tail cut."""
+    """The small model with a few bytes overwritten, a little-endian integer planted, bytes inserted or its
+    tail cut; most often at or just after the start of a count, kv entry or tensor info."""
     data = bytearray(SMALL_MODEL)
-    for _ in range(draw(st.integers(1, 4))):
+    for _ in range(draw(st.integers(1, 3))):
         kind = draw(st.integers(0, 3))
-        at = draw(st.integers(0, len(data) - 1))
+        if draw(st.integers(0, 3)) < 3:
+            at = min(draw(st.sampled_from(FIELD_STARTS)) + draw(st.integers(0, 28)), len(data) - 1)
+        else:
+            at = draw(st.integers(0, len(data) - 1))
         if kind == 0:
             data[at] = draw(st.integers(0, 255))
         elif kind == 1:
@@ -340,9 +364,7 @@ def mutated(draw) -> bytes:
             value = draw(st.sampled_from(_SIZES)) % (1 << (8 * width))
             data[at:at + width] = value.to_bytes(width, "little")
         elif kind == 2:
-            del data[at:]
-            if not data:
-                break
+            del data[max(at, 1):]
         else:
             data[at:at] = bytes(draw(st.integers(1, 40)))
     return bytes(data)
