@@ -290,6 +290,15 @@ def test_a_header_past_the_limit_is_refused(model: Path, monkeypatch: pytest.Mon
         read_gguf(model)
 
 
+@pytest.mark.parametrize(("limit", "at"), [(10, "metadata key 't.u64'"), (20, "tokenizer.ggml.tokens"),
+                                           (38, "tensor info")])
+def test_too_many_values_are_refused(model: Path, monkeypatch: pytest.MonkeyPatch, limit: int, at: str) -> None:
+    """A header of millions of tiny values would cost far more memory decoded than on disk."""
+    monkeypatch.setattr(container, "MAX_ITEMS", limit)
+    with pytest.raises(OrthopatchError, match=f"header holds more than {limit} values \\(at .*{at}"):
+        read_gguf(model)
+
+
 def test_reads_only_the_header(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bounded reads: nothing past the header is asked for, however large the data section."""
     reads: list[tuple[int, int]] = []

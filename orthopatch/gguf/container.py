@@ -33,6 +33,10 @@ MAX_HEADER_BYTES = 1 << 30
 #: Longest string value (a chat template, a license) and longest key or tensor name.
 MAX_VALUE_STRING = 64 << 20
 MAX_NAME = 64 << 10
+#: Most values decoded from one header (entries, array elements and tensors together): each becomes a
+#: Python object several times larger than its bytes on disk, so the byte limit alone would let a
+#: 1 GiB header of tiny values take tens of gigabytes. Real vocabularies hold a few hundred thousand.
+MAX_ITEMS = 16 << 20
 #: llama.cpp's GGML_MAX_DIMS.
 MAX_DIMS = 4
 DEFAULT_ALIGNMENT = 32
@@ -107,13 +111,6 @@ def align_up(offset: int, alignment: int) -> int:
     return -(-offset // alignment) * alignment
 
 
-def type_name(code: int) -> str:
-    try:
-        return gguf.GGUFValueType(code).name
-    except ValueError:
-        return f"unknown type {code}"
-
-
 class _HeaderReader:
     """Reads a header front to back through a growing buffer; no read reaches past what was checked."""
 
@@ -122,9 +119,16 @@ class _HeaderReader:
         self.limit = min(file_size, MAX_HEADER_BYTES)
         self.buf = bytearray()
         self.pos = 0
+        self.items = 0
 
     def fail(self, message: str, tensor: str | None = None) -> OrthopatchError:
         return OrthopatchError(message, path=self.path, tensor=tensor)
+
+    def count(self, n: int, what: str, tensor: str | None = None) -> None:
+        """Account for ``n`` more decoded values before they are decoded (see :data:`MAX_ITEMS`)."""
+        self.items += n
+        if self.items > MAX_ITEMS:
+            raise self.fail(f"header holds more than {MAX_ITEMS:,} values (at {what})", tensor)
 
     def left(self) -> int:
         return self.limit - self.pos
@@ -215,6 +219,7 @@ class _HeaderReader:
         if count > self.left() // item_size:
             raise self.fail(f"{what} claims {count:,} {item.name} elements but only {self.left():,} header bytes "
                             "are left")
+        self.count(count, what)
         if item == VT.STRING:
             items = self.strings(count, what)
         else:
@@ -267,6 +272,7 @@ def _read_metadata(r: _HeaderReader, kv_count: int) -> tuple[dict[str, MetadataV
         start = r.pos
         key = r.string(f"metadata key {i}", MAX_NAME)
         what = f"metadata key {shortened(key)}"
+        r.count(1, what)
         if not key:
             raise r.fail(f"metadata key {i} is empty")
         if key in metadata:
@@ -303,6 +309,7 @@ def _tensor_nbytes(r: _HeaderReader, name: str, ne: tuple[int, ...], qtype: gguf
 
 def _read_tensor_info(r: _HeaderReader, index: int, seen: set[str]) -> tuple[str, tuple[int, ...], Any, int, int]:
     name = r.string(f"tensor {index} name", MAX_NAME)
+    r.count(1, "tensor info", name)
     if name in seen:
         raise r.fail("appears twice in the tensor infos (duplicate name)", name)
     seen.add(name)
