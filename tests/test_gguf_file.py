@@ -509,6 +509,19 @@ def test_plan_output_refuses_bad_metadata(model: Path, extra: dict, expected: st
 def test_plan_output_refuses_a_bad_block(model: Path) -> None:
     with pytest.raises(OrthopatchError, match="block size"):
         plan_output(read_gguf(model), {}, block=0)
+    with pytest.raises(OrthopatchError, match="more than a GGUF reader accepts"):
+        plan_output(read_gguf(model), {"orthopatch.x": "y"}, block=1 << 30)
+
+
+def test_write_gguf_header_reports_a_failed_write(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"")
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        with pytest.raises(OrthopatchError, match=r"out.gguf: cannot write the GGUF header \(Bad file descriptor\)"):
+            write_gguf_header(fd, plan_output(read_gguf(model), {}), out)
+    finally:
+        os.close(fd)
 
 
 # -- split models ----------------------------------------------------------------------------------------------
