@@ -1,0 +1,1 @@
+"""GGUF files: llama.cpp's container, read, patched and written tensor by tensor."""
