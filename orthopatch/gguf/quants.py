@@ -163,26 +163,25 @@ def _make_qkx2_quants(
     low = np.minimum(x.min(axis=0), F32(0))
     high = x.max(axis=0)
     flat = high == low
-    span = high - low
     sum_w = _running_sum(weights)
     sum_x = _running_sum(weights * x)
-    shifted = x - low
 
     def error_of(scale: np.ndarray, offset: np.ndarray, levels: np.ndarray) -> np.ndarray:
         diff = scale * levels + offset - x
         diff = np.abs(diff) if use_mad else diff * diff
         return _running_sum(weights * diff)
 
-    def levels_for(inverse_scale: np.ndarray) -> np.ndarray:
-        return np.clip(_nearest_int(inverse_scale * shifted), 0, nmax).astype(F32)
+    def levels_for(inverse_scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+        return np.clip(_nearest_int(inverse_scale * (x - offset)), 0, nmax).astype(F32)
 
-    inverse = F32(nmax) / span
-    scale = F32(1) / inverse
+    # The offset found so far moves the range every later trial starts from, as in the C loop.
     offset = low
-    levels = levels_for(inverse)
+    inverse = F32(nmax) / (high - offset)
+    scale = F32(1) / inverse
+    levels = levels_for(inverse, offset)
     best_error = error_of(scale, offset, levels)
     for step in range(nstep + 1):
-        trial = levels_for((F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span)
+        trial = levels_for((F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (high - offset), offset)
         sum_l = _running_sum(weights * trial)
         sum_l2 = _running_sum(weights * trial * trial)
         sum_xl = _running_sum(weights * trial * x)
