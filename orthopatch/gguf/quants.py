@@ -42,6 +42,7 @@ CHUNK_SUPER_BLOCKS = 2048
 
 _ALL_ZERO_EPS = np.float32(1e-15)
 _ROUNDING_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it leaves the rounded integer in the low bits
+_RINT_IS_EXACT = np.float32(2**21)  # well inside the 2**22 range where the magic addition rounds like rint
 F32 = np.float32
 
 
@@ -96,6 +97,18 @@ def _nearest_int(values: np.ndarray) -> np.ndarray:
     """ggml's ``nearest_int``: round half to even through the float32 magic-number addition (int32)."""
     shifted = (values.astype(F32, copy=False) + _ROUNDING_MAGIC).view(np.int32)
     return (shifted & 0x007FFFFF) - 0x00400000
+
+
+def _nearest_levels(scaled: np.ndarray, low: int, high: int, largest: np.ndarray) -> np.ndarray:
+    """``nearest_int`` of float32 ``scaled`` clamped to ``low..high``, as float32 (``scaled`` is reused).
+
+    ``largest`` bounds ``|scaled|`` per column. Below 2**21 the magic-number rounding is exactly
+    ``rint`` (round half to even), which numpy does in one pass; otherwise the bit trick is emulated.
+    """
+    if bool(np.all(largest < _RINT_IS_EXACT)):
+        np.rint(scaled, out=scaled)
+        return np.clip(scaled, low, high, out=scaled)
+    return np.clip(_nearest_int(scaled), low, high).astype(F32)
 
 
 def _running_sum(terms: np.ndarray) -> np.ndarray:
@@ -158,33 +171,41 @@ def _make_qkx2_quants(
 
     Tries ``nstep + 1`` inverse scales around ``nmax / (max - min)``, fits scale and min to each
     rounding by weighted least squares, and keeps the one of least weighted error (absolute with
-    ``use_mad``, squared otherwise). Returns ``(scale, the_min, levels)``, ``the_min >= 0`` mostly.
+    ``use_mad``, squared otherwise). Each trial starts from the min found so far. Returns
+    ``(scale, the_min, levels)``.
     """
     low = np.minimum(x.min(axis=0), F32(0))
     high = x.max(axis=0)
-    flat = high == low
+    flat = high == low  # constant sub-blocks: no scale; a unit span keeps their arithmetic finite
     sum_w = _running_sum(weights)
     sum_x = _running_sum(weights * x)
+    work, trial = np.empty_like(x), np.empty_like(x)
+
+    def levels_for(inverse_scale: np.ndarray, offset: np.ndarray, out: np.ndarray) -> np.ndarray:
+        np.multiply(inverse_scale, np.subtract(x, offset, out=out), out=out)
+        largest = np.abs(inverse_scale) * np.maximum(np.abs(high - offset), np.abs(low - offset))
+        return _nearest_levels(out, 0, nmax, largest)
 
     def error_of(scale: np.ndarray, offset: np.ndarray, levels: np.ndarray) -> np.ndarray:
-        diff = scale * levels + offset - x
-        diff = np.abs(diff) if use_mad else diff * diff
-        return _running_sum(weights * diff)
+        diff = np.subtract(np.add(np.multiply(scale, levels, out=work), offset, out=work), x, out=work)
+        diff = np.abs(diff, out=work) if use_mad else np.multiply(diff, diff, out=work)
+        return _running_sum(np.multiply(diff, weights, out=work))
 
-    def levels_for(inverse_scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
-        return np.clip(_nearest_int(inverse_scale * (x - offset)), 0, nmax).astype(F32)
+    def span_from(offset: np.ndarray) -> np.ndarray:
+        return np.where(flat, F32(1), high - offset)
 
-    # The offset found so far moves the range every later trial starts from, as in the C loop.
     offset = low
-    inverse = F32(nmax) / (high - offset)
+    inverse = F32(nmax) / span_from(offset)
     scale = F32(1) / inverse
-    levels = levels_for(inverse, offset)
-    best_error = error_of(scale, offset, levels)
+    best_error = error_of(scale, offset, levels_for(inverse, offset, trial))
+    chosen_inverse, chosen_offset = inverse, offset  # the rounding whose levels are returned
     for step in range(nstep + 1):
-        trial = levels_for((F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (high - offset), offset)
-        sum_l = _running_sum(weights * trial)
-        sum_l2 = _running_sum(weights * trial * trial)
-        sum_xl = _running_sum(weights * trial * x)
+        inverse = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span_from(offset)
+        levels_for(inverse, offset, trial)
+        weighted_levels = weights * trial
+        sum_l = _running_sum(weighted_levels)
+        sum_l2 = _running_sum(weighted_levels * trial)
+        sum_xl = _running_sum(weighted_levels * x)
         det = sum_w * sum_l2 - sum_l * sum_l
         trial_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         trial_offset = (sum_l2 * sum_x - sum_l * sum_xl) / det
@@ -193,12 +214,14 @@ def _make_qkx2_quants(
         trial_scale = np.where(clamp, sum_xl / sum_l2, trial_scale)
         trial_error = error_of(trial_scale, trial_offset, trial)
         better = (det > 0) & (trial_error < best_error)
-        levels = np.where(better, trial, levels)
         best_error = np.where(better, trial_error, best_error)
+        chosen_inverse = np.where(better, inverse, chosen_inverse)
+        chosen_offset = np.where(better, offset, chosen_offset)
         scale = np.where(better, trial_scale, scale)
         offset = np.where(better, trial_offset, offset)
+    levels = levels_for(chosen_inverse, chosen_offset, trial)
     scale = np.where(flat, F32(0), scale)
-    levels = np.where(flat, F32(0), levels)
+    levels[:, flat] = 0
     offset = np.where(flat, low, offset)
     return scale, -offset, levels.astype(np.uint8)
 
@@ -211,30 +234,36 @@ def _make_qx_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
     """
     peak = _first_largest_magnitude(x, axis=0)
     all_zero = np.abs(peak) < _ALL_ZERO_EPS
+    peak = np.where(all_zero, F32(1), peak)  # their result is zero anyway; keeps the arithmetic finite
     weights = x * x
     weighted_x = weights * x
+    work, trial = np.empty_like(x), np.empty_like(x)
 
     def signed_levels(inverse_scale: np.ndarray) -> np.ndarray:
-        return np.clip(_nearest_int(inverse_scale * x), -nmax, nmax - 1).astype(F32)
+        scaled = np.multiply(inverse_scale, x, out=trial)
+        return _nearest_levels(scaled, -nmax, nmax - 1, np.abs(inverse_scale * peak))
 
     def fit(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return _running_sum(weighted_x * levels), _running_sum(weights * levels * levels)
+        sum_lx = _running_sum(np.multiply(weighted_x, levels, out=work))
+        sum_l2 = _running_sum(np.multiply(np.multiply(weights, levels, out=work), levels, out=work))
+        return sum_lx, sum_l2
 
-    levels = signed_levels(F32(-nmax) / peak)
-    sum_lx, sum_l2 = fit(levels)
+    chosen_inverse = F32(-nmax) / peak
+    sum_lx, sum_l2 = fit(signed_levels(chosen_inverse))
     scale = np.where(sum_l2 != 0, sum_lx / sum_l2, F32(0))
     best = scale * sum_lx
     for step in range(-9, 10):
         if step == 0:
             continue
-        trial = signed_levels(-(F32(nmax) + F32(0.1) * F32(step)) / peak)
-        sum_lx, sum_l2 = fit(trial)
+        inverse = -(F32(nmax) + F32(0.1) * F32(step)) / peak
+        sum_lx, sum_l2 = fit(signed_levels(inverse))
         better = (sum_l2 > 0) & (sum_lx * sum_lx > best * sum_l2)
-        levels = np.where(better, trial, levels)
+        chosen_inverse = np.where(better, inverse, chosen_inverse)
         scale = np.where(better, sum_lx / sum_l2, scale)
         best = np.where(better, scale * sum_lx, best)
+    levels = signed_levels(chosen_inverse) + F32(nmax)
     scale = np.where(all_zero, F32(0), scale)
-    levels = np.where(all_zero, F32(0), levels + F32(nmax))
+    levels[:, all_zero] = 0
     return scale, levels.astype(np.uint8)
 
 
