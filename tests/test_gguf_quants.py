@@ -3,7 +3,11 @@ the sizes, errors and fixed points that hold without any reference at hand."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -176,3 +180,14 @@ def test_rejects_unpatchable_type_and_partial_blocks() -> None:
         quantize(np.zeros((1, 256), np.float32), Q.IQ2_XXS)
     with pytest.raises(ValueError, match="multiple of 256"):
         quantize(np.zeros((1, 128), np.float32), Q.Q4_K)
+
+
+def test_benchmark_script_reports_every_type(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_gguf_quants.py"
+    done = subprocess.run([sys.executable, str(script), "--rows", "4", "--cols", "512", "--repeats", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert {row["type"] for row in rows} == {qtype.name for qtype in PATCHABLE_TYPES}
+    assert all(row["same"] in (None, 1.0) for row in rows)
