@@ -37,8 +37,13 @@ PATCHABLE_TYPES: frozenset[gguf.GGMLQuantizationType] = frozenset(
 SUPER_BLOCK = 256
 """Values per k-quant super-block (ggml's ``QK_K``)."""
 
-CHUNK_SUPER_BLOCKS = 2048
-"""Super-blocks quantized together: large enough for numpy, small enough to stay in cache."""
+IMATRIX_TYPES: frozenset[gguf.GGMLQuantizationType] = frozenset(
+    {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+)
+"""Types whose quantizer reads an importance matrix; the other patchable types ignore one."""
+
+CHUNK_VALUES = 1024 * SUPER_BLOCK
+"""Values quantized together: large enough for numpy, small enough to stay in cache."""
 
 _ALL_ZERO_EPS = np.float32(1e-15)
 _ROUNDING_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it leaves the rounded integer in the low bits
@@ -56,10 +61,12 @@ def dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[
     return np.asarray(values, dtype=np.float32).reshape(shape)
 
 
-def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
     """Raw bytes ``[rows, row_bytes]`` of float32 ``values`` ``[rows, ne0]`` stored as ``qtype``.
 
-    The bytes are those of ggml's ``ggml_quantize_chunk`` without an importance matrix.
+    The bytes are those of ggml's ``ggml_quantize_chunk``. ``imatrix`` is llama.cpp's importance
+    matrix entry for the tensor, one weight per column (``ne0`` values): with it the weighted
+    quantizers run, as ``llama-quantize --imatrix`` does; F32, F16, BF16 and Q8_0 ignore it, as ggml does.
     """
     if qtype not in PATCHABLE_TYPES:
         raise ValueError(f"cannot quantize to {qtype.name}: not one of the patchable types")
@@ -68,12 +75,24 @@ def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray
     block_values, _ = gguf.GGML_QUANT_SIZES[qtype]
     if rows.shape[1] % block_values:
         raise ValueError(f"{qtype.name} needs rows of a multiple of {block_values} values, not {rows.shape[1]}")
-    k_quantizer = _K_QUANTIZERS.get(qtype)
-    if k_quantizer is None:
-        packed = gguf.quants.quantize(rows, qtype)
+    importance = _checked_importance(imatrix, rows.shape[1]) if qtype in IMATRIX_TYPES else None
+    if qtype in _K_QUANTIZERS:
+        packed = _quantize_in_chunks(rows, SUPER_BLOCK, _K_QUANTIZERS[qtype], importance)
+    elif importance is not None:
+        packed = _quantize_in_chunks(rows, 32, _WEIGHTED_LEGACY_QUANTIZERS[qtype], importance)
     else:
-        packed = _quantize_super_blocks(rows.reshape(-1, SUPER_BLOCK), k_quantizer)
-    return np.ascontiguousarray(packed).view(np.uint8).reshape(rows.shape[0], -1)
+        packed = gguf.quants.quantize(rows, qtype)
+    return np.ascontiguousarray(packed).view(np.uint8).reshape(rows.shape[0], _row_bytes(qtype, rows.shape[1]))
+
+
+def _checked_importance(imatrix: np.ndarray | None, columns: int) -> np.ndarray | None:
+    """``imatrix`` as ``columns`` float32 weights, or None."""
+    if imatrix is None:
+        return None
+    importance = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+    if importance.size != columns:
+        raise ValueError(f"the importance matrix has {importance.size} weights for rows of {columns} values")
+    return importance
 
 
 def _row_bytes(qtype: gguf.GGMLQuantizationType, values_per_row: int) -> int:
@@ -82,11 +101,32 @@ def _row_bytes(qtype: gguf.GGMLQuantizationType, values_per_row: int) -> int:
     return values_per_row // block_values * block_bytes
 
 
-def _quantize_super_blocks(blocks: np.ndarray, quantize_chunk: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Bytes ``[n, block_bytes]`` of super-blocks ``[n, 256]``, quantized a cache-sized chunk at a time."""
+BlockQuantizer = Callable[[np.ndarray, "np.ndarray | None", np.ndarray], np.ndarray]
+"""``(blocks [m, size], importance [m, size] or None, mean square of each block's row [m])``
+to ``bytes [m, block_bytes]``."""
+
+
+def _quantize_in_chunks(
+    rows: np.ndarray, block_size: int, quantize_chunk: BlockQuantizer, importance: np.ndarray | None
+) -> np.ndarray:
+    """Bytes ``[blocks, block_bytes]`` of ``rows`` cut in blocks of ``block_size``, a cache-sized chunk at a time.
+
+    Each chunk also gets the importance of the columns its blocks cover and, for the weighted
+    legacy types, the mean square of the row each block lies in.
+    """
+    per_row = rows.shape[1] // block_size
+    blocks = rows.reshape(-1, block_size)
+    columns = None if importance is None else importance.reshape(per_row, block_size)
+    row_mean_square = np.zeros(len(rows), F32)
+    if importance is not None and block_size != SUPER_BLOCK and rows.size:
+        row_mean_square = _running_sum(np.ascontiguousarray((rows * rows).T)) / F32(rows.shape[1])
+    step = max(1, CHUNK_VALUES // block_size)
+    chunks = []
     with np.errstate(all="ignore"):  # all-zero and flat sub-blocks divide by zero; their results are overridden
-        chunks = [quantize_chunk(blocks[start : start + CHUNK_SUPER_BLOCKS])
-                  for start in range(0, len(blocks), CHUNK_SUPER_BLOCKS)]  # fmt: skip
+        for start in range(0, len(blocks), step):
+            index = np.arange(start, min(start + step, len(blocks)))
+            weights = None if columns is None else columns[index % per_row]
+            chunks.append(quantize_chunk(blocks[start : index[-1] + 1], weights, row_mean_square[index // per_row]))
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.uint8)
 
 
@@ -164,10 +204,11 @@ def _as_bytes(*fields: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- scale searches
 
 
-def _make_qkx2_quants(
+def _make_qkx_quants(
     x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scale, min and levels ``0..nmax`` of each sub-block (columns of ``x``) for ``x ≈ scale * L - min``.
+    """Scale, min and levels ``0..nmax`` of each sub-block (columns of ``x``) for ``x ≈ scale * L - min``:
+    ggml's ``make_qkx2_quants``, and ``make_qkx3_quants`` too when weights are given.
 
     Tries ``nstep + 1`` inverse scales around ``nmax / (max - min)``, fits scale and min to each
     rounding by weighted least squares, and keeps the one of least weighted error (absolute with
@@ -226,8 +267,9 @@ def _make_qkx2_quants(
     return scale, -offset, levels.astype(np.uint8)
 
 
-def _make_qx_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Signed scale and levels ``0..2*nmax-1`` (offset by ``nmax``) of each sub-block, weights ``x²``.
+def _make_qx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Signed scale and levels ``0..2*nmax-1`` (offset by ``nmax``) of each sub-block (columns of ``x``),
+    weighted by ``weights`` or by ``x²`` without them.
 
     Tries 18 inverse scales around ``nmax / max|x|`` and keeps the least-squares scale of the
     rounding that explains most weighted energy. Returns ``(scale, levels)``.
@@ -235,7 +277,7 @@ def _make_qx_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
     peak = _first_largest_magnitude(x, axis=0)
     all_zero = np.abs(peak) < _ALL_ZERO_EPS
     peak = np.where(all_zero, F32(1), peak)  # their result is zero anyway; keeps the arithmetic finite
-    weights = x * x
+    weights = x * x if weights is None else weights
     weighted_x = weights * x
     work, trial = np.empty_like(x), np.empty_like(x)
 
@@ -307,6 +349,62 @@ def _make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return scale, levels.astype(np.uint8)
 
 
+def _make_qp_quants(x: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and codes ``0..nmax`` of non-negative values (columns of ``x``, e.g. the sub-block scales
+    of each super-block) for ``x ≈ scale * code``, weighted by ``weights``. Returns ``(scale, codes)``.
+
+    Picks the best of 9 inverse scales around ``nmax / max x`` by weighted squared error, then
+    refines code by code as :func:`_make_q3_quants` does. Codes are stored as bytes, wrapping as C does.
+    """
+    peak = np.maximum(x.max(axis=0), F32(0))
+    all_zero = peak < _ALL_ZERO_EPS
+    peak = np.where(all_zero, F32(1), peak)
+    weighted_x = weights * x
+
+    def squared_error(scale: np.ndarray, levels: np.ndarray) -> np.ndarray:
+        diff = x - scale * levels
+        return _running_sum(weights * diff * diff)
+
+    inverse = F32(nmax) / peak
+    best_error = squared_error(F32(1) / inverse, (_nearest_int(inverse * x) & 0xFF).astype(F32))
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        trial_inverse = (F32(0.1) * F32(step) + F32(nmax)) / peak
+        trial = np.minimum(_nearest_int(trial_inverse * x), nmax).astype(F32)
+        trial_error = squared_error(F32(1) / trial_inverse, trial)
+        better = trial_error < best_error
+        best_error = np.where(better, trial_error, best_error)
+        inverse = np.where(better, trial_inverse, inverse)
+    signed = np.minimum(_nearest_int(inverse * x), nmax).astype(F32)
+    sum_lx = _running_sum(weighted_x * signed)
+    sum_l2 = _running_sum(weights * signed * signed)
+    codes = (signed.astype(np.int32) & 0xFF).astype(F32)
+    for _sweep in range(5):
+        changed = np.zeros(x.shape[1], bool)
+        for i in range(x.shape[0]):
+            code = codes[i]
+            without_lx = sum_lx - weighted_x[i] * code
+            without_l2 = sum_l2 - weights[i] * code * code
+            proposal = np.minimum(_nearest_int(x[i] * without_l2 / without_lx), nmax).astype(F32)
+            with_lx = without_lx + weighted_x[i] * proposal
+            with_l2 = without_l2 + weights[i] * proposal * proposal
+            accept = (
+                (without_lx > 0)
+                & (without_l2 > 0)
+                & (proposal != code)
+                & (with_lx * with_lx * sum_l2 > sum_lx * sum_lx * with_l2)
+            )
+            codes[i] = np.where(accept, (proposal.astype(np.int32) & 0xFF).astype(F32), code)
+            sum_lx = np.where(accept, with_lx, sum_lx)
+            sum_l2 = np.where(accept, with_l2, sum_l2)
+            changed |= accept & ~all_zero
+        if not changed.any():
+            break
+    scale = np.where(sum_l2 > 0, sum_lx / sum_l2, F32(0))
+    scale = np.where(all_zero, F32(0), scale)
+    codes[:, all_zero] = 0
+    return scale, codes.astype(np.uint8)
+
+
 def _requantized_levels(
     x: np.ndarray, step: np.ndarray, offset: np.ndarray, low: int, high: int, fallback: np.ndarray
 ) -> np.ndarray:
@@ -319,12 +417,43 @@ def _requantized_levels(
 # ---------------------------------------------------------------- the five k-quants
 
 
-def _quantize_q2_k(blocks: np.ndarray) -> np.ndarray:
+def _importance_weights(blocks: np.ndarray, importance: np.ndarray, variance_factor: int) -> np.ndarray:
+    """Per-value weights of the weighted k-quants: importance times ``sqrt(σ² + x²)``, with σ² the
+    super-block's mean square times ``variance_factor``."""
+    sum_x2 = _running_sum(np.ascontiguousarray((blocks * blocks).T))
+    variance = F32(variance_factor) * sum_x2 / F32(SUPER_BLOCK)
+    return importance * np.sqrt(variance[:, None] + blocks * blocks)
+
+
+def _sub_block_weights(weights: np.ndarray, n_blocks: int) -> np.ndarray:
+    """Total weight of each sub-block, as ``[subs, n]`` (the layout the scale quantizers take)."""
+    return np.ascontiguousarray(_per_super_block(_running_sum(weights), n_blocks).T)
+
+
+def _quantize_q2_k(blocks: np.ndarray, importance: np.ndarray | None, _row_mean_square: np.ndarray) -> np.ndarray:
     """Q2_K: 16 sub-blocks of 16, 2-bit levels, 4-bit scale and min each, fp16 ``d`` and ``dmin``."""
     n = len(blocks)
     x = _sub_blocks(blocks, 16)
-    scales, mins, levels = _make_qkx2_quants(x, np.abs(x), 3, -0.5, 0.1, 15, True)
-    scales, mins = _per_super_block(scales, n), _per_super_block(mins, n)
+    if importance is None:
+        scales, mins, levels = _make_qkx_quants(x, np.abs(x), 3, -0.5, 0.1, 15, True)
+        packed_scales, d, dmin = _q2_k_scales_from_maxima(_per_super_block(scales, n), _per_super_block(mins, n))
+    else:
+        weights = _sub_blocks(_importance_weights(blocks, importance, 1), 16)
+        scales, mins, levels = _make_qkx_quants(x, weights, 3, -0.9, 0.05, 36, False)
+        sub_weights = _sub_block_weights(weights, n)
+        scale_step, scale_codes = _make_qp_quants(_per_super_block(scales, n).T.copy(), 15, sub_weights)
+        min_step, min_codes = _make_qp_quants(_per_super_block(mins, n).T.copy(), 15, sub_weights)
+        packed_scales = (scale_codes.T | (min_codes.T << 4)).astype(np.uint8)
+        d, dmin = _fp16_bits(scale_step), _fp16_bits(min_step)
+    step = _fp16_value(d)[:, None] * (packed_scales & 0xF).astype(F32)
+    offset = _fp16_value(dmin)[:, None] * (packed_scales >> 4).astype(F32)
+    levels = _requantized_levels(blocks.reshape(n, 16, 16), step, offset, 0, 3, _per_super_block(levels, n))
+    qs = _pack_bits(levels.reshape(n, 2, 4, 32), 2)
+    return _as_bytes(packed_scales, qs, d, dmin)
+
+
+def _q2_k_scales_from_maxima(scales: np.ndarray, mins: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q2_K's 4-bit scale and min codes relative to the largest of each, and fp16 ``d``, ``dmin``."""
     max_scale = np.maximum(scales.max(axis=1), F32(0))
     max_min = np.maximum(mins.max(axis=1), F32(0))
     with_scale, with_min = max_scale > 0, max_min > 0
@@ -333,28 +462,32 @@ def _quantize_q2_k(blocks: np.ndarray) -> np.ndarray:
     packed_scales = ((scale_codes & 0xFF) | ((min_codes << 4) & 0xFF)).astype(np.uint8)
     d = _fp16_bits(np.where(with_scale, max_scale / F32(15), F32(0)))
     dmin = _fp16_bits(np.where(with_min, max_min / F32(15), F32(0)))
-    step = _fp16_value(d)[:, None] * (packed_scales & 0xF).astype(F32)
-    offset = _fp16_value(dmin)[:, None] * (packed_scales >> 4).astype(F32)
-    levels = _requantized_levels(blocks.reshape(n, 16, 16), step, offset, 0, 3, _per_super_block(levels, n))
-    qs = _pack_bits(levels.reshape(n, 2, 4, 32), 2)
-    return _as_bytes(packed_scales, qs, d, dmin)
+    return packed_scales, d, dmin
 
 
-def _quantize_q3_k(blocks: np.ndarray) -> np.ndarray:
+def _quantize_q3_k(blocks: np.ndarray, importance: np.ndarray | None, _row_mean_square: np.ndarray) -> np.ndarray:
     """Q3_K: 16 sub-blocks of 16, 3-bit levels (high bit apart), signed 6-bit scales, fp16 ``d``."""
     n = len(blocks)
-    scales, levels = _make_q3_quants(_sub_blocks(blocks, 16), 4)
-    scales = _per_super_block(scales, n)
-    max_scale = _first_largest_magnitude(scales, axis=1)
-    has_scale = max_scale != 0
-    inverse = F32(-32) / max_scale
-    codes = np.clip(_nearest_int(inverse[:, None] * scales).astype(np.int8), -32, 31).astype(np.int32) + 32
-    codes = np.where(has_scale[:, None], codes, 0)
+    x = _sub_blocks(blocks, 16)
+    if importance is None:
+        scales, levels = _make_q3_quants(x, 4)
+        scales = _per_super_block(scales, n)
+        max_scale = _first_largest_magnitude(scales, axis=1)
+        has_scale = max_scale != 0
+        inverse = F32(-32) / max_scale
+        codes = np.clip(_nearest_int(inverse[:, None] * scales).astype(np.int8), -32, 31).astype(np.int32) + 32
+        codes = np.where(has_scale[:, None], codes, 0)
+        d = _fp16_bits(np.where(has_scale, F32(1) / inverse, F32(0)))
+    else:
+        weights = _sub_blocks(_importance_weights(blocks, importance, 2), 16)
+        scales, levels = _make_qx_quants(x, 4, weights)
+        block_scale, codes = _make_qx_quants(_per_super_block(scales, n).T.copy(), 32, _sub_block_weights(weights, n))
+        codes = codes.T.astype(np.int32)
+        d = _fp16_bits(block_scale)
     low_nibbles = codes & 0xF
     packed_scales = np.concatenate(
         [low_nibbles[:, :8] | (low_nibbles[:, 8:] << 4), _pack_bits((codes >> 4).reshape(n, 4, 4), 2)], axis=1
     ).astype(np.uint8)
-    d = _fp16_bits(np.where(has_scale, F32(1) / inverse, F32(0)))
     step = _fp16_value(d)[:, None] * (codes - 32).astype(F32)
     levels = _requantized_levels(blocks.reshape(n, 16, 16), step, np.zeros_like(step), -4, 3,
                                  _per_super_block(levels, n))  # fmt: skip
@@ -365,57 +498,80 @@ def _quantize_q3_k(blocks: np.ndarray) -> np.ndarray:
 
 
 def _six_bit_scales_and_mins(scale_codes: np.ndarray, min_codes: np.ndarray) -> np.ndarray:
-    """Eight 6-bit scales and eight 6-bit mins in 12 bytes, the layout ``get_scale_min_k4`` reads."""
+    """Eight 6-bit scales and eight 6-bit mins ``[n, 8]`` in 12 bytes, the layout ``get_scale_min_k4`` reads."""
     first = scale_codes[:, :4] | ((scale_codes[:, 4:] >> 4) << 6)
     second = min_codes[:, :4] | ((min_codes[:, 4:] >> 4) << 6)
     third = (scale_codes[:, 4:] & 0xF) | ((min_codes[:, 4:] & 0xF) << 4)
-    return np.concatenate([first, second, third], axis=1).astype(np.uint8)
+    return (np.concatenate([first, second, third], axis=1) & 0xFF).astype(np.uint8)
 
 
-def _q45_k_levels(blocks: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarray, ...]:
+def _unpack_six_bit_scales_and_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The eight scales and eight mins ``[n, 8]`` that ``get_scale_min_k4`` reads from ``packed`` ``[n, 12]``."""
+    packed = packed.astype(np.int32)
+    scales = np.concatenate([packed[:, 0:4] & 63, (packed[:, 8:12] & 0xF) | ((packed[:, 0:4] >> 6) << 4)], axis=1)
+    mins = np.concatenate([packed[:, 4:8] & 63, (packed[:, 8:12] >> 4) | ((packed[:, 4:8] >> 6) << 4)], axis=1)
+    return scales, mins
+
+
+def _q45_k_levels(
+    blocks: np.ndarray, importance: np.ndarray | None, nmax: int, rmin: float, nstep: int
+) -> tuple[np.ndarray, ...]:
     """Shared part of Q4_K and Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins.
 
-    Returns ``(d, dmin, packed_scales, levels)`` with levels ``[n, 256]`` in ``0..nmax``.
+    Returns ``(d, dmin, packed_scales, levels)`` with levels ``[n, 4, 2, 32]`` in ``0..nmax``.
     """
     n = len(blocks)
     x = _sub_blocks(blocks, 32)
-    rms = np.sqrt(_running_sum(x * x) / F32(32))
-    scales, mins, levels = _make_qkx2_quants(x, rms + np.abs(x), nmax, rmin, 0.1, nstep, False)
-    scales, mins = _per_super_block(scales, n), _per_super_block(mins, n)
-    max_scale = np.maximum(scales.max(axis=1), F32(0))
-    max_min = np.maximum(mins.max(axis=1), F32(0))
-    inverse_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
-    inverse_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
-    scale_codes = np.minimum(_nearest_int(inverse_scale[:, None] * scales) & 0xFF, 63)
-    min_codes = np.minimum(_nearest_int(inverse_min[:, None] * mins) & 0xFF, 63)
-    d = _fp16_bits(max_scale / F32(63))
-    dmin = _fp16_bits(max_min / F32(63))
+    if importance is None:
+        rms = np.sqrt(_running_sum(x * x) / F32(32))
+        scales, mins, levels = _make_qkx_quants(x, rms + np.abs(x), nmax, rmin, 0.1, nstep, False)
+        scales, mins = _per_super_block(scales, n), _per_super_block(mins, n)
+        max_scale = np.maximum(scales.max(axis=1), F32(0))
+        max_min = np.maximum(mins.max(axis=1), F32(0))
+        inverse_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
+        inverse_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
+        scale_codes = np.minimum(_nearest_int(inverse_scale[:, None] * scales) & 0xFF, 63)
+        min_codes = np.minimum(_nearest_int(inverse_min[:, None] * mins) & 0xFF, 63)
+        d, dmin = _fp16_bits(max_scale / F32(63)), _fp16_bits(max_min / F32(63))
+    else:
+        weights = _sub_blocks(_importance_weights(blocks, importance, 2), 32)
+        scales, mins, levels = _make_qkx_quants(x, weights, nmax, -0.9, 0.05, 36, False)
+        sub_weights = _sub_block_weights(weights, n)
+        scale_step, scale_codes = _make_qp_quants(_per_super_block(scales, n).T.copy(), 63, sub_weights)
+        min_step, min_codes = _make_qp_quants(_per_super_block(mins, n).T.copy(), 63, sub_weights)
+        scale_codes, min_codes = scale_codes.T.astype(np.int32), min_codes.T.astype(np.int32)
+        if nmax == 31:  # Q5_K clamps the codes to 6 bits, Q4_K packs them as they come
+            scale_codes, min_codes = np.minimum(scale_codes, 63), np.minimum(min_codes, 63)
+        d, dmin = _fp16_bits(scale_step), _fp16_bits(min_step)
+    packed_scales = _six_bit_scales_and_mins(scale_codes, min_codes)
+    scale_codes, min_codes = _unpack_six_bit_scales_and_mins(packed_scales)
     step = _fp16_value(d)[:, None] * scale_codes.astype(F32)
     offset = _fp16_value(dmin)[:, None] * min_codes.astype(F32)
     levels = _requantized_levels(blocks.reshape(n, 8, 32), step, offset, 0, nmax, _per_super_block(levels, n))
-    return d, dmin, _six_bit_scales_and_mins(scale_codes, min_codes), levels.reshape(n, 4, 2, 32)
+    return d, dmin, packed_scales, levels.reshape(n, 4, 2, 32)
 
 
-def _quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
+def _quantize_q4_k(blocks: np.ndarray, importance: np.ndarray | None, _row_mean_square: np.ndarray) -> np.ndarray:
     """Q4_K: 8 sub-blocks of 32, 4-bit levels, 6-bit scales and mins, fp16 ``d`` and ``dmin``."""
-    d, dmin, packed_scales, levels = _q45_k_levels(blocks, 15, -1.0, 20)
+    d, dmin, packed_scales, levels = _q45_k_levels(blocks, importance, 15, -1.0, 20)
     qs = _pack_bits(levels, 4)
     return _as_bytes(d, dmin, packed_scales, qs)
 
 
-def _quantize_q5_k(blocks: np.ndarray) -> np.ndarray:
+def _quantize_q5_k(blocks: np.ndarray, importance: np.ndarray | None, _row_mean_square: np.ndarray) -> np.ndarray:
     """Q5_K: as Q4_K with 5-bit levels, the fifth bits gathered in ``qh``."""
-    d, dmin, packed_scales, levels = _q45_k_levels(blocks, 31, -0.5, 15)
+    d, dmin, packed_scales, levels = _q45_k_levels(blocks, importance, 31, -0.5, 15)
     n = len(blocks)
     qh = _pack_bits((levels > 15).reshape(n, 8, 32), 1)
     qs = _pack_bits(levels & 0xF, 4)
     return _as_bytes(d, dmin, packed_scales, qh, qs)
 
 
-def _quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
+def _quantize_q6_k(blocks: np.ndarray, importance: np.ndarray | None, _row_mean_square: np.ndarray) -> np.ndarray:
     """Q6_K: 16 sub-blocks of 16, 6-bit levels, signed 8-bit scales, fp16 ``d``."""
     n = len(blocks)
-    scales, levels = _make_qx_quants_rmse(_sub_blocks(blocks, 16), 32)
+    weights = None if importance is None else _sub_blocks(importance, 16)
+    scales, levels = _make_qx_quants(_sub_blocks(blocks, 16), 32, weights)
     scales = _per_super_block(scales, n)
     max_scale = _first_largest_magnitude(scales, axis=1)
     all_zero = np.abs(max_scale) < _ALL_ZERO_EPS
@@ -433,10 +589,69 @@ def _quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     return _as_bytes(ql.reshape(n, 128), qh.reshape(n, 64), codes, d)
 
 
-_K_QUANTIZERS: dict[gguf.GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
+_K_QUANTIZERS: dict[gguf.GGMLQuantizationType, BlockQuantizer] = {
     Q.Q2_K: _quantize_q2_k,
     Q.Q3_K: _quantize_q3_k,
     Q.Q4_K: _quantize_q4_k,
     Q.Q5_K: _quantize_q5_k,
     Q.Q6_K: _quantize_q6_k,
+}
+
+
+# ---------------------------------------------------------------- legacy types with an importance matrix
+
+
+def _legacy_weights(blocks: np.ndarray, importance: np.ndarray, row_mean_square: np.ndarray) -> np.ndarray:
+    """Per-value weights ``[32, m]`` of the weighted legacy quantizers: importance times ``sqrt(σ² + x²)``,
+    σ² the mean square of the block's row."""
+    weights = importance * np.sqrt(row_mean_square[:, None] + blocks * blocks)
+    return np.ascontiguousarray(weights.T)
+
+
+def _fifth_bits(levels: np.ndarray) -> np.ndarray:
+    """The fifth bit of each of the 32 levels ``[m, 32]``, as one little-endian 32-bit word ``[m, 4]``."""
+    bits = ((levels >> 4) & 1).reshape(len(levels), 4, 8).transpose(0, 2, 1)
+    return _pack_bits(bits, 1)
+
+
+def _quantize_q4_0_weighted(blocks: np.ndarray, importance: np.ndarray, row_mean_square: np.ndarray) -> np.ndarray:
+    """Q4_0 with an importance matrix: a searched signed scale per block of 32, 4-bit levels."""
+    x = np.ascontiguousarray(blocks.T)
+    scale, levels = _make_qx_quants(x, 8, _legacy_weights(blocks, importance, row_mean_square))
+    levels = levels.T
+    return _as_bytes(_fp16_bits(scale), _pack_bits(levels.reshape(-1, 2, 16), 4))
+
+
+def _quantize_q5_0_weighted(blocks: np.ndarray, importance: np.ndarray, row_mean_square: np.ndarray) -> np.ndarray:
+    """Q5_0 with an importance matrix: as Q4_0 with 5-bit levels, fifth bits in ``qh``."""
+    x = np.ascontiguousarray(blocks.T)
+    scale, levels = _make_qx_quants(x, 16, _legacy_weights(blocks, importance, row_mean_square))
+    levels = levels.T
+    return _as_bytes(_fp16_bits(scale), _fifth_bits(levels), _pack_bits((levels & 0xF).reshape(-1, 2, 16), 4))
+
+
+def _quantize_q4_1_weighted(blocks: np.ndarray, importance: np.ndarray, row_mean_square: np.ndarray) -> np.ndarray:
+    """Q4_1 with an importance matrix: searched scale and min per block of 32, 4-bit levels."""
+    x = np.ascontiguousarray(blocks.T)
+    scale, the_min, levels = _make_qkx_quants(x, _legacy_weights(blocks, importance, row_mean_square), 15, -0.9, 0.05,
+                                              36, False)  # fmt: skip
+    levels = levels.T
+    return _as_bytes(_fp16_bits(scale), _fp16_bits(-the_min), _pack_bits(levels.reshape(-1, 2, 16), 4))
+
+
+def _quantize_q5_1_weighted(blocks: np.ndarray, importance: np.ndarray, row_mean_square: np.ndarray) -> np.ndarray:
+    """Q5_1 with an importance matrix: as Q4_1 with 5-bit levels, fifth bits in ``qh``."""
+    x = np.ascontiguousarray(blocks.T)
+    scale, the_min, levels = _make_qkx_quants(x, _legacy_weights(blocks, importance, row_mean_square), 31, -0.9, 0.05,
+                                              36, False)  # fmt: skip
+    levels = levels.T
+    return _as_bytes(_fp16_bits(scale), _fp16_bits(-the_min), _fifth_bits(levels),
+                     _pack_bits((levels & 0xF).reshape(-1, 2, 16), 4))  # fmt: skip
+
+
+_WEIGHTED_LEGACY_QUANTIZERS: dict[gguf.GGMLQuantizationType, BlockQuantizer] = {
+    Q.Q4_0: _quantize_q4_0_weighted,
+    Q.Q4_1: _quantize_q4_1_weighted,
+    Q.Q5_0: _quantize_q5_0_weighted,
+    Q.Q5_1: _quantize_q5_1_weighted,
 }
