@@ -71,13 +71,19 @@ def require_llama_cpp() -> Callable[..., int]:
     return function
 
 
-def reference_quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+def reference_quantize(
+    values: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None
+) -> np.ndarray:
     """Bytes ``[rows, row_bytes]`` llama.cpp writes for float32 ``values`` ``[rows, ne0]`` in ``qtype``,
-    single-threaded and without an importance matrix."""
+    single-threaded, with the importance matrix ``imatrix`` (``ne0`` weights) or without one."""
     quantize_chunk = require_llama_cpp()
     rows = np.ascontiguousarray(values, dtype=np.float32)
     block_values, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     out = np.zeros((rows.shape[0], rows.shape[1] // block_values * block_bytes), np.uint8)
-    written = quantize_chunk(int(qtype), rows.ctypes.data, out.ctypes.data, 0, rows.shape[0], rows.shape[1], None)
+    weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    weights_pointer = None if weights is None else weights.ctypes.data
+    written = quantize_chunk(
+        int(qtype), rows.ctypes.data, out.ctypes.data, 0, rows.shape[0], rows.shape[1], weights_pointer
+    )
     assert written == out.nbytes, f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}"
     return out

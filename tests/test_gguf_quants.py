@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 
-from orthopatch.gguf.quants import PATCHABLE_TYPES, dequantize, quantize
+from orthopatch.gguf.quants import IMATRIX_TYPES, PATCHABLE_TYPES, dequantize, quantize
 from tests.llama_ref import reference_quantize, requires_llama_cpp
 
 Q = gguf.GGMLQuantizationType
@@ -125,6 +125,42 @@ def test_k_quants_match_llama_cpp_on_more_seeds(qtype: gguf.GGMLQuantizationType
         assert matching_block_fraction(quantize(values, qtype), reference_quantize(values, qtype), qtype) == 1.0
 
 
+IMATRICES: dict[str, Callable[[np.random.Generator], np.ndarray]] = {
+    "gamma": lambda rng: rng.gamma(1.0, 1.0, SHAPE[1]),
+    "ones": lambda rng: np.ones(SHAPE[1]),
+    "sparse": lambda rng: np.where(rng.random(SHAPE[1]) < 0.2, 0.0, rng.gamma(2.0, 1.0, SHAPE[1])),
+}
+"""Importance matrices, one weight per column: typical, uniform, and with many unimportant columns."""
+
+
+def make_imatrix(name: str) -> np.ndarray:
+    return IMATRICES[name](np.random.default_rng([7, list(IMATRICES).index(name)])).astype(np.float32)
+
+
+@pytest.mark.parametrize("imatrix_name", list(IMATRICES))
+@pytest.mark.parametrize("qtype", sorted(IMATRIX_TYPES, key=lambda qtype: qtype.value), ids=lambda qtype: qtype.name)
+@requires_llama_cpp
+def test_bytes_with_importance_matrix_match_llama_cpp(qtype: gguf.GGMLQuantizationType, imatrix_name: str) -> None:
+    imatrix = make_imatrix(imatrix_name)
+    for input_name in INPUTS:
+        values = make_input(input_name)
+        theirs = reference_quantize(values, qtype, imatrix)
+        ours = quantize(values, qtype, imatrix)
+        assert matching_block_fraction(ours, theirs, qtype) >= MIN_MATCHING_BLOCKS, input_name
+
+
+@pytest.mark.parametrize("qtype", sorted(PATCHABLE_TYPES - IMATRIX_TYPES, key=lambda qtype: qtype.value),
+                         ids=lambda qtype: qtype.name)  # fmt: skip
+def test_types_without_weighted_quantizer_ignore_the_importance_matrix(qtype: gguf.GGMLQuantizationType) -> None:
+    values = make_input("heavy_tailed")
+    np.testing.assert_array_equal(quantize(values, qtype, make_imatrix("gamma")), quantize(values, qtype))
+
+
+def test_importance_matrix_must_cover_each_column() -> None:
+    with pytest.raises(ValueError, match="importance matrix has 256 weights for rows of 1024"):
+        quantize(make_input("gaussian"), Q.Q4_K, np.ones(256, np.float32))
+
+
 # ---------------------------------------------------------------- against gguf-py
 
 
@@ -191,3 +227,19 @@ def test_benchmark_script_reports_every_type(tmp_path) -> None:
     rows = json.loads(out.read_text())
     assert {row["type"] for row in rows} == {qtype.name for qtype in PATCHABLE_TYPES}
     assert all(row["same"] in (None, 1.0) for row in rows)
+
+
+def test_float32_helpers_round_and_sum_like_c() -> None:
+    from orthopatch.gguf.quants import _nearest_int, _nearest_levels, _running_sum
+
+    halves = np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 4194302.5], np.float32)
+    np.testing.assert_array_equal(_nearest_int(halves), [-2, -2, 0, 0, 2, 2, 4194302])
+    scaled = np.random.default_rng(3).standard_normal((16, 64)).astype(np.float32) * 40
+    exact = np.clip(_nearest_int(scaled), -32, 31).astype(np.float32)
+    np.testing.assert_array_equal(_nearest_levels(scaled.copy(), -32, 31, np.full(64, 1e3, np.float32)), exact)
+    # a float32 sum in index order differs from numpy's pairwise sum on these terms
+    terms = np.array([1e8, 1.0, -1e8, 1.0] * 4, np.float32)[:, None].repeat(3, axis=1)
+    sequential = np.float32(0)
+    for term in terms[:, 0]:
+        sequential = np.float32(sequential + term)
+    np.testing.assert_array_equal(_running_sum(terms), np.full(3, sequential, np.float32))
