@@ -1,15 +1,16 @@
 """Dequantize GGUF tensor data and quantize it back to the same type, byte for byte as llama.cpp does.
 
 A patched GGUF tensor is stored again in the type it came in. For the result to be the file that
-llama.cpp's own ``llama-quantize`` would have written from the same float values (no importance
-matrix), the quantizers must reproduce ggml's reference ones exactly: same float32 arithmetic in the
-same order, same round-half-to-even, same fp16 rounding of the block scales.
+llama.cpp's own ``llama-quantize`` would have written from the same float values, the quantizers
+must reproduce ggml's exactly: same float32 arithmetic in the same order, same round-half-to-even,
+same fp16 rounding of the block scales.
 
-F32, F16, BF16 and the legacy 32-value blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) come from gguf-py,
-whose quantizers already match ggml. The k-quants (Q2_K to Q6_K, 256-value super-blocks) are
-written here with numpy, every super-block of a chunk at once. Sums that C accumulates element by
-element are accumulated here in the same order (:func:`_running_sum`), because float32 addition is
-not associative and a pairwise sum would move ties in the rounding.
+Without an importance matrix, F32, F16, BF16 and the legacy 32-value blocks (Q8_0, Q4_0, Q4_1,
+Q5_0, Q5_1) come from gguf-py, whose quantizers already match ggml. The k-quants (Q2_K to Q6_K,
+256-value super-blocks), and the legacy types weighted by an importance matrix, are written here
+with numpy, every block of a chunk at once. Sums that C accumulates element by element are
+accumulated here in the same order (:func:`_running_sum`), because float32 addition is not
+associative and a pairwise sum would move ties in the rounding.
 
 Arrays inside the k-quant code are laid out ``[position, sub-block]``: axis 0 runs over the 16 or
 32 values of one sub-block, axis 1 over every sub-block of the chunk, so that a sum over positions
@@ -79,7 +80,7 @@ def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.n
     if qtype in _K_QUANTIZERS:
         packed = _quantize_in_chunks(rows, SUPER_BLOCK, _K_QUANTIZERS[qtype], importance)
     elif importance is not None:
-        packed = _quantize_in_chunks(rows, 32, _WEIGHTED_LEGACY_QUANTIZERS[qtype], importance)
+        packed = _quantize_in_chunks(rows, 32, _WEIGHTED_LEGACY_QUANTIZERS[qtype], importance, row_mean_square=True)
     else:
         packed = gguf.quants.quantize(rows, qtype)
     return np.ascontiguousarray(packed).view(np.uint8).reshape(rows.shape[0], _row_bytes(qtype, rows.shape[1]))
@@ -107,26 +108,30 @@ to ``bytes [m, block_bytes]``."""
 
 
 def _quantize_in_chunks(
-    rows: np.ndarray, block_size: int, quantize_chunk: BlockQuantizer, importance: np.ndarray | None
+    rows: np.ndarray,
+    block_size: int,
+    quantize_chunk: BlockQuantizer,
+    importance: np.ndarray | None,
+    row_mean_square: bool = False,
 ) -> np.ndarray:
     """Bytes ``[blocks, block_bytes]`` of ``rows`` cut in blocks of ``block_size``, a cache-sized chunk at a time.
 
-    Each chunk also gets the importance of the columns its blocks cover and, for the weighted
-    legacy types, the mean square of the row each block lies in.
+    Each chunk also gets the importance of the columns its blocks cover and, with ``row_mean_square``
+    (the weighted legacy types), the mean square of the row each block lies in (zeros otherwise).
     """
     per_row = rows.shape[1] // block_size
     blocks = rows.reshape(-1, block_size)
     columns = None if importance is None else importance.reshape(per_row, block_size)
-    row_mean_square = np.zeros(len(rows), F32)
-    if importance is not None and block_size != SUPER_BLOCK and rows.size:
-        row_mean_square = _running_sum(np.ascontiguousarray((rows * rows).T)) / F32(rows.shape[1])
+    row_squares = np.zeros(len(rows), F32)
+    if row_mean_square and rows.size:
+        row_squares = _running_sum(np.ascontiguousarray((rows * rows).T)) / F32(rows.shape[1])
     step = max(1, CHUNK_VALUES // block_size)
     chunks = []
     with np.errstate(all="ignore"):  # all-zero and flat sub-blocks divide by zero; their results are overridden
         for start in range(0, len(blocks), step):
             index = np.arange(start, min(start + step, len(blocks)))
             weights = None if columns is None else columns[index % per_row]
-            chunks.append(quantize_chunk(blocks[start : index[-1] + 1], weights, row_mean_square[index // per_row]))
+            chunks.append(quantize_chunk(blocks[start : index[-1] + 1], weights, row_squares[index // per_row]))
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.uint8)
 
 
