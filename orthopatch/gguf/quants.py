@@ -82,7 +82,10 @@ def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.n
     elif importance is not None:
         packed = _quantize_in_chunks(rows, 32, _WEIGHTED_LEGACY_QUANTIZERS[qtype], importance, row_mean_square=True)
     else:
-        packed = gguf.quants.quantize(rows, qtype)
+        with np.errstate(over="ignore"):  # beyond the fp16 range ggml writes inf, and so does numpy
+            packed = gguf.quants.quantize(rows, qtype)
+        if np.shares_memory(packed, values):  # F32 comes back as the input itself
+            packed = packed.copy()
     return np.ascontiguousarray(packed).view(np.uint8).reshape(rows.shape[0], _row_bytes(qtype, rows.shape[1]))
 
 
