@@ -321,7 +321,9 @@ def _make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """Signed scale and levels ``0..2*nmax-1`` of each sub-block, refined value by value (weights ``x²``).
 
     Starts from rounding at ``nmax / max|x|``; then, up to five sweeps, moves each level to the one
-    the current fit prefers when that raises the explained weighted energy. Returns ``(scale, levels)``.
+    the current fit prefers when that raises the explained weighted energy. A sub-block whose sweep
+    changed nothing would change nothing again, so later sweeps only visit those that changed.
+    Returns ``(scale, levels)``.
     """
     peak = _first_largest_magnitude(x, axis=0)
     all_zero = np.abs(peak) < _ALL_ZERO_EPS
@@ -330,31 +332,53 @@ def _make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     levels = np.clip(_nearest_int((F32(-nmax) / peak) * x), -nmax, nmax - 1).astype(F32)
     sum_lx = _running_sum(weighted_x * levels)
     sum_l2 = _running_sum(weights * levels * levels)
-    for _sweep in range(5):
-        changed = np.zeros(x.shape[1], bool)
-        for i in range(x.shape[0]):
-            level = levels[i]
-            without_lx = sum_lx - weighted_x[i] * level
-            without_l2 = sum_l2 - weights[i] * level * level
-            proposal = np.clip(_nearest_int(x[i] * without_l2 / without_lx), -nmax, nmax - 1).astype(F32)
-            with_lx = without_lx + weighted_x[i] * proposal
-            with_l2 = without_l2 + weights[i] * proposal * proposal
-            accept = (
-                (without_lx > 0)
-                & (proposal != level)
-                & (with_l2 > 0)
-                & (with_lx * with_lx * sum_l2 > sum_lx * sum_lx * with_l2)
-            )
-            levels[i] = np.where(accept, proposal, level)
-            sum_lx = np.where(accept, with_lx, sum_lx)
-            sum_l2 = np.where(accept, with_l2, sum_l2)
-            changed |= accept & ~all_zero
-        if not changed.any():
+    levels, sum_lx, sum_l2, changed = _q3_sweep(x, weights, weighted_x, levels, sum_lx, sum_l2, nmax)
+    active = np.flatnonzero(changed)
+    for _sweep in range(4):
+        if not active.size:
             break
+        swept = _q3_sweep(x[:, active], weights[:, active], weighted_x[:, active], levels[:, active],
+                          sum_lx[active], sum_l2[active], nmax)  # fmt: skip
+        levels[:, active], sum_lx[active], sum_l2[active], changed = swept
+        active = active[changed]
     scale = np.where(sum_l2 > 0, sum_lx / sum_l2, F32(0))
     scale = np.where(all_zero, F32(0), scale)
     levels = np.where(all_zero, F32(0), levels + F32(nmax))
     return scale, levels.astype(np.uint8)
+
+
+def _q3_sweep(
+    x: np.ndarray,
+    weights: np.ndarray,
+    weighted_x: np.ndarray,
+    levels: np.ndarray,
+    sum_lx: np.ndarray,
+    sum_l2: np.ndarray,
+    nmax: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One pass of :func:`_make_q3_quants`' refinement over the positions, in order.
+
+    Returns the updated ``(levels, sum_lx, sum_l2)`` and which sub-blocks changed.
+    """
+    changed = np.zeros(x.shape[1], bool)
+    for i in range(x.shape[0]):
+        level = levels[i]
+        without_lx = sum_lx - weighted_x[i] * level
+        without_l2 = sum_l2 - weights[i] * level * level
+        proposal = np.clip(_nearest_int(x[i] * without_l2 / without_lx), -nmax, nmax - 1).astype(F32)
+        with_lx = without_lx + weighted_x[i] * proposal
+        with_l2 = without_l2 + weights[i] * proposal * proposal
+        accept = (
+            (without_lx > 0)
+            & (proposal != level)
+            & (with_l2 > 0)
+            & (with_lx * with_lx * sum_l2 > sum_lx * sum_lx * with_l2)
+        )
+        levels[i] = np.where(accept, proposal, level)
+        sum_lx = np.where(accept, with_lx, sum_lx)
+        sum_l2 = np.where(accept, with_l2, sum_l2)
+        changed |= accept
+    return levels, sum_lx, sum_l2, changed
 
 
 def _make_qp_quants(x: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
