@@ -243,3 +243,10 @@ def test_float32_helpers_round_and_sum_like_c() -> None:
     for term in terms[:, 0]:
         sequential = np.float32(sequential + term)
     np.testing.assert_array_equal(_running_sum(terms), np.full(3, sequential, np.float32))
+
+
+def test_quantized_bytes_do_not_alias_the_input() -> None:
+    values = make_input("gaussian")
+    packed = quantize(values, Q.F32)
+    values[:] = 0
+    assert packed.view(np.float32).any()
