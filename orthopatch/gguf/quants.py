@@ -664,18 +664,16 @@ def _quantize_q5_0_weighted(blocks: np.ndarray, importance: np.ndarray, row_mean
 
 def _quantize_q4_1_weighted(blocks: np.ndarray, importance: np.ndarray, row_mean_square: np.ndarray) -> np.ndarray:
     """Q4_1 with an importance matrix: searched scale and min per block of 32, 4-bit levels."""
-    x = np.ascontiguousarray(blocks.T)
-    scale, the_min, levels = _make_qkx_quants(x, _legacy_weights(blocks, importance, row_mean_square), 15, -0.9, 0.05,
-                                              36, False)  # fmt: skip
+    x, weights = np.ascontiguousarray(blocks.T), _legacy_weights(blocks, importance, row_mean_square)
+    scale, the_min, levels = _make_qkx_quants(x, weights, 15, -0.9, 0.05, 36, False)
     levels = levels.T
     return _as_bytes(_fp16_bits(scale), _fp16_bits(-the_min), _pack_bits(levels.reshape(-1, 2, 16), 4))
 
 
 def _quantize_q5_1_weighted(blocks: np.ndarray, importance: np.ndarray, row_mean_square: np.ndarray) -> np.ndarray:
     """Q5_1 with an importance matrix: as Q4_1 with 5-bit levels, fifth bits in ``qh``."""
-    x = np.ascontiguousarray(blocks.T)
-    scale, the_min, levels = _make_qkx_quants(x, _legacy_weights(blocks, importance, row_mean_square), 31, -0.9, 0.05,
-                                              36, False)  # fmt: skip
+    x, weights = np.ascontiguousarray(blocks.T), _legacy_weights(blocks, importance, row_mean_square)
+    scale, the_min, levels = _make_qkx_quants(x, weights, 31, -0.9, 0.05, 36, False)
     levels = levels.T
     return _as_bytes(_fp16_bits(scale), _fp16_bits(-the_min), _fifth_bits(levels),
                      _pack_bits((levels & 0xF).reshape(-1, 2, 16), 4))  # fmt: skip
