@@ -1,0 +1,252 @@
+"""GGUF requantization: our bytes against llama.cpp's ``ggml_quantize_chunk``, gguf-py round trips, and
+the sizes, errors and fixed points that hold without any reference at hand."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from orthopatch.gguf.quants import IMATRIX_TYPES, PATCHABLE_TYPES, dequantize, quantize
+from tests.llama_ref import reference_quantize, requires_llama_cpp
+
+Q = gguf.GGMLQuantizationType
+TYPES = sorted(PATCHABLE_TYPES, key=lambda qtype: qtype.value)
+SHAPE = (16, 1024)
+MIN_MATCHING_BLOCKS = 0.999
+"""Fraction of blocks whose bytes must equal llama.cpp's (all of them did when this was written)."""
+
+GGUF_PY_QUANTIZERS = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
+"""Types gguf-py both quantizes and dequantizes."""
+
+RELATIVE_RMS_BOUND = {
+    Q.F32: 0.0, Q.F16: 5e-4, Q.BF16: 4e-3, Q.Q8_0: 8e-3,
+    Q.Q4_0: 0.11, Q.Q4_1: 0.10, Q.Q5_0: 0.055, Q.Q5_1: 0.05,
+    Q.Q2_K: 0.35, Q.Q3_K: 0.19, Q.Q4_K: 0.09, Q.Q5_K: 0.046, Q.Q6_K: 0.023,
+}  # fmt: skip
+"""RMS error over RMS value on gaussian data, about 25% above what each type reaches."""
+
+STABLE_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q5_0)
+"""Types whose dequantized values quantize back to themselves: the scale is the block's largest
+magnitude over a fixed level count, which the dequantized block reproduces exactly. The searched
+scales of Q4_1/Q5_1 and the k-quants carry no such guarantee."""
+
+
+def _gaussian(rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal(SHAPE)
+
+
+def _heavy_tailed(rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_t(3, SHAPE) * 0.02
+
+
+def _zero_rows(rng: np.random.Generator) -> np.ndarray:
+    values = rng.standard_normal(SHAPE)
+    values[::3] = 0
+    values[1, 256:512] = 0
+    return values
+
+
+def _single_outlier(rng: np.random.Generator) -> np.ndarray:
+    values = rng.standard_normal(SHAPE) * 0.01
+    values[np.arange(SHAPE[0]), rng.integers(0, SHAPE[1], SHAPE[0])] = 40.0
+    return values
+
+
+def _fp16_subnormal_scale(rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal(SHAPE) * np.array([1e-7, 3e-6, 3e-5, 1e-4])[np.arange(SHAPE[0]) % 4, None]
+
+
+def _mixed_sub_block_magnitudes(rng: np.random.Generator) -> np.ndarray:
+    magnitudes = 10.0 ** rng.uniform(-4, 0, (SHAPE[0], SHAPE[1] // 16, 1))
+    return (rng.standard_normal((SHAPE[0], SHAPE[1] // 16, 16)) * magnitudes).reshape(SHAPE)
+
+
+def _constant_and_positive(rng: np.random.Generator) -> np.ndarray:
+    values = np.abs(rng.standard_normal(SHAPE)) + 1.0
+    values[::2] = -0.5
+    return values
+
+
+INPUTS: dict[str, Callable[[np.random.Generator], np.ndarray]] = {
+    "gaussian": _gaussian,
+    "heavy_tailed": _heavy_tailed,
+    "zero_rows": _zero_rows,
+    "single_outlier": _single_outlier,
+    "fp16_subnormal_scale": _fp16_subnormal_scale,
+    "mixed_sub_block_magnitudes": _mixed_sub_block_magnitudes,
+    "constant_and_positive": _constant_and_positive,
+}
+
+
+def make_input(name: str, seed: int = 0) -> np.ndarray:
+    """The named test input as float32 ``SHAPE``, the same on every run."""
+    return INPUTS[name](np.random.default_rng([seed, list(INPUTS).index(name)])).astype(np.float32)
+
+
+def matching_block_fraction(ours: np.ndarray, theirs: np.ndarray, qtype: gguf.GGMLQuantizationType) -> float:
+    """Fraction of quantization blocks whose bytes are identical."""
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    return float((ours.reshape(-1, block_bytes) == theirs.reshape(-1, block_bytes)).all(axis=1).mean())
+
+
+def squared_error(values: np.ndarray, packed: np.ndarray, qtype: gguf.GGMLQuantizationType) -> float:
+    """Total squared error of the values ``packed`` holds, in float64."""
+    restored = dequantize(packed, qtype, values.shape).astype(np.float64)
+    return float(((restored - values) ** 2).sum())
+
+
+# ---------------------------------------------------------------- against llama.cpp
+
+
+@pytest.mark.parametrize("input_name", list(INPUTS))
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda qtype: qtype.name)
+@requires_llama_cpp
+def test_bytes_match_llama_cpp(qtype: gguf.GGMLQuantizationType, input_name: str) -> None:
+    values = make_input(input_name)
+    theirs = reference_quantize(values, qtype)
+    ours = quantize(values, qtype)
+    assert ours.shape == theirs.shape
+    assert matching_block_fraction(ours, theirs, qtype) >= MIN_MATCHING_BLOCKS
+    assert squared_error(values, ours, qtype) <= squared_error(values, theirs, qtype) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda qtype: qtype.name)
+@requires_llama_cpp
+def test_k_quants_match_llama_cpp_on_more_seeds(qtype: gguf.GGMLQuantizationType) -> None:
+    for seed in range(1, 4):
+        values = np.concatenate([make_input(name, seed) for name in INPUTS])
+        assert matching_block_fraction(quantize(values, qtype), reference_quantize(values, qtype), qtype) == 1.0
+
+
+IMATRICES: dict[str, Callable[[np.random.Generator], np.ndarray]] = {
+    "gamma": lambda rng: rng.gamma(1.0, 1.0, SHAPE[1]),
+    "ones": lambda rng: np.ones(SHAPE[1]),
+    "sparse": lambda rng: np.where(rng.random(SHAPE[1]) < 0.2, 0.0, rng.gamma(2.0, 1.0, SHAPE[1])),
+}
+"""Importance matrices, one weight per column: typical, uniform, and with many unimportant columns."""
+
+
+def make_imatrix(name: str) -> np.ndarray:
+    return IMATRICES[name](np.random.default_rng([7, list(IMATRICES).index(name)])).astype(np.float32)
+
+
+@pytest.mark.parametrize("imatrix_name", list(IMATRICES))
+@pytest.mark.parametrize("qtype", sorted(IMATRIX_TYPES, key=lambda qtype: qtype.value), ids=lambda qtype: qtype.name)
+@requires_llama_cpp
+def test_bytes_with_importance_matrix_match_llama_cpp(qtype: gguf.GGMLQuantizationType, imatrix_name: str) -> None:
+    imatrix = make_imatrix(imatrix_name)
+    for input_name in INPUTS:
+        values = make_input(input_name)
+        theirs = reference_quantize(values, qtype, imatrix)
+        ours = quantize(values, qtype, imatrix)
+        assert matching_block_fraction(ours, theirs, qtype) >= MIN_MATCHING_BLOCKS, input_name
+
+
+@pytest.mark.parametrize("qtype", sorted(PATCHABLE_TYPES - IMATRIX_TYPES, key=lambda qtype: qtype.value),
+                         ids=lambda qtype: qtype.name)  # fmt: skip
+def test_types_without_weighted_quantizer_ignore_the_importance_matrix(qtype: gguf.GGMLQuantizationType) -> None:
+    values = make_input("heavy_tailed")
+    np.testing.assert_array_equal(quantize(values, qtype, make_imatrix("gamma")), quantize(values, qtype))
+
+
+def test_importance_matrix_must_cover_each_column() -> None:
+    with pytest.raises(ValueError, match="importance matrix has 256 weights for rows of 1024"):
+        quantize(make_input("gaussian"), Q.Q4_K, np.ones(256, np.float32))
+
+
+# ---------------------------------------------------------------- against gguf-py
+
+
+@pytest.mark.parametrize("qtype", GGUF_PY_QUANTIZERS, ids=lambda qtype: qtype.name)
+def test_round_trip_agrees_with_gguf_py(qtype: gguf.GGMLQuantizationType) -> None:
+    values = make_input("heavy_tailed")
+    ours = quantize(values, qtype)
+    theirs = np.ascontiguousarray(gguf.quants.quantize(values, qtype)).view(np.uint8).reshape(ours.shape)
+    np.testing.assert_array_equal(ours, theirs)
+    restored = dequantize(ours, qtype, values.shape)
+    expected = np.asarray(gguf.quants.dequantize(theirs, qtype), dtype=np.float32).reshape(values.shape)
+    np.testing.assert_array_equal(restored, expected)
+
+
+# ---------------------------------------------------------------- without a reference
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda qtype: qtype.name)
+def test_sizes_and_shapes(qtype: gguf.GGMLQuantizationType) -> None:
+    values = make_input("gaussian")[:3, :512]
+    block_values, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    packed = quantize(values, qtype)
+    assert packed.dtype == np.uint8
+    assert packed.shape == (3, 512 // block_values * block_bytes)
+    restored = dequantize(packed.ravel(), qtype, values.shape)
+    assert restored.dtype == np.float32 and restored.shape == values.shape
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda qtype: qtype.name)
+def test_error_is_bounded(qtype: gguf.GGMLQuantizationType) -> None:
+    values = make_input("gaussian").astype(np.float64)
+    relative_rms = np.sqrt(squared_error(values, quantize(values, qtype), qtype) / (values**2).sum())
+    assert relative_rms <= RELATIVE_RMS_BOUND[qtype]
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda qtype: qtype.name)
+def test_zeros_stay_zeros(qtype: gguf.GGMLQuantizationType) -> None:
+    values = np.zeros((2, 512), np.float32)
+    assert not dequantize(quantize(values, qtype), qtype, values.shape).any()
+
+
+@pytest.mark.parametrize("input_name", ["gaussian", "heavy_tailed", "fp16_subnormal_scale"])
+@pytest.mark.parametrize("qtype", STABLE_TYPES, ids=lambda qtype: qtype.name)
+def test_requantizing_dequantized_values_is_stable(qtype: gguf.GGMLQuantizationType, input_name: str) -> None:
+    values = make_input(input_name)
+    once = dequantize(quantize(values, qtype), qtype, values.shape)
+    twice = dequantize(quantize(once, qtype), qtype, values.shape)
+    np.testing.assert_array_equal(once, twice)
+
+
+def test_rejects_unpatchable_type_and_partial_blocks() -> None:
+    with pytest.raises(ValueError, match="IQ2_XXS"):
+        quantize(np.zeros((1, 256), np.float32), Q.IQ2_XXS)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        quantize(np.zeros((1, 128), np.float32), Q.Q4_K)
+
+
+def test_benchmark_script_reports_every_type(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_gguf_quants.py"
+    done = subprocess.run([sys.executable, str(script), "--rows", "4", "--cols", "512", "--repeats", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert {row["type"] for row in rows} == {qtype.name for qtype in PATCHABLE_TYPES}
+    assert all(row["same"] in (None, 1.0) for row in rows)
+
+
+def test_float32_helpers_round_and_sum_like_c() -> None:
+    from orthopatch.gguf.quants import _nearest_int, _nearest_levels, _running_sum
+
+    halves = np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 4194302.5], np.float32)
+    np.testing.assert_array_equal(_nearest_int(halves), [-2, -2, 0, 0, 2, 2, 4194302])
+    scaled = np.random.default_rng(3).standard_normal((16, 64)).astype(np.float32) * 40
+    exact = np.clip(_nearest_int(scaled), -32, 31).astype(np.float32)
+    np.testing.assert_array_equal(_nearest_levels(scaled.copy(), -32, 31, np.full(64, 1e3, np.float32)), exact)
+    # a float32 sum in index order differs from numpy's pairwise sum on these terms
+    terms = np.array([1e8, 1.0, -1e8, 1.0] * 4, np.float32)[:, None].repeat(3, axis=1)
+    sequential = np.float32(0)
+    for term in terms[:, 0]:
+        sequential = np.float32(sequential + term)
+    np.testing.assert_array_equal(_running_sum(terms), np.full(3, sequential, np.float32))
+
+
+def test_quantized_bytes_do_not_alias_the_input() -> None:
+    values = make_input("gaussian")
+    packed = quantize(values, Q.F32)
+    values[:] = 0
+    assert packed.view(np.float32).any()
