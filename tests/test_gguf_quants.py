@@ -230,19 +230,19 @@ def test_benchmark_script_reports_every_type(tmp_path) -> None:
 
 
 def test_float32_helpers_round_and_sum_like_c() -> None:
-    from orthopatch.gguf.quants import _nearest_int, _nearest_levels, _running_sum
+    from orthopatch.gguf.blockmath import nearest_int, nearest_levels, running_sum
 
     halves = np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 4194302.5], np.float32)
-    np.testing.assert_array_equal(_nearest_int(halves), [-2, -2, 0, 0, 2, 2, 4194302])
+    np.testing.assert_array_equal(nearest_int(halves), [-2, -2, 0, 0, 2, 2, 4194302])
     scaled = np.random.default_rng(3).standard_normal((16, 64)).astype(np.float32) * 40
-    exact = np.clip(_nearest_int(scaled), -32, 31).astype(np.float32)
-    np.testing.assert_array_equal(_nearest_levels(scaled.copy(), -32, 31, np.full(64, 1e3, np.float32)), exact)
+    exact = np.clip(nearest_int(scaled), -32, 31).astype(np.float32)
+    np.testing.assert_array_equal(nearest_levels(scaled.copy(), -32, 31, np.full(64, 1e3, np.float32)), exact)
     # a float32 sum in index order differs from numpy's pairwise sum on these terms
     terms = np.array([1e8, 1.0, -1e8, 1.0] * 4, np.float32)[:, None].repeat(3, axis=1)
     sequential = np.float32(0)
     for term in terms[:, 0]:
         sequential = np.float32(sequential + term)
-    np.testing.assert_array_equal(_running_sum(terms), np.full(3, sequential, np.float32))
+    np.testing.assert_array_equal(running_sum(terms), np.full(3, sequential, np.float32))
 
 
 def test_quantized_bytes_do_not_alias_the_input() -> None:

@@ -246,8 +246,8 @@ def test_parse_repo_ref():
     for text in ("name", "./org/name", "a/b/c", "/abs/path", "org/na--me", "org/name@", "org/x.git"):
         assert hub.parse_repo_ref(text) is None, text
     snapshot = Path("/c/models--org--name/snapshots") / COMMIT
-    assert hub.cached_repo_name(snapshot) == "org/name"
-    assert hub.cached_repo_name(Path("/c/name")) is None
+    assert checkpoint.cached_repo_name(snapshot) == "org/name"
+    assert checkpoint.cached_repo_name(Path("/c/name")) is None
 
 
 def test_source_card_parsing(tmp_path):

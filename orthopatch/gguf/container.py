@@ -20,8 +20,8 @@ from typing import Any
 
 import gguf
 
-from ..errors import OrthopatchError, shortened
-from ..smallfile import open_regular
+from orthopatch.errors import OrthopatchError, shortened
+from orthopatch.io.smallfile import open_regular
 
 MAGIC = b"GGUF"
 #: Versions read: 2 and 3 differ only in allowing big-endian files, which we refuse.

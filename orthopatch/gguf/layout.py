@@ -27,8 +27,8 @@ from functools import cached_property
 
 import gguf
 
-from ..errors import OrthopatchError, shortened
-from .container import (
+from orthopatch.errors import OrthopatchError, shortened
+from orthopatch.gguf.container import (
     ALIGNMENT_KEY,
     MAGIC,
     MAX_HEADER_BYTES,
@@ -37,7 +37,7 @@ from .container import (
     GGUFFile,
     align_up,
 )
-from .split import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS
+from orthopatch.gguf.split import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS
 
 #: The string entry whose length places the output's data section.
 PADDING_KEY = "orthopatch.padding"
@@ -94,8 +94,13 @@ def _check_extra(src: GGUFFile, extra: dict[str, str]) -> None:
                                   "entries can be replaced", path=src.path)
 
 
-def plan_output(src: GGUFFile, extra_metadata: dict[str, str], block: int = DEFAULT_BLOCK) -> OutputLayout:
-    """The header of ``src`` patched with ``extra_metadata``, its data section moved by a multiple of ``block``."""
+def plan_output(src: GGUFFile, extra_metadata: dict[str, str], block: int = DEFAULT_BLOCK,
+                data_start: int | None = None) -> OutputLayout:
+    """The header of ``src`` patched with ``extra_metadata``, its data section moved by a multiple of ``block``.
+
+    ``data_start`` (from an earlier plan of the same file with longer metadata) keeps the data where that
+    plan put it: the padding takes up the difference.
+    """
     if not isinstance(block, int) or block < 1:
         raise OrthopatchError(f"block size must be a positive integer, not {block!r}", path=src.path)
     _check_extra(src, extra_metadata)
@@ -117,7 +122,11 @@ def plan_output(src: GGUFFile, extra_metadata: dict[str, str], block: int = DEFA
 
     alignment, start = src.alignment, src.data_start
     step = math.lcm(block, alignment)
-    data_start = start + max(0, -(-(h0 - start) // step)) * step
+    smallest = start + max(0, -(-(h0 - start) // step)) * step
+    if data_start is None:
+        data_start = smallest
+    elif data_start < smallest or (data_start - start) % step:
+        raise ValueError(f"data cannot start at {data_start} (the smallest start is {smallest}, in steps of {step})")
     padding = max(0, data_start - alignment + 1 - h0)
     if padding > MAX_VALUE_STRING or data_start > MAX_HEADER_BYTES:
         raise OrthopatchError(f"a {block}-byte block and {alignment}-byte alignment would need a {data_start:,}-byte "

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import gguf
 
-from ..errors import OrthopatchError
-from .container import VT, GGUFFile, read_gguf
+from orthopatch.errors import OrthopatchError
+from orthopatch.gguf.container import VT, GGUFFile, read_gguf
 
 SPLIT_NO = gguf.Keys.Split.LLM_KV_SPLIT_NO
 SPLIT_COUNT = gguf.Keys.Split.LLM_KV_SPLIT_COUNT

@@ -114,22 +114,24 @@ def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def clone_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
-    """Share ``[offset, offset + length)`` of ``src_fd`` into ``dst_fd`` at the same offset (``FICLONERANGE``).
+def clone_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int | None = None) -> None:
+    """Share ``[offset, offset + length)`` of ``src_fd`` into ``dst_fd`` at ``dst_offset`` (default: the same
+    offset) with ``FICLONERANGE``.
 
     Both ends must be block-aligned. Raises ``OSError`` where the filesystem cannot share extents.
     """
-    fcntl.ioctl(dst_fd, FICLONERANGE, struct.pack("=qQQQ", src_fd, offset, length, offset))
+    dst_offset = offset if dst_offset is None else dst_offset
+    fcntl.ioctl(dst_fd, FICLONERANGE, struct.pack("=qQQQ", src_fd, offset, length, dst_offset))
 
 
 class RangeCopier:
     """Copies ranges from one file to another, at the same or given offsets, as cheaply as the files allow.
 
-    Ranges at the same offset in both files are split at block boundaries (``block``, default: the
-    destination's block size): bodies are cloned while the filesystem accepts it, then copied with
-    ``os.copy_file_range``, then, for good, through a bounded ``pread``/``pwrite`` loop; heads and
-    tails always take that loop. With ``write_behind`` every range written (not cloned) is handed to
-    writeback at once. :attr:`stats` counts where the bytes went.
+    Ranges at the same offset in both files, or at offsets a whole number of blocks apart, are split at
+    block boundaries (``block``, default: the destination's block size): bodies are cloned while the
+    filesystem accepts it, then copied with ``os.copy_file_range``, then, for good, through a bounded
+    ``pread``/``pwrite`` loop; heads and tails always take that loop. With ``write_behind`` every range
+    written (not cloned) is handed to writeback at once. :attr:`stats` counts where the bytes went.
     """
 
     def __init__(self, chunk: int | None = None, *, write_behind: bool = False, block: int | None = None,
@@ -163,26 +165,32 @@ class RangeCopier:
     def copy(self, src_fd: int, dst_fd: int, src_offset: int, length: int, dst_offset: int | None = None,
              on_progress=None) -> None:
         dst_offset = src_offset if dst_offset is None else dst_offset
-        if dst_offset != src_offset:
-            self._copy_bytes(src_fd, dst_fd, src_offset, length, dst_offset, on_progress)
-            return
         block = self.block or block_size(dst_fd)
         self.block = block
+        shift = dst_offset - src_offset
+        if shift % block:
+            self._copy_bytes(src_fd, dst_fd, src_offset, length, dst_offset, on_progress)
+            return
         for piece in split_aligned(src_offset, src_offset + length, block):
             if piece.aligned:
-                self._copy_body(src_fd, dst_fd, piece.begin, piece.end - piece.begin, on_progress)
+                self._copy_body(src_fd, dst_fd, piece.begin, piece.end - piece.begin, on_progress, shift)
             else:
-                self._copy_user(src_fd, dst_fd, piece.begin, piece.end - piece.begin, piece.begin, on_progress)
+                self._copy_user(src_fd, dst_fd, piece.begin, piece.end - piece.begin, piece.begin + shift,
+                                on_progress)
 
     # -- the three ways, each in bounded steps with progress -------------------------------------------
 
-    def _copy_body(self, src_fd: int, dst_fd: int, offset: int, length: int, on_progress) -> None:
-        """An aligned range: cloned while the filesystem accepts it, otherwise copied."""
+    def _copy_body(self, src_fd: int, dst_fd: int, offset: int, length: int, on_progress, shift: int = 0) -> None:
+        """An aligned range (written ``shift`` bytes further on): cloned while the filesystem accepts it,
+        otherwise copied."""
         done = 0
         while done < length and self.can_clone:
             step = min(self.chunk, length - done)
             try:
-                self._clone(src_fd, dst_fd, offset + done, step)
+                if shift:
+                    self._clone(src_fd, dst_fd, offset + done, step, offset + done + shift)
+                else:
+                    self._clone(src_fd, dst_fd, offset + done, step)
             except OSError as exc:
                 if exc.errno not in _UNSUPPORTED:
                     raise
@@ -193,7 +201,7 @@ class RangeCopier:
             if on_progress is not None:
                 on_progress(step)
         if done < length:
-            self._copy_bytes(src_fd, dst_fd, offset + done, length - done, offset + done, on_progress)
+            self._copy_bytes(src_fd, dst_fd, offset + done, length - done, offset + done + shift, on_progress)
 
     def _copy_bytes(self, src_fd: int, dst_fd: int, src_offset: int, length: int, dst_offset: int,
                     on_progress) -> None:
@@ -231,8 +239,8 @@ class RangeCopier:
 
     # -- the system calls (tests replace these to record what goes where) ------------------------------
 
-    def _clone(self, src_fd: int, dst_fd: int, offset: int, length: int) -> None:
-        clone_range(src_fd, dst_fd, offset, length)
+    def _clone(self, src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int | None = None) -> None:
+        clone_range(src_fd, dst_fd, offset, length, dst_offset)
 
     def _kernel_copy(self, src_fd: int, dst_fd: int, src_offset: int, length: int, dst_offset: int) -> int | None:
         """Bytes copied by ``copy_file_range``, or None (and never again) where the filesystem refuses it."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from orthopatch.errors import OrthopatchError
-from orthopatch.io.checkpoint import folder_name, model_folder, open_checkpoint
+from orthopatch.gguf.convert import apply_gguf
+from orthopatch.gguf.plan import GGUFPlan, format_gguf_plan
+from orthopatch.io.checkpoint import folder_name, open_checkpoint
 from orthopatch.io.folders import shared_lock
 from orthopatch.io.formats import PARTIAL_NAME
 from orthopatch.patch.architecture import choose_architecture
@@ -18,37 +19,9 @@ from orthopatch.patch.direction import Direction, load_direction
 from orthopatch.patch.driver import ApplyResult, Destination, RunState, run
 from orthopatch.patch.inplace import InPlaceDestination
 from orthopatch.patch.model_card import read_source_card
+from orthopatch.patch.options import ApplyOptions
 from orthopatch.patch.output import FolderDestination
 from orthopatch.patch.plan import PatchPlan, build_plan, format_plan
-from orthopatch.patch.record import Method
-
-
-@dataclass(frozen=True)
-class ApplyOptions:
-    """Everything ``apply`` needs; the CLI only builds one of these."""
-
-    model: Path
-    direction: Path
-    out: Path | None = None
-    device: str = "auto"
-    dry_run: bool = False
-    overwrite: bool = False
-    quiet: bool = False
-    method: Method = field(default_factory=Method)
-    #: How the model card names the source and the direction (default: folder and file names).
-    base_model: str | None = None
-    direction_name: str | None = None
-    #: Rewrite the patched tensors inside ``model``'s own shards (see :mod:`orthopatch.patch.inplace`).
-    in_place: bool = False
-
-    @property
-    def out_path(self) -> Path:
-        if self.in_place:
-            return model_folder(self.model)
-        if self.out is not None:
-            return self.out
-        model = Path(os.path.abspath(model_folder(self.model)))  # a symlinked model folder keeps its name
-        return model.with_name(model.name + "-abliterated")
 
 
 def prepare(options: ApplyOptions) -> tuple[PatchPlan, Direction]:
@@ -65,6 +38,8 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
     log = log or (lambda message: None if options.quiet else print(message, file=sys.stderr))
     if options.method.scale == 0:
         raise OrthopatchError("scale 0 removes nothing: the output would be a copy recorded as abliterated")
+    if options.is_gguf:
+        return apply_gguf(options, log)
     plan, direction = prepare(options)
     root = plan.checkpoint.root
     check_not_partial(root)
@@ -100,4 +75,5 @@ def check_not_partial(root: Path) -> None:
 
 def dry_run_text(result: ApplyResult) -> str:
     where = "in place" if result.in_place else "output"
-    return f"{format_plan(result.plan)}\n{where}: {result.out} (nothing written: dry run)"
+    text = format_gguf_plan(result.plan) if isinstance(result.plan, GGUFPlan) else format_plan(result.plan)
+    return f"{text}\n{where}: {result.out} (nothing written: dry run)"

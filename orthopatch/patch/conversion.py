@@ -17,7 +17,6 @@ import torch
 
 from orthopatch.devices import resolve_device
 from orthopatch.errors import OrthopatchError
-from orthopatch.io.reader import open_source, read_small_tensor
 from orthopatch.patch.direction import Direction
 from orthopatch.patch.plan import PatchPlan, PatchTarget
 from orthopatch.patch.projection import unit_direction
@@ -85,19 +84,16 @@ def target_directions(plan: PatchPlan, direction: Direction) -> dict[str, torch.
     """The unit vector each target is projected against: its layer's row, weighted by its norm gain."""
     gains: dict[str, torch.Tensor] = {}
     for name in plan.gain_names():
-        shard = plan.checkpoint.weight_map[name]
-        with open_source(plan.checkpoint.root / shard) as fd:
-            gains[name] = read_small_tensor(fd, plan.checkpoint.entry(name))
+        gains[name] = plan.read_gain(name)
         bad = int((~torch.isfinite(gains[name])).sum())
         if bad:
             raise OrthopatchError(f"norm gain holds {bad:,} non-finite values (NaN or Inf); the tensors it "
-                                  "scales cannot be patched", path=plan.checkpoint.root / shard, tensor=name)
+                                  "scales cannot be patched", path=plan.path_of_tensor(name), tensor=name)
     out = {}
     for target in plan.targets():
         r = torch.from_numpy(np.ascontiguousarray(direction.for_layer(target.layer), dtype=np.float64))
         try:
             out[target.name] = unit_direction(r, gains.get(target.gain) if target.gain else None, target.gain_offset)
         except ValueError as exc:
-            raise OrthopatchError(f"{exc} {target.gain!r}", path=plan.checkpoint.root / target.shard,
-                                  tensor=target.name) from None
+            raise OrthopatchError(f"{exc} {target.gain!r}", path=plan.path_of(target), tensor=target.name) from None
     return out

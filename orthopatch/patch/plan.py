@@ -6,9 +6,12 @@ The plan is complete before any tensor byte is read: ``--dry-run`` prints it, ``
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orthopatch.errors import OrthopatchError, quoted
 from orthopatch.io.checkpoint import Checkpoint
@@ -16,6 +19,9 @@ from orthopatch.io.formats import CONFIG_NAME, FLOAT_DTYPES
 from orthopatch.io.safetensors_header import ShardHeader, TensorEntry
 from orthopatch.patch.architecture import EMBEDDING_ROLES, Architecture, TargetRule
 from orthopatch.saferegex import MATCH_SECONDS, time_limit
+
+if TYPE_CHECKING:
+    import torch
 
 #: Highest layer index ``--layers`` accepts (a typo must not build a set of a billion numbers).
 MAX_LAYERS = 1 << 20
@@ -124,6 +130,24 @@ class PatchPlan:
 
     def gain_names(self) -> list[str]:
         return sorted({t.gain for t in self.targets() if t.gain})
+
+    def source_headers(self) -> dict[str, str]:
+        """sha256 and size of each shard's header: what identifies the source in a fingerprint."""
+        return {name: hashlib.sha256(h.raw).hexdigest() + f":{h.file_size}"
+                for name, h in self.checkpoint.shards.items()}
+
+    def read_gain(self, name: str) -> torch.Tensor:
+        """A norm gain (a float vector), read whole from its shard."""
+        from orthopatch.io.reader import open_source, read_small_tensor
+
+        with open_source(self.checkpoint.root / self.checkpoint.weight_map[name]) as fd:
+            return read_small_tensor(fd, self.checkpoint.entry(name))
+
+    def path_of_tensor(self, name: str) -> Path:
+        return self.checkpoint.root / self.checkpoint.weight_map[name]
+
+    def path_of(self, target: PatchTarget) -> Path:
+        return self.checkpoint.root / target.shard
 
     @property
     def patched_bytes(self) -> int:

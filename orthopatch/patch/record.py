@@ -11,7 +11,6 @@ shards of the first. Format 1 records (same keys) are still read.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,9 +86,7 @@ class Fingerprint:
     @classmethod
     def of(cls, plan: PatchPlan, direction_sha256: str, method: Method, device: str,
            block_elements: int) -> Fingerprint:
-        source = {name: hashlib.sha256(h.raw).hexdigest() + f":{h.file_size}"
-                  for name, h in plan.checkpoint.shards.items()}
-        return cls(source, direction_sha256, plan.architecture.name, method, device, block_elements)
+        return cls(plan.source_headers(), direction_sha256, plan.architecture.name, method, device, block_elements)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,327 @@
+"""Float32 helpers of the GGUF quantizers that reproduce ggml's C arithmetic exactly.
+
+For the bytes to be ggml's, rounding is half to even as in ``nearest_int``, block scales round to
+fp16 as in ``GGML_FP32_TO_FP16``, and sums run in C's element order (:func:`running_sum`), since
+float32 addition is not associative and a pairwise sum would move ties in the rounding. Besides
+rounding and bit packing, this holds ggml's scale searches (``make_qkx2/3_quants``,
+``make_qx_quants``, ``make_q3_quants``, ``make_qp_quants``), run on every sub-block of a chunk at
+once: arrays are laid out ``[position, sub-block]``, so that a sum over the 16 or 32 positions of a
+sub-block is a short loop of whole-row additions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ALL_ZERO_EPS = np.float32(1e-15)
+_ROUNDING_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it leaves the rounded integer in the low bits
+_RINT_IS_EXACT = np.float32(2**21)  # well inside the 2**22 range where the magic addition rounds like rint
+F32 = np.float32
+
+
+# ---------------------------------------------------------------- float32 helpers matching C
+
+
+def nearest_int(values: np.ndarray) -> np.ndarray:
+    """ggml's ``nearest_int``: round half to even through the float32 magic-number addition (int32)."""
+    shifted = (values.astype(F32, copy=False) + _ROUNDING_MAGIC).view(np.int32)
+    return (shifted & 0x007FFFFF) - 0x00400000
+
+
+def nearest_levels(scaled: np.ndarray, low: int, high: int, largest: np.ndarray) -> np.ndarray:
+    """``nearest_int`` of float32 ``scaled`` clamped to ``low..high``, as float32 (``scaled`` is reused).
+
+    ``largest`` bounds ``|scaled|`` per column. Below 2**21 the magic-number rounding is exactly
+    ``rint`` (round half to even), which numpy does in one pass; otherwise the bit trick is emulated.
+    """
+    if bool(np.all(largest < _RINT_IS_EXACT)):
+        np.rint(scaled, out=scaled)
+        return np.clip(scaled, low, high, out=scaled)
+    return np.clip(nearest_int(scaled), low, high).astype(F32)
+
+
+def running_sum(terms: np.ndarray) -> np.ndarray:
+    """Float32 sum over axis 0 in index order, as a C loop ``s += t[i]`` computes it."""
+    total = terms[0].copy()
+    for term in terms[1:]:
+        total += term
+    return total
+
+
+def fp16_bits(values: np.ndarray) -> np.ndarray:
+    """IEEE half bits of float32 ``values``, rounded to nearest even like ``GGML_FP32_TO_FP16``."""
+    return values.astype(np.float16).view(np.uint16)
+
+
+def fp16_value(bits: np.ndarray) -> np.ndarray:
+    """The float32 value of IEEE half ``bits``."""
+    return bits.view(np.float16).astype(F32)
+
+
+def first_largest_magnitude(values: np.ndarray, axis: int) -> np.ndarray:
+    """The value of largest magnitude along ``axis``, the first one on ties (a C ``>`` scan)."""
+    index = np.expand_dims(np.argmax(np.abs(values), axis=axis), axis)
+    return np.take_along_axis(values, index, axis=axis).squeeze(axis)
+
+
+def sub_blocks(blocks: np.ndarray, size: int) -> np.ndarray:
+    """Super-blocks ``[n, 256]`` as ``[size, n * 256 // size]``: positions along axis 0."""
+    return np.ascontiguousarray(blocks.reshape(-1, size).T)
+
+
+def per_super_block(per_sub_block: np.ndarray, n_blocks: int) -> np.ndarray:
+    """``[position, sub-block]`` or ``[sub-block]`` arrays regrouped as ``[n, subs, ...]`` per super-block."""
+    if per_sub_block.ndim == 1:
+        return per_sub_block.reshape(n_blocks, -1)
+    return per_sub_block.T.reshape(n_blocks, -1, per_sub_block.shape[0])
+
+
+def pack_bits(levels: np.ndarray, width: int) -> np.ndarray:
+    """OR ``levels[..., k, :] << (width * k)`` over axis -2: several small fields in each byte."""
+    packed = np.zeros(levels.shape[:-2] + levels.shape[-1:], np.uint8)
+    for k in range(levels.shape[-2]):
+        packed |= (levels[..., k, :].astype(np.uint8) << (width * k)).astype(np.uint8)
+    return packed
+
+
+def as_bytes(*fields: np.ndarray) -> np.ndarray:
+    """Per-block fields (``[n, ...]`` of any dtype) laid end to end as ``[n, block_bytes]`` uint8."""
+    n_blocks = fields[0].shape[0]
+    return np.concatenate([np.ascontiguousarray(f).view(np.uint8).reshape(n_blocks, -1) for f in fields], axis=1)
+
+
+# ---------------------------------------------------------------- scale searches
+
+
+def make_qkx_quants(
+    x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scale, min and levels ``0..nmax`` of each sub-block (columns of ``x``) for ``x ≈ scale * L - min``:
+    ggml's ``make_qkx2_quants``, and ``make_qkx3_quants`` too when weights are given.
+
+    Tries ``nstep + 1`` inverse scales around ``nmax / (max - min)``, fits scale and min to each
+    rounding by weighted least squares, and keeps the one of least weighted error (absolute with
+    ``use_mad``, squared otherwise). Each trial starts from the min found so far. Returns
+    ``(scale, the_min, levels)``.
+    """
+    low = np.minimum(x.min(axis=0), F32(0))
+    high = x.max(axis=0)
+    flat = high == low  # constant sub-blocks: no scale; a unit span keeps their arithmetic finite
+    sum_w = running_sum(weights)
+    sum_x = running_sum(weights * x)
+    work, trial = np.empty_like(x), np.empty_like(x)
+
+    def levels_for(inverse_scale: np.ndarray, offset: np.ndarray, out: np.ndarray) -> np.ndarray:
+        np.multiply(inverse_scale, np.subtract(x, offset, out=out), out=out)
+        largest = np.abs(inverse_scale) * np.maximum(np.abs(high - offset), np.abs(low - offset))
+        return nearest_levels(out, 0, nmax, largest)
+
+    def error_of(scale: np.ndarray, offset: np.ndarray, levels: np.ndarray) -> np.ndarray:
+        diff = np.subtract(np.add(np.multiply(scale, levels, out=work), offset, out=work), x, out=work)
+        diff = np.abs(diff, out=work) if use_mad else np.multiply(diff, diff, out=work)
+        return running_sum(np.multiply(diff, weights, out=work))
+
+    def span_from(offset: np.ndarray) -> np.ndarray:
+        return np.where(flat, F32(1), high - offset)
+
+    offset = low
+    inverse = F32(nmax) / span_from(offset)
+    scale = F32(1) / inverse
+    best_error = error_of(scale, offset, levels_for(inverse, offset, trial))
+    chosen_inverse, chosen_offset = inverse, offset  # the rounding whose levels are returned
+    for step in range(nstep + 1):
+        inverse = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span_from(offset)
+        levels_for(inverse, offset, trial)
+        weighted_levels = weights * trial
+        sum_l = running_sum(weighted_levels)
+        sum_l2 = running_sum(weighted_levels * trial)
+        sum_xl = running_sum(weighted_levels * x)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        trial_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        trial_offset = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        clamp = trial_offset > 0
+        trial_offset = np.where(clamp, F32(0), trial_offset)
+        trial_scale = np.where(clamp, sum_xl / sum_l2, trial_scale)
+        trial_error = error_of(trial_scale, trial_offset, trial)
+        better = (det > 0) & (trial_error < best_error)
+        best_error = np.where(better, trial_error, best_error)
+        chosen_inverse = np.where(better, inverse, chosen_inverse)
+        chosen_offset = np.where(better, offset, chosen_offset)
+        scale = np.where(better, trial_scale, scale)
+        offset = np.where(better, trial_offset, offset)
+    levels = levels_for(chosen_inverse, chosen_offset, trial)
+    scale = np.where(flat, F32(0), scale)
+    levels[:, flat] = 0
+    offset = np.where(flat, low, offset)
+    return scale, -offset, levels.astype(np.uint8)
+
+
+def make_qx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Signed scale and levels ``0..2*nmax-1`` (offset by ``nmax``) of each sub-block (columns of ``x``),
+    weighted by ``weights`` or by ``x²`` without them.
+
+    Tries 18 inverse scales around ``nmax / max|x|`` and keeps the least-squares scale of the
+    rounding that explains most weighted energy. Returns ``(scale, levels)``.
+    """
+    peak = first_largest_magnitude(x, axis=0)
+    all_zero = np.abs(peak) < ALL_ZERO_EPS
+    peak = np.where(all_zero, F32(1), peak)  # their result is zero anyway; keeps the arithmetic finite
+    weights = x * x if weights is None else weights
+    weighted_x = weights * x
+    work, trial = np.empty_like(x), np.empty_like(x)
+
+    def signed_levels(inverse_scale: np.ndarray) -> np.ndarray:
+        scaled = np.multiply(inverse_scale, x, out=trial)
+        return nearest_levels(scaled, -nmax, nmax - 1, np.abs(inverse_scale * peak))
+
+    def fit(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sum_lx = running_sum(np.multiply(weighted_x, levels, out=work))
+        sum_l2 = running_sum(np.multiply(np.multiply(weights, levels, out=work), levels, out=work))
+        return sum_lx, sum_l2
+
+    chosen_inverse = F32(-nmax) / peak
+    sum_lx, sum_l2 = fit(signed_levels(chosen_inverse))
+    scale = np.where(sum_l2 != 0, sum_lx / sum_l2, F32(0))
+    best = scale * sum_lx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        inverse = -(F32(nmax) + F32(0.1) * F32(step)) / peak
+        sum_lx, sum_l2 = fit(signed_levels(inverse))
+        better = (sum_l2 > 0) & (sum_lx * sum_lx > best * sum_l2)
+        chosen_inverse = np.where(better, inverse, chosen_inverse)
+        scale = np.where(better, sum_lx / sum_l2, scale)
+        best = np.where(better, scale * sum_lx, best)
+    levels = signed_levels(chosen_inverse) + F32(nmax)
+    scale = np.where(all_zero, F32(0), scale)
+    levels[:, all_zero] = 0
+    return scale, levels.astype(np.uint8)
+
+
+def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Signed scale and levels ``0..2*nmax-1`` of each sub-block, refined value by value (weights ``x²``).
+
+    Starts from rounding at ``nmax / max|x|``; then, up to five sweeps, moves each level to the one
+    the current fit prefers when that raises the explained weighted energy. A sub-block whose sweep
+    changed nothing would change nothing again, so later sweeps only visit those that changed.
+    Returns ``(scale, levels)``.
+    """
+    peak = first_largest_magnitude(x, axis=0)
+    all_zero = np.abs(peak) < ALL_ZERO_EPS
+    weights = x * x
+    weighted_x = weights * x
+    levels = np.clip(nearest_int((F32(-nmax) / peak) * x), -nmax, nmax - 1).astype(F32)
+    sum_lx = running_sum(weighted_x * levels)
+    sum_l2 = running_sum(weights * levels * levels)
+    levels, sum_lx, sum_l2, changed = _q3_sweep(x, weights, weighted_x, levels, sum_lx, sum_l2, nmax)
+    active = np.flatnonzero(changed)
+    for _sweep in range(4):
+        if not active.size:
+            break
+        swept = _q3_sweep(x[:, active], weights[:, active], weighted_x[:, active], levels[:, active],
+                          sum_lx[active], sum_l2[active], nmax)  # fmt: skip
+        levels[:, active], sum_lx[active], sum_l2[active], changed = swept
+        active = active[changed]
+    scale = np.where(sum_l2 > 0, sum_lx / sum_l2, F32(0))
+    scale = np.where(all_zero, F32(0), scale)
+    levels = np.where(all_zero, F32(0), levels + F32(nmax))
+    return scale, levels.astype(np.uint8)
+
+
+def _q3_sweep(
+    x: np.ndarray,
+    weights: np.ndarray,
+    weighted_x: np.ndarray,
+    levels: np.ndarray,
+    sum_lx: np.ndarray,
+    sum_l2: np.ndarray,
+    nmax: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One pass of :func:`make_q3_quants`' refinement over the positions, in order.
+
+    Returns the updated ``(levels, sum_lx, sum_l2)`` and which sub-blocks changed.
+    """
+    changed = np.zeros(x.shape[1], bool)
+    for i in range(x.shape[0]):
+        level = levels[i]
+        without_lx = sum_lx - weighted_x[i] * level
+        without_l2 = sum_l2 - weights[i] * level * level
+        proposal = np.clip(nearest_int(x[i] * without_l2 / without_lx), -nmax, nmax - 1).astype(F32)
+        with_lx = without_lx + weighted_x[i] * proposal
+        with_l2 = without_l2 + weights[i] * proposal * proposal
+        accept = (
+            (without_lx > 0)
+            & (proposal != level)
+            & (with_l2 > 0)
+            & (with_lx * with_lx * sum_l2 > sum_lx * sum_lx * with_l2)
+        )
+        levels[i] = np.where(accept, proposal, level)
+        sum_lx = np.where(accept, with_lx, sum_lx)
+        sum_l2 = np.where(accept, with_l2, sum_l2)
+        changed |= accept
+    return levels, sum_lx, sum_l2, changed
+
+
+def make_qp_quants(x: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and codes ``0..nmax`` of non-negative values (columns of ``x``, e.g. the sub-block scales
+    of each super-block) for ``x ≈ scale * code``, weighted by ``weights``. Returns ``(scale, codes)``.
+
+    Picks the best of 9 inverse scales around ``nmax / max x`` by weighted squared error, then
+    refines code by code as :func:`make_q3_quants` does. Codes are stored as bytes, wrapping as C does.
+    """
+    peak = np.maximum(x.max(axis=0), F32(0))
+    all_zero = peak < ALL_ZERO_EPS
+    peak = np.where(all_zero, F32(1), peak)
+    weighted_x = weights * x
+
+    def squared_error(scale: np.ndarray, levels: np.ndarray) -> np.ndarray:
+        diff = x - scale * levels
+        return running_sum(weights * diff * diff)
+
+    inverse = F32(nmax) / peak
+    best_error = squared_error(F32(1) / inverse, (nearest_int(inverse * x) & 0xFF).astype(F32))
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        trial_inverse = (F32(0.1) * F32(step) + F32(nmax)) / peak
+        trial = np.minimum(nearest_int(trial_inverse * x), nmax).astype(F32)
+        trial_error = squared_error(F32(1) / trial_inverse, trial)
+        better = trial_error < best_error
+        best_error = np.where(better, trial_error, best_error)
+        inverse = np.where(better, trial_inverse, inverse)
+    signed = np.minimum(nearest_int(inverse * x), nmax).astype(F32)
+    sum_lx = running_sum(weighted_x * signed)
+    sum_l2 = running_sum(weights * signed * signed)
+    codes = (signed.astype(np.int32) & 0xFF).astype(F32)
+    for _sweep in range(5):
+        changed = np.zeros(x.shape[1], bool)
+        for i in range(x.shape[0]):
+            code = codes[i]
+            without_lx = sum_lx - weighted_x[i] * code
+            without_l2 = sum_l2 - weights[i] * code * code
+            proposal = np.minimum(nearest_int(x[i] * without_l2 / without_lx), nmax).astype(F32)
+            with_lx = without_lx + weighted_x[i] * proposal
+            with_l2 = without_l2 + weights[i] * proposal * proposal
+            accept = (
+                (without_lx > 0)
+                & (without_l2 > 0)
+                & (proposal != code)
+                & (with_lx * with_lx * sum_l2 > sum_lx * sum_lx * with_l2)
+            )
+            codes[i] = np.where(accept, (proposal.astype(np.int32) & 0xFF).astype(F32), code)
+            sum_lx = np.where(accept, with_lx, sum_lx)
+            sum_l2 = np.where(accept, with_l2, sum_l2)
+            changed |= accept & ~all_zero
+        if not changed.any():
+            break
+    scale = np.where(sum_l2 > 0, sum_lx / sum_l2, F32(0))
+    scale = np.where(all_zero, F32(0), scale)
+    codes[:, all_zero] = 0
+    return scale, codes.astype(np.uint8)
+
+
+def requantized_levels(
+    x: np.ndarray, step: np.ndarray, offset: np.ndarray, low: int, high: int, fallback: np.ndarray
+) -> np.ndarray:
+    """Levels ``round((x + offset) / step)`` clamped to ``low..high``, shifted to start at 0;
+    ``fallback`` where ``step`` is zero. ``x`` is ``[n, subs, size]``, ``step``/``offset`` ``[n, subs]``."""
+    levels = np.clip(nearest_int((x + offset[..., None]) / step[..., None]), low, high) - low
+    return np.where(step[..., None] != 0, levels, fallback).astype(np.uint8)
