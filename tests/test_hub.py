@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from orthopatch import hub
 from orthopatch.errors import OrthopatchError
+from orthopatch.io import checkpoint
 from orthopatch.io.formats import PARTIAL_NAME, RECORD_NAME
 from orthopatch.patch.model_card import build_card, read_source_card
 from orthopatch.patch.record import ConversionRecord, DirectionInfo, Method, PatchedTensor
