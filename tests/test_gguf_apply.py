@@ -21,8 +21,9 @@ TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q5_1, Q.Q4_K, Q.Q6_K, Q.Q2_K]
 
 def direction(path: Path, seed: int = 1) -> tuple[Path, np.ndarray]:
     r = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    torch.save((r / r.norm()).float(), path)
-    r = r.float().double().numpy()
+    saved = (r / r.norm()).float()  # as published files are: normalized, then stored in a narrower type
+    torch.save(saved, path)
+    r = saved.double().numpy()
     return path, r / np.sqrt(np.sum(r * r))
 
 
