@@ -38,10 +38,9 @@ from torch import nn
 from tqdm import tqdm
 
 from orthopatch.errors import OrthopatchError, first_line
-from orthopatch.io.checkpoint import open_checkpoint
 from orthopatch.io.formats import CONFIG_NAME
 from orthopatch.io.reader import CheckpointReader
-from orthopatch.io.smallfile import check_small_file
+from orthopatch.run.checks import open_for_run
 from orthopatch.run.parameters import Fused, parameter_sources, read_fused
 
 INSTALL_HINT = "pip install 'orthopatch[measure]'"
@@ -188,8 +187,7 @@ class LayerwiseModel:
         self.root = Path(root)
         if not self.root.is_dir():
             raise OrthopatchError("not a model folder", path=self.root)
-        check_small_file(self.root / CONFIG_NAME, "model config")
-        self.checkpoint = open_checkpoint(self.root)
+        self.checkpoint = open_for_run(self.root)  # before transformers builds what config.json says
         self.reader = CheckpointReader(self.checkpoint)
         self.device, self.dtype = device, dtype
         self.progress = progress  # a bar of blocks on stderr for each pass
