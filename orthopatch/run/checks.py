@@ -131,7 +131,7 @@ def check_config_sizes(checkpoint: Checkpoint) -> None:
     _check_rows(checkpoint, inside, config, ("intermediate_size",), _DENSE_MLP, refuse)
     _check_rows(checkpoint, inside, config, ("moe_intermediate_size",), _EXPERT_MLP, refuse)
     heads = _first(config, _HEAD_KEYS)
-    if heads is not None and heads[1] > 0:
+    if heads is not None and heads[1] > 0 and "kv_lora_rank" not in config:  # latent attention: other widths
         head_dim = config.get("head_dim")
         if not is_json_int(head_dim, 1):
             head_dim = hidden[1] // heads[1] if hidden is not None else None
