@@ -251,3 +251,24 @@ def test_progress_into_a_pipe_is_plain_lines(tiny_models, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "\r" not in result.stderr and "3 of 3 blocks" in result.stderr, result.stderr
     assert progress.PLAIN_SECONDS <= 10
+
+
+def test_an_unreachable_endpoint_still_serves_a_cached_file(tmp_path, monkeypatch):
+    """A guard, not a fix: the probe must not stop a cached file from being used."""
+    from huggingface_hub import constants
+
+    from orthopatch.hub import resolve_file
+    from tests.test_hub import add_to_cache
+
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "refusal_dir.pth").write_bytes(b"cached")
+    add_to_cache(tmp_path / "cache", "someorg/somerepo", "e" * 40, files)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    started = time.monotonic()
+    found = resolve_file("someorg/somerepo:refusal_dir.pth", cache_dir=tmp_path / "cache", quiet=True)
+    assert found.path.read_bytes() == b"cached" and time.monotonic() - started < 5
