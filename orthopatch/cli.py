@@ -300,10 +300,11 @@ def _prompt_options(command: Callable) -> Callable:
 @click.option("--per-layer", is_flag=True, help="Write one row per layer, [n_layers + 1, d], as apply reads it.")
 @click.option("--project-harmless/--no-project-harmless", default=True, show_default=True,
               help="Remove the harmless mean's component from the direction before normalising it.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing direction file and its .json record.")
 @_prompt_options
 def measure_command(model: Path, out: Path, harmful: str | None, harmless: str | None, layer: int | None,
-                    per_layer: bool, project_harmless: bool, field: str | None, limit: int | None, seed: int,
-                    tokenizer: Path | None, device: str, dtype: str, batch_size: int, quiet: bool,
+                    per_layer: bool, project_harmless: bool, overwrite: bool, field: str | None, limit: int | None,
+                    seed: int, tokenizer: Path | None, device: str, dtype: str, batch_size: int, quiet: bool,
                     debug: bool) -> None:
     """Measure MODEL's refusal direction: mean harmful minus mean harmless residual stream.
 
@@ -324,7 +325,7 @@ def measure_command(model: Path, out: Path, harmful: str | None, harmless: str |
                                  choice=PromptChoice(field, limit, seed), layer=layer, per_layer=per_layer,
                                  project_harmless=project_harmless,
                                  run=RunSettings(device, dtype, batch_size, tokenizer), quiet=quiet,
-                                 model_repo=source.hub_ref)
+                                 overwrite=overwrite, model_repo=source.hub_ref)
         result = measure(options)
     record = result.record
     where = "one row per layer" if record.per_layer else f"layer {record.layer} ({record.layer_rule})"

@@ -12,6 +12,9 @@ import contextlib
 import glob
 import os
 import re
+import socket
+import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -33,6 +36,8 @@ DOWNLOAD_IGNORE = ["*/*"]
 #: Never uploaded: hidden files (the partial marker, temporary files, tool caches).
 UPLOAD_IGNORE = [".*", "*/.*"]
 
+#: Seconds the Hub's endpoint gets to accept a TCP connection before it counts as unreachable.
+PROBE_SECONDS = 3.0
 #: ``datasets/ORG/NAME:PATH`` names a file of a dataset repo.
 DATASET_PREFIX = "datasets/"
 
@@ -231,14 +236,47 @@ def resolve_file(text: str, *, cache_dir: Path | None = None, quiet: bool = Fals
         return DirectionSource(path, path.name)
 
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
+    # An endpoint that cannot be reached at all is found in seconds, not after huggingface_hub's retries;
+    # the file is then taken from the cache, as huggingface_hub would after them.
+    unreachable = None if _offline() else endpoint_unreachable()
     try:
         with _progress(quiet), _hub_quiet():
             local = hf_hub_download(ref.repo_id, filename, revision=ref.revision, cache_dir=cache_dir,
-                                    repo_type=repo_type)
+                                    repo_type=repo_type, local_files_only=unreachable is not None)
+    except LocalEntryNotFoundError as exc:
+        if unreachable is not None:
+            raise OrthopatchError(f"file {filename!r} is not in the local Hugging Face cache and the Hub cannot be "
+                                  f"reached ({unreachable})", path=text) from None
+        raise hub_error(exc, text, filename=filename) from exc
     except Exception as exc:  # network, HTTP and validation errors all end as one line
         raise hub_error(exc, text, filename=filename) from exc
     return DirectionSource(Path(local), text)
+
+
+def endpoint_unreachable(timeout: float = PROBE_SECONDS) -> str | None:
+    """Why the Hub's endpoint (``HF_ENDPOINT``, or the proxy that reaches it) refuses or does not answer a
+    TCP connection within ``timeout`` seconds, or ``None`` when it accepts one."""
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return None
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(host):
+        via = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if not via.hostname:
+            return None
+        host, port = via.hostname, via.port or 1080 if via.scheme.startswith("socks") else via.port or 80
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return f"{host}:{port}: {reason}"
 
 
 def upload_patterns(out: Path, shards: Iterable[str]) -> list[str]:

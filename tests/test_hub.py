@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from orthopatch import hub
 from orthopatch.errors import OrthopatchError
-from orthopatch.io import checkpoint
+from orthopatch.io.checkpoint import cached_repo_name
 from orthopatch.io.formats import PARTIAL_NAME, RECORD_NAME
 from orthopatch.patch.model_card import build_card, read_source_card
 from orthopatch.patch.record import ConversionRecord, DirectionInfo, Method, PatchedTensor
@@ -247,8 +247,8 @@ def test_parse_repo_ref():
     for text in ("name", "./org/name", "a/b/c", "/abs/path", "org/na--me", "org/name@", "org/x.git"):
         assert hub.parse_repo_ref(text) is None, text
     snapshot = Path("/c/models--org--name/snapshots") / COMMIT
-    assert checkpoint.cached_repo_name(snapshot) == "org/name"
-    assert checkpoint.cached_repo_name(Path("/c/name")) is None
+    assert cached_repo_name(snapshot) == "org/name"
+    assert cached_repo_name(Path("/c/name")) is None
 
 
 def test_source_card_parsing(tmp_path):

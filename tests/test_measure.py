@@ -455,7 +455,8 @@ def test_prompt_files_from_a_hub_dataset_repo_in_the_cache(tiny_models, tmp_path
     assert result.exit_code == 0, result.output
     record = DirectionRecord.from_json(json.loads(sidecar_path(out).read_text()))
     assert record.harmful.source == "datasets/someorg/prompts:harmful.jsonl" and record.harmful.count == 5
-    missing = run_measure(str(tiny_models("llama")), "-o", str(out), "--harmful", "datasets/someorg/prompts:nope.txt")
+    missing = run_measure(str(tiny_models("llama")), "-o", str(out), "--overwrite", "--harmful",
+                          "datasets/someorg/prompts:nope.txt")
     one_line_error(missing, "datasets/someorg/prompts:nope.txt", "'nope.txt'")
 
 

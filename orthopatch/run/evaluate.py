@@ -29,6 +29,7 @@ from orthopatch.errors import OrthopatchError, first_line
 from orthopatch.io.formats import CONFIG_NAME, EVALUATION_REPORT_FORMAT, GENERATION_CONFIG_NAME
 from orthopatch.io.smallfile import read_small_json
 from orthopatch.run.chat import decode, encode_set, load_tokenizer
+from orthopatch.run.checks import open_for_run
 from orthopatch.run.layerwise import LayerwiseModel, NonFiniteError, RunSettings, make_batches, require_transformers
 from orthopatch.run.measure import PromptRecord
 from orthopatch.run.prompts import PromptChoice, PromptSet, builtin_prompts, load_markers
@@ -140,6 +141,7 @@ class InMemoryRunner:
 
     def __init__(self, root: Path, device: torch.device, dtype: torch.dtype):
         transformers = require_transformers()
+        open_for_run(root)  # before transformers builds what config.json says
         try:
             self.model = transformers.AutoModelForCausalLM.from_pretrained(root, dtype=dtype).to(device).eval()
         except Exception as exc:  # loading fails in many ways; all end as one line

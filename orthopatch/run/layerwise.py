@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +34,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from orthopatch.errors import OrthopatchError, first_line
-from orthopatch.io.checkpoint import open_checkpoint
 from orthopatch.io.formats import CONFIG_NAME
 from orthopatch.io.reader import CheckpointReader
-from orthopatch.io.smallfile import check_small_file
+from orthopatch.progress import steps
+from orthopatch.run.checks import open_for_run
 from orthopatch.run.parameters import Fused, parameter_sources, read_fused
 
 INSTALL_HINT = "pip install 'orthopatch[measure]'"
@@ -188,8 +186,7 @@ class LayerwiseModel:
         self.root = Path(root)
         if not self.root.is_dir():
             raise OrthopatchError("not a model folder", path=self.root)
-        check_small_file(self.root / CONFIG_NAME, "model config")
-        self.checkpoint = open_checkpoint(self.root)
+        self.checkpoint = open_for_run(self.root)  # before transformers builds what config.json says
         self.reader = CheckpointReader(self.checkpoint)
         self.device, self.dtype = device, dtype
         self.progress = progress  # a bar of blocks on stderr for each pass
@@ -393,9 +390,7 @@ class LayerwiseModel:
             recorded = self._capture_inputs(self._embed(batch), **(forward[b] if forward else {}))
             hidden.append(recorded[0][0])
             records.append([(args, kwargs) for _, args, kwargs in recorded])
-        bar = tqdm(range(self.num_layers), desc=self.root.name, unit="block", file=sys.stderr,
-                   disable=not self.progress, dynamic_ncols=True, leave=False)
-        for layer in bar:
+        for layer in steps(range(self.num_layers), self.num_layers, self.root.name, "block", self.progress):
             states = self._last_tokens(batches, hidden)
             self._check_finite(states, f"the hidden states entering block {layer}")
             if observe is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -52,6 +53,8 @@ class MeasureOptions:
     #: Token ids instead of prompts (benchmarks on checkpoints that have no tokenizer).
     token_ids: tuple[list[list[int]], list[list[int]]] | None = None
     quiet: bool = False
+    #: Replace an existing direction file or record (``--overwrite``); refused otherwise.
+    overwrite: bool = False
     #: ``ORG/NAME@COMMIT`` when the model was taken from the Hub, for the record.
     model_repo: str | None = None
 
@@ -191,6 +194,17 @@ def sidecar_path(out: Path) -> Path:
     return out.with_suffix(".json")
 
 
+def check_outputs(out: Path, overwrite: bool) -> None:
+    """Before any work: neither the direction file nor its record beside it is replaced unless
+    ``overwrite``, and neither is a folder."""
+    for path in (out, sidecar_path(out)):
+        if path.is_dir():
+            raise OrthopatchError("is a folder, not a file measure can write", path=path)
+        if os.path.lexists(path) and not overwrite:
+            what = "the direction file" if path == out else "the record of a direction"
+            raise OrthopatchError(f"exists ({what}); pass --overwrite to replace it", path=path)
+
+
 def measure(options: MeasureOptions, log: Callable[[str], None] | None = None) -> MeasureResult:
     """Run the prompts through the model block by block, write the direction and its record."""
     log = log or (lambda message: None if options.quiet else print(message, file=sys.stderr))
@@ -201,6 +215,7 @@ def measure(options: MeasureOptions, log: Callable[[str], None] | None = None) -
         raise OrthopatchError("the direction file must end in .pth or .pt", path=options.out)
     if not options.out.parent.is_dir():
         raise OrthopatchError("the output's folder does not exist", path=options.out.parent)
+    check_outputs(options.out, options.overwrite)
     with LayerwiseModel(options.model, device=device, dtype=dtype, progress=not options.quiet) as model:
         n = model.num_layers
         if options.layer is not None and not 0 <= options.layer <= n:

@@ -18,12 +18,16 @@ from typing import Any
 
 from orthopatch.errors import OrthopatchError
 from orthopatch.hub import resolve_file
-from orthopatch.io.smallfile import read_small_text
+from orthopatch.io.smallfile import MAX_JSON_DEPTH, json_depth, read_small_text
 
 #: The built-in sets: measured on (``harmful``, ``harmless``) and held out for judging (``*_eval``).
 BUILTIN_SETS = ("harmful", "harmless", "harmful_eval", "harmless_eval")
 #: Fields tried, in order, in JSON records when ``--field`` is not given.
 DEFAULT_FIELDS = ("prompt", "instruction", "goal", "text")
+#: Longest prompt accepted, in characters (1 MiB), checked before tokenizing: a tokenizer takes about
+#: 200 bytes of memory per character, so a 60 MB line would take gigabytes before it could be refused
+#: as longer than the context. A million characters is far more than any context holds in real text.
+MAX_PROMPT_CHARS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -68,28 +72,44 @@ def _from_record(record: Any, field: str | None, path: Path, where: str) -> str:
     raise OrthopatchError(f"{where} has no string {wanted}", path=path)
 
 
+def _json(text: str, path: Path, what: str) -> Any:
+    """``text`` parsed as JSON after its nesting depth is checked (a deep list would exhaust the stack)."""
+    depth = json_depth(text.encode("utf-8"))
+    if depth > MAX_JSON_DEPTH:
+        raise OrthopatchError(f"{what} nests {depth} levels deep, more than the {MAX_JSON_DEPTH} accepted", path=path)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise OrthopatchError(f"{what} nests too deeply to parse", path=path) from None
+    except ValueError as exc:
+        raise OrthopatchError(f"{what} is not JSON ({exc})", path=path) from None
+
+
+def _bounded(prompt: str, path: Path, where: str) -> str:
+    """``prompt``, unless it is longer than :data:`MAX_PROMPT_CHARS` (refused before it is tokenized)."""
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise OrthopatchError(f"{where} is a prompt of {len(prompt):,} characters, more than the "
+                              f"{MAX_PROMPT_CHARS:,} accepted", path=path)
+    return prompt
+
+
 def parse_prompts(path: Path, text: str, field: str | None = None) -> list[str]:
-    """The instructions in a prompt file's ``text``, by the file's suffix."""
+    """The instructions in a prompt file's ``text``, by the file's suffix; each at most
+    :data:`MAX_PROMPT_CHARS` long, JSON at most :data:`MAX_JSON_DEPTH` deep."""
     suffix = path.suffix.lower()
+    prompts = []
     if suffix == ".jsonl":
-        prompts = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                try:
-                    record = json.loads(line)
-                except ValueError as exc:
-                    raise OrthopatchError(f"line {number} is not JSON ({exc})", path=path) from None
-                prompts.append(_from_record(record, field, path, f"line {number}"))
+                record = _json(line, path, f"line {number}")
+                prompts.append(_bounded(_from_record(record, field, path, f"line {number}"), path, f"line {number}"))
     elif suffix == ".json":
-        try:
-            doc = json.loads(text)
-        except ValueError as exc:
-            raise OrthopatchError(f"not valid JSON ({exc})", path=path) from None
+        doc = _json(text, path, "the file")
         if not isinstance(doc, list):
             raise OrthopatchError("expected a JSON list of prompts", path=path)
-        prompts = [_from_record(r, field, path, f"item {i}") for i, r in enumerate(doc)]
+        prompts = [_bounded(_from_record(r, field, path, f"item {i}"), path, f"item {i}") for i, r in enumerate(doc)]
     else:
-        prompts = text.splitlines()
+        prompts = [_bounded(line, path, f"line {number}") for number, line in enumerate(text.splitlines(), 1)]
     return [p.strip() for p in prompts if p.strip()]
 
 
