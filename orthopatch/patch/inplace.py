@@ -42,7 +42,7 @@ from orthopatch.io.safetensors_header import TensorEntry
 from orthopatch.patch.conversion import Conversion
 from orthopatch.patch.driver import Log, Step
 from orthopatch.patch.journal import InFlight, Journal, JournalWriter, copy_into_place
-from orthopatch.patch.model_card import write_model_card
+from orthopatch.patch.model_card import parse_card, write_model_card
 from orthopatch.patch.plan import PatchPlan, PatchTarget
 from orthopatch.patch.record import ConversionRecord
 from orthopatch.patch.stream import Progress, TensorPatcher
@@ -235,7 +235,8 @@ class _InPlaceSession:
     def finish(self, record: ConversionRecord) -> None:
         # The card is built from the original card, kept in the journal (the model's own is ours by now).
         card = self.conversion.card
+        original = self.journal.source_card()  # read without following a link, as all of the journal
         write_model_card(self.root, self.journal.root, record, base_model=card.base_model,
-                         direction=card.direction_name)
+                         direction=card.direction_name, source=({}, "") if original is None else parse_card(original))
         write_json(self.root / RECORD_NAME, record.to_json())
         self.journal.discard()

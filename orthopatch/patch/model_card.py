@@ -69,7 +69,11 @@ def read_source_card(src: Path) -> tuple[dict[str, Any], str]:
     """
     if not os.path.lexists(src / CARD_NAME):
         return {}, ""
-    content = read_small_text(src / CARD_NAME, "model card", errors="replace")
+    return parse_card(read_small_text(src / CARD_NAME, "model card", errors="replace"))
+
+
+def parse_card(content: str) -> tuple[dict[str, Any], str]:
+    """A card's text as its front matter (``{}`` when unreadable) and its body."""
     front, body = split_front_matter(content)
     if front is None:
         return {}, content
