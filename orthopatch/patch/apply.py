@@ -68,7 +68,8 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
     plan, direction = prepare(options)
     root = plan.checkpoint.root
     check_not_partial(root)
-    source_card = read_source_card(root)  # read (and checked) before anything is written
+    # read (and checked) before anything is written
+    source_card = read_source_card(root, note=lambda message: log(f"note: {message}"))
     for note in direction.notes:
         log(f"note: {note}")
     if options.dry_run:
