@@ -40,6 +40,8 @@ class ApplyOptions:
     direction_name: str | None = None
     #: Rewrite the patched tensors inside ``model``'s own shards (see :mod:`orthopatch.patch.inplace`).
     in_place: bool = False
+    #: Convert even when the tensors look already abliterated along the direction (``--force``).
+    force: bool = False
 
     @property
     def out_path(self) -> Path:
@@ -80,7 +82,7 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
     def convert(destination: Destination) -> ApplyResult:
         conversion = prepare_conversion(plan, direction, direction_file=Path(os.path.abspath(options.direction)),
                                         source=options.model, method=options.method, device=options.device,
-                                        card=card)
+                                        card=card, force=options.force)
         return run(conversion, destination, quiet=options.quiet, log=log)
 
     if options.in_place:

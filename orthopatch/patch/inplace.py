@@ -238,6 +238,7 @@ class _InPlaceSession:
                                   "(start from an unconverted copy)", path=root)
         check_writable_shards(conversion.plan)
         if not self.resumed:  # before the journal begins, while the model is still the source
+            conversion.check_not_abliterated()
             check_targets(root, targets, conversion.unit_vectors, conversion.patcher, quiet=quiet)
             journal.begin({"fingerprint": fp, "direction": {"file": str(conversion.direction_file),
                                                             "sha256": conversion.direction.sha256},
