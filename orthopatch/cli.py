@@ -119,6 +119,9 @@ def main() -> None:
 @click.option("--in-place", "in_place", is_flag=True,
               help="Rewrite the patched tensors inside MODEL's own shards (crash-safe; needs free space for "
                    "the largest patched tensor only) instead of writing a copy.")
+@click.option("--force", is_flag=True,
+              help="Convert even when the tensors look already abliterated along DIRECTION (its share in them "
+                   "at rounding-noise level).")
 @click.option("--layers", callback=_layers_option, metavar="SPEC",
               help="Blocks to patch: indices and half-open ranges, e.g. 10:60 (10..59) or 0:4,7 [default: all].")
 @click.option("--embeddings/--no-embeddings", default=True, show_default=True,
@@ -142,7 +145,8 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
 def apply_command(model: Path, direction: Path, out: Path | None, device: str, dry_run: bool,
-                  overwrite: bool, in_place: bool, layers: frozenset[int] | None, embeddings: bool, scale: float,
+                  overwrite: bool, in_place: bool, force: bool, layers: frozenset[int] | None, embeddings: bool,
+                  scale: float,
                   norm_preserving: bool, targets: tuple[str, ...], download: bool, push_to_hub: str | None,
                   private: bool, evaluate_kl: bool, tokenizer: Path | None, quiet: bool, debug: bool) -> None:
     """Write the abliterated copy of MODEL, with DIRECTION projected out of every residual writer.
@@ -180,7 +184,7 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
                            overwrite=overwrite, quiet=quiet,
                            method=Method(Selection(layers, embeddings), scale, norm_preserving, targets),
                            base_model=source.name, direction_name=direction_source.name,
-                           in_place=in_place)
+                           in_place=in_place, force=force)
     with _reported(debug, "interrupted; rerun the same command to continue"):
         result = apply(options)
     if result.state == "dry-run":

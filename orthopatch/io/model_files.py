@@ -28,8 +28,8 @@ def model_files(src: Path) -> ModelFiles:
     """Files of the model folder besides the weights: config, tokenizer, templates, licence, card.
 
     Only regular files of at most :data:`~orthopatch.io.smallfile.MAX_SMALL_BYTES` are copied; special
-    files (FIFOs, devices, sockets, links to them) and larger files are skipped and reported, since a
-    model's small files are never either.
+    files (FIFOs, devices, sockets, links to them), larger files and links that lead out of the model
+    (:func:`inside_model`) are skipped and reported, since a model's small files are never either.
     """
     copied, skipped = [], []
     for path in sorted(src.rglob("*")):
@@ -45,6 +45,9 @@ def model_files(src: Path) -> ModelFiles:
         except OSError:
             skipped.append((rel, "cannot be read (a dangling link?)"))
             continue
+        if not stat.S_ISDIR(st.st_mode) and not inside_model(src, path):
+            skipped.append((rel, "is a link to a file outside the model folder"))
+            continue
         if stat.S_ISDIR(st.st_mode):
             continue
         if not stat.S_ISREG(st.st_mode):
@@ -54,6 +57,18 @@ def model_files(src: Path) -> ModelFiles:
         else:
             copied.append(rel)
     return ModelFiles(copied, skipped)
+
+
+def inside_model(src: Path, path: Path) -> bool:
+    """Whether ``path`` (links followed) lies inside model folder ``src`` or, for a Hugging Face cache
+    snapshot (``.../models--ORG--NAME/snapshots/REV/``), inside that repository's own ``blobs/``, where
+    every snapshot file points. A link anywhere else (``notes.txt -> ~/secret``) is not the model's."""
+    real = Path(os.path.realpath(path))
+    root = Path(os.path.realpath(src))
+    homes = [root]
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        homes.append(root.parent.parent / "blobs")
+    return any(real.is_relative_to(home) for home in homes)
 
 
 def copy_model_file(src: Path, out: Path, rel: Path) -> None:

@@ -85,7 +85,12 @@ def open_regular(path: Path, what: str = "file") -> int:
 
 def read_small_bytes(path: Path, what: str = "file", limit: int = MAX_SMALL_BYTES) -> bytes:
     """The whole of a regular file of at most ``limit`` bytes (never more is read, whatever it claims)."""
-    fd = open_regular(path, what)
+    return read_fd_bytes(open_regular(path, what), path, what, limit)
+
+
+def read_fd_bytes(fd: int, path: Path, what: str = "file", limit: int = MAX_SMALL_BYTES) -> bytes:
+    """The whole of the regular file open on ``fd`` (closed here), at most ``limit`` bytes; ``path`` names it
+    in errors. For callers that open the file themselves (relative to a folder, without following links)."""
     try:
         size = os.fstat(fd).st_size
         if size > limit:

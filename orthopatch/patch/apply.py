@@ -43,7 +43,8 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
     plan, direction = prepare(options)
     root = plan.checkpoint.root
     check_not_partial(root)
-    source_card = read_source_card(root)  # read (and checked) before anything is written
+    # read (and checked) before anything is written
+    source_card = read_source_card(root, note=lambda message: log(f"note: {message}"))
     for note in direction.notes:
         log(f"note: {note}")
     if options.dry_run:
@@ -54,7 +55,7 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
     def convert(destination: Destination) -> ApplyResult:
         conversion = prepare_conversion(plan, direction, direction_file=Path(os.path.abspath(options.direction)),
                                         source=options.model, method=options.method, device=options.device,
-                                        card=card)
+                                        card=card, force=options.force)
         return run(conversion, destination, quiet=options.quiet, log=log)
 
     if options.in_place:

@@ -17,6 +17,7 @@ import torch
 
 from orthopatch.devices import resolve_device
 from orthopatch.errors import OrthopatchError
+from orthopatch.patch.already import refuse_if_already_abliterated
 from orthopatch.patch.direction import Direction
 from orthopatch.patch.plan import PatchPlan, PatchTarget
 from orthopatch.patch.projection import unit_direction
@@ -50,6 +51,15 @@ class Conversion:
     #: The unit vector (float64) each target is projected against, by tensor name.
     unit_vectors: dict[str, torch.Tensor]
     card: CardFacts
+    #: Convert even a model whose tensors look already abliterated along the direction.
+    force: bool = False
+
+    def check_not_abliterated(self) -> None:
+        """Refuse (one line) a source already abliterated along this direction, unless forced: patching a
+        patched tensor again only adds rounding (:mod:`orthopatch.patch.already`). Destinations call it
+        before a fresh run writes anything."""
+        if not self.force:
+            refuse_if_already_abliterated(self.plan, self.unit_vectors, self.plan.checkpoint.root)
 
     @property
     def targets(self) -> list[PatchTarget]:
@@ -71,13 +81,13 @@ class Conversion:
 
 
 def prepare_conversion(plan: PatchPlan, direction: Direction, *, direction_file: Path, source: Path,
-                       method: Method, device: str, card: CardFacts) -> Conversion:
+                       method: Method, device: str, card: CardFacts, force: bool = False) -> Conversion:
     """Resolve the device, build the kernel, fingerprint the run and compute every unit vector."""
     resolved = resolve_device(device)
     patcher = TensorPatcher(resolved, scale=method.scale, norm_preserving=method.norm_preserving)
     fingerprint = Fingerprint.of(plan, direction.sha256, method, resolved.type, patcher.kernel.block_elements)
     return Conversion(plan, direction, direction_file, source, method, resolved, patcher, fingerprint,
-                      target_directions(plan, direction), card)
+                      target_directions(plan, direction), card, force)
 
 
 def target_directions(plan: PatchPlan, direction: Direction) -> dict[str, torch.Tensor]:

@@ -24,6 +24,8 @@ version or device made it.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import os
 import stat
 import threading
@@ -42,7 +44,7 @@ from orthopatch.io.safetensors_header import TensorEntry
 from orthopatch.patch.conversion import Conversion
 from orthopatch.patch.driver import Log, Step
 from orthopatch.patch.journal import InFlight, Journal, JournalWriter, copy_into_place
-from orthopatch.patch.model_card import write_model_card
+from orthopatch.patch.model_card import parse_card, write_model_card
 from orthopatch.patch.plan import PatchPlan, PatchTarget
 from orthopatch.patch.record import ConversionRecord
 from orthopatch.patch.stream import Progress, TensorPatcher
@@ -72,6 +74,46 @@ def check_writable_shards(plan: PatchPlan) -> None:
                                   "them too; convert out of place instead, with -o", path=path)
         if not os.access(path, os.W_OK) or not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
             raise OrthopatchError("is not writable: --in-place rewrites the model's own shards", path=path)
+        flag = inode_flag_refusal(path)
+        if flag is not None:
+            raise OrthopatchError(f"has the {flag} attribute (chattr), so its bytes cannot be rewritten in place "
+                                  "(even as root): clear it, or convert out of place with -o", path=path)
+
+
+#: ``FS_IOC_GETFLAGS`` (``_IOR('f', 1, long)`` on 64-bit Linux) and the inode flags that forbid a rewrite.
+FS_IOC_GETFLAGS = 0x80086601
+FS_IMMUTABLE_FL = 0x10
+FS_APPEND_FL = 0x20
+
+
+def inode_flags(fd: int) -> int | None:
+    """The inode flags (``lsattr``) of the file open on ``fd``, or None where the filesystem has none."""
+    buf = array.array("l", [0])
+    try:
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
+    except OSError:
+        return None  # not Linux, or a filesystem without inode flags: nothing there forbids writing
+    return int(buf[0])
+
+
+def inode_flag_refusal(path: Path) -> str | None:
+    """``"immutable"`` or ``"append-only"`` when ``path``'s inode flags forbid rewriting its bytes, else None:
+    ``os.access`` and the mode bits do not show them, and a write would fail only after the journal began."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        flags = inode_flags(fd)
+    finally:
+        os.close(fd)
+    if flags is None:
+        return None
+    if flags & FS_IMMUTABLE_FL:
+        return "immutable"
+    if flags & FS_APPEND_FL:
+        return "append-only"
+    return None
 
 
 def describe(direction_file: str, direction_sha256: str, options: dict[str, Any]) -> str:
@@ -196,6 +238,7 @@ class _InPlaceSession:
                                   "(start from an unconverted copy)", path=root)
         check_writable_shards(conversion.plan)
         if not self.resumed:  # before the journal begins, while the model is still the source
+            conversion.check_not_abliterated()
             check_targets(root, targets, conversion.unit_vectors, conversion.patcher, quiet=quiet)
             journal.begin({"fingerprint": fp, "direction": {"file": str(conversion.direction_file),
                                                             "sha256": conversion.direction.sha256},
@@ -235,7 +278,8 @@ class _InPlaceSession:
     def finish(self, record: ConversionRecord) -> None:
         # The card is built from the original card, kept in the journal (the model's own is ours by now).
         card = self.conversion.card
+        original = self.journal.source_card()  # read without following a link, as all of the journal
         write_model_card(self.root, self.journal.root, record, base_model=card.base_model,
-                         direction=card.direction_name)
+                         direction=card.direction_name, source=({}, "") if original is None else parse_card(original))
         write_json(self.root / RECORD_NAME, record.to_json())
         self.journal.discard()

@@ -6,27 +6,39 @@
    file), fsynced before ``in_flight`` names them and before any of them is copied into the shard;
 3. ``README.md``: the model's original card, kept while the model's own may already be the new one.
 
-The journal is untrusted input: its state is a bounded regular file, checked field by field, and only
-its own files are ever deleted.
+The journal is untrusted input, like any file of the model folder: the folder is opened without
+following a link (``O_DIRECTORY | O_NOFOLLOW``) and every file in it relative to that descriptor, never
+through a link, refused unless it is a regular file (a FIFO is opened non-blocking, so it cannot hang
+the run); files are created exclusively (``O_CREAT | O_EXCL``) after their name is unlinked, so
+nothing outside the model is ever read into it or written. Its state is bounded and checked field by
+field, and only its own files are ever deleted.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
-import shutil
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orthopatch.errors import OrthopatchError, quoted
 from orthopatch.io.filecopy import CopyStats, RangeCopier, block_size, pwrite_all
-from orthopatch.io.folders import write_json
 from orthopatch.io.formats import CARD_NAME, INPLACE_JOURNAL_DIR, INPLACE_STATE_NAME
 from orthopatch.io.safetensors_header import TensorEntry
-from orthopatch.io.smallfile import describe_kind, is_json_int, read_small_json
+from orthopatch.io.smallfile import (
+    MAX_SMALL_BYTES,
+    describe_kind,
+    is_json_int,
+    parse_json,
+    read_fd_bytes,
+    read_small_bytes,
+)
 from orthopatch.io.writer import fsync_dir, io_error, temp_path
 from orthopatch.patch.stream import Progress
 
@@ -36,6 +48,71 @@ DATA_NAME = "journal"
 JOURNAL_FILES = (INPLACE_STATE_NAME, DATA_NAME, CARD_NAME, temp_path(Path(INPLACE_STATE_NAME)).name)
 #: Largest offset or index a journal may hold (a file offset fits in 63 bits).
 MAX_OFFSET = (1 << 63) - 1
+#: How the journal's folder and files are opened: never through a link, never kept by a child process.
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_folder(folder: Path) -> int:
+    """A descriptor on ``folder``, refused (one line) when it is a link or not a folder."""
+    try:
+        return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OrthopatchError("is not a folder of the in-place journal's own (a link, or a file): move it "
+                                  "away", path=folder) from None
+        raise io_error(exc, folder, "open the in-place journal") from None
+
+
+def open_in(dir_fd: int, name: str, flags: int, path: Path, mode: int = 0o600) -> int:
+    """``name`` opened relative to folder ``dir_fd`` without following a link, refused (one line) unless it
+    is a regular file; ``O_NONBLOCK`` keeps a FIFO from hanging the ``open``. ``path`` names it in errors."""
+    try:
+        fd = os.open(name, flags | _NOFOLLOW | os.O_NONBLOCK, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OrthopatchError("is a symbolic link in the in-place journal, which orthopatch never writes: "
+                                  "move it away", path=path) from None
+        raise io_error(exc, path, "open") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OrthopatchError(f"is {describe_kind(st.st_mode)} in the in-place journal, which holds regular files "
+                              "only: move it away", path=path)
+    os.set_blocking(fd, True)
+    return fd
+
+
+def create_in(dir_fd: int, name: str, path: Path) -> int:
+    """A new, empty regular file ``name`` in folder ``dir_fd``, for writing: whatever had the name (a link,
+    a FIFO, a stale file) is unlinked first, and the file is created exclusively."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise io_error(exc, path, "replace") from None
+    try:
+        return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=dir_fd)
+    except OSError as exc:
+        raise io_error(exc, path, "create") from None
+
+
+def write_in(dir_fd: int, name: str, data: bytes, path: Path) -> None:
+    """Write a small file of the journal whole or not at all: an exclusive temporary, fsync, rename, fsync."""
+    tmp = temp_path(Path(name)).name
+    fd = create_in(dir_fd, tmp, path.with_name(tmp))
+    try:
+        pwrite_all(fd, memoryview(data), 0)
+        os.fsync(fd)
+    except OSError as exc:
+        raise io_error(exc, path, "write") from None
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    except OSError as exc:
+        raise io_error(exc, path, "write") from None
 
 
 @dataclass(frozen=True)
@@ -104,9 +181,50 @@ class Journal:
         """A journal that took effect: ``state.json`` is written before any shard is touched."""
         return os.path.lexists(self.state_path)
 
+    @contextmanager
+    def folder(self) -> Iterator[int]:
+        """A descriptor on the journal's folder, opened without following a link (closed after the body)."""
+        fd = open_folder(self.root)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def open_file(self, name: str) -> int:
+        """One of the journal's files, read-only: a regular file in the folder itself, never through a link."""
+        with self.folder() as dir_fd:
+            return open_in(dir_fd, name, os.O_RDONLY, self.root / name)
+
+    def read_bytes(self, name: str, what: str, limit: int = MAX_SMALL_BYTES) -> bytes:
+        """The whole of one of the journal's small files (bounded, a regular file, never through a link)."""
+        return read_fd_bytes(self.open_file(name), self.root / name, what, limit)
+
+    def has(self, name: str) -> bool:
+        """Whether the journal's folder holds an entry ``name`` (of any kind, a link included)."""
+        with self.folder() as dir_fd:
+            try:
+                os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise io_error(exc, self.root / name, "read") from None
+        return True
+
+    def source_card(self) -> str | None:
+        """The original model card kept in the journal, as text; None when the model had none."""
+        if not self.has(CARD_NAME):
+            return None
+        return self.read_bytes(CARD_NAME, "in-place journal's copy of the model card").decode("utf-8", "replace")
+
+    def _write_state(self, doc: dict[str, Any]) -> None:
+        data = (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
+        with self.folder() as dir_fd:
+            write_in(dir_fd, INPLACE_STATE_NAME, data, self.state_path)
+
     def read(self, tensors: int) -> dict[str, Any]:
         """The state, checked against a plan of ``tensors`` patched tensors."""
-        doc = read_small_json(self.state_path, "in-place journal state")
+        what = "in-place journal state"
+        doc = parse_json(self.read_bytes(INPLACE_STATE_NAME, what), self.state_path, what)
         if not isinstance(doc, dict) or not isinstance(doc.get("fingerprint"), dict):
             raise OrthopatchError("the in-place journal is not one this version wrote", path=self.state_path)
         done = doc.get("done")
@@ -123,21 +241,21 @@ class Journal:
     def begin(self, doc: dict[str, Any], card: Path) -> None:
         """Start afresh: the folder, a copy of the original model card, then the state (the commit point)."""
         self.discard()
+        original = read_small_bytes(card, "model card") if os.path.lexists(card) else None
         try:
             self.root.mkdir()
-            if card.is_file():
-                shutil.copyfile(card, self.root / CARD_NAME)
-                fd = os.open(self.root / CARD_NAME, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            fsync_dir(self.root)
-            fsync_dir(self.root.parent)
         except OSError as exc:
             raise io_error(exc, self.root, "create the in-place journal") from None
+        with self.folder() as dir_fd:
+            if original is not None:
+                write_in(dir_fd, CARD_NAME, original, self.root / CARD_NAME)
+            try:
+                os.fsync(dir_fd)
+                fsync_dir(self.root.parent)
+            except OSError as exc:
+                raise io_error(exc, self.root, "create the in-place journal") from None
         self.doc = {**doc, "done": 0, "in_flight": None}
-        write_json(self.state_path, self.doc)
+        self._write_state(self.doc)
 
     @property
     def done(self) -> int:
@@ -150,7 +268,7 @@ class Journal:
     def save_progress(self, done: int, in_flight: InFlight | None) -> None:
         """Advance the state: ``done`` tensors finished, ``in_flight`` (or none) being copied into place."""
         self.doc = {**self.doc, "done": done, "in_flight": None if in_flight is None else vars(in_flight)}
-        write_json(self.state_path, self.doc)
+        self._write_state(self.doc)
 
     def discard(self) -> None:
         """Remove the folder (an unfinished start, or a finished run's leftovers): the state first, so an
@@ -160,8 +278,12 @@ class Journal:
         if not os.path.lexists(self.root):
             return
         try:
-            for name in JOURNAL_FILES:
-                (self.root / name).unlink(missing_ok=True)
+            with self.folder() as dir_fd:
+                for name in JOURNAL_FILES:
+                    try:
+                        os.unlink(name, dir_fd=dir_fd)  # a link itself, never what it points to
+                    except FileNotFoundError:
+                        pass
             self.root.rmdir()
             fsync_dir(self.root.parent)
         except OSError as exc:
@@ -171,10 +293,14 @@ class Journal:
             raise io_error(exc, self.root, "remove the in-place journal") from None
 
     def data_sha256(self, begin: int, end: int) -> str | None:
-        """sha256 of the journal's bytes ``[begin, end)``, or None when the file does not hold them all."""
+        """sha256 of the journal's bytes ``[begin, end)``, or None when the file does not hold them all;
+        a data file that is not a regular file of the journal's own (a link, a FIFO) is refused."""
         digest = hashlib.sha256()
+        if not self.has(DATA_NAME):
+            return None
+        fd = self.open_file(DATA_NAME)
         try:
-            with open(self.data_path, "rb") as f:
+            with os.fdopen(fd, "rb") as f:
                 if os.fstat(f.fileno()).st_size < end:
                     return None
                 f.seek(begin)
@@ -201,10 +327,11 @@ class JournalWriter:
         self.entry = entry
         self._cursor = entry.begin
         self._sha = hashlib.sha256()
+        dir_fd = open_folder(path.parent)
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise io_error(exc, path, "create") from None
+            self.fd = create_in(dir_fd, path.name, path)
+        finally:
+            os.close(dir_fd)
 
     def write(self, segment: int, offset: int, data: memoryview) -> None:
         if segment != self.entry.begin or offset != self._cursor or offset + len(data) > self.entry.end:
@@ -222,7 +349,11 @@ class JournalWriter:
             raise RuntimeError(f"journal holds {self._cursor - self.entry.begin} of {self.entry.nbytes} bytes")
         try:
             os.fsync(self.fd)
-            fsync_dir(self.path.parent)
+            dir_fd = open_folder(self.path.parent)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         except OSError as exc:
             raise io_error(exc, self.path, "write the in-place journal") from None
         return self._sha.hexdigest()
@@ -234,8 +365,8 @@ class JournalWriter:
 def copy_into_place(journal: Journal, shard_path: Path, flight: InFlight, stats: CopyStats,
                      on_progress: Progress | None) -> None:
     """Copy the journal's bytes of ``flight`` into its shard at the same offsets, and fsync the shard."""
+    src = journal.open_file(DATA_NAME)
     try:
-        src = os.open(journal.data_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             dst = os.open(shard_path, os.O_WRONLY | os.O_CLOEXEC)
             try:

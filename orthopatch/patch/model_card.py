@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from orthopatch.errors import first_line, quoted
 from orthopatch.io.folders import write_atomic
 from orthopatch.io.formats import CARD_NAME
 from orthopatch.io.smallfile import json_depth, read_small_text
@@ -52,28 +54,56 @@ def _yaml_depth(text: str) -> int:
 
 def parse_front_matter(text: str) -> dict[str, Any]:
     """Front matter as a dict; ``{}`` for anything unreadable, oversized or nested too deeply."""
-    if len(text) > MAX_FRONT_MATTER_BYTES or _yaml_depth(text) > MAX_FRONT_MATTER_DEPTH:
-        return {}
+    return front_matter_and_problem(text)[0]
+
+
+def front_matter_and_problem(text: str) -> tuple[dict[str, Any], str | None]:
+    """Front matter as a dict, and why (some of) its metadata cannot be carried over, or None.
+
+    Unreadable, oversized or too deeply nested front matter gives ``{}``; a field the card carries
+    (licence, tags...) that is not a string or a list of strings is named, since it is dropped."""
+    if len(text) > MAX_FRONT_MATTER_BYTES:
+        return {}, f"its front matter is larger than {MAX_FRONT_MATTER_BYTES:,} bytes"
+    if _yaml_depth(text) > MAX_FRONT_MATTER_DEPTH:
+        return {}, f"its front matter nests deeper than {MAX_FRONT_MATTER_DEPTH} levels"
     try:
         meta = yaml.safe_load(text)
-    except (yaml.YAMLError, ValueError, RecursionError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        return {}, f"its front matter is not valid YAML ({first_line(exc)})"
+    if meta is None:
+        return {}, None
+    if not isinstance(meta, dict):
+        return {}, f"its front matter is a {type(meta).__name__}, not a mapping"
+    bad = [k for k in ("tags", *CARRIED_FIELDS) if k in meta and not _plain(meta[k])]
+    if bad:
+        return meta, f"its field {bad[0]!r} is not a string or a list of strings"
+    return meta, None
 
 
-def read_source_card(src: Path) -> tuple[dict[str, Any], str]:
+def read_source_card(src: Path, note: Callable[[str], None] | None = None) -> tuple[dict[str, Any], str]:
     """The source ``README.md``'s front matter and its body; ``({}, "")`` when there is no card.
 
     The card is read as any small file (a regular file of bounded size); unreadable front matter
-    loses only the metadata, the body is kept.
+    loses only the metadata, the body is kept, and ``note`` is told so in one line.
     """
     if not os.path.lexists(src / CARD_NAME):
         return {}, ""
-    content = read_small_text(src / CARD_NAME, "model card", errors="replace")
+    return parse_card(read_small_text(src / CARD_NAME, "model card", errors="replace"), note, src / CARD_NAME)
+
+
+def parse_card(content: str, note: Callable[[str], None] | None = None,
+               path: Path | None = None) -> tuple[dict[str, Any], str]:
+    """A card's text as its front matter (``{}`` when unreadable) and its body; ``note`` hears (one line,
+    naming ``path``) when the front matter's metadata cannot be carried over."""
     front, body = split_front_matter(content)
     if front is None:
         return {}, content
-    return parse_front_matter(front), body
+    meta, problem = front_matter_and_problem(front)
+    if problem is not None and note is not None:
+        where = f"{quoted(str(path))}: " if path is not None else ""
+        note(f"{where}the source card's metadata (license, tags) could not be read and was not carried over: "
+             f"{problem}")
+    return meta, body
 
 
 def _plain(value: Any) -> bool:

@@ -27,6 +27,8 @@ class ApplyOptions:
     direction_name: str | None = None
     #: Rewrite the patched tensors inside ``model``'s own shards (see :mod:`orthopatch.patch.inplace`).
     in_place: bool = False
+    #: Convert even when the tensors look already abliterated along the direction (``--force``).
+    force: bool = False
 
     @property
     def out_path(self) -> Path:

@@ -184,6 +184,7 @@ class FolderDestination:
         if Journal(src).exists():
             raise OrthopatchError("an in-place conversion of this folder is unfinished (rerun it with --in-place to "
                                   "finish it): it is not a source", path=src)
+        conversion.check_not_abliterated()  # the source is never changed: before the output folder is made
         with OutputFolder(self.root, src) as out:
             yield _FolderSession(out, conversion, self.overwrite, log)
 

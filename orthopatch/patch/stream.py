@@ -31,7 +31,7 @@ from orthopatch.io.formats import torch_dtype
 from orthopatch.io.safetensors_header import TensorEntry
 from orthopatch.patch.kernel import BlockKernel, project_
 from orthopatch.patch.plan import PatchTarget
-from orthopatch.patch.projection import Layout, compute_dtype, row_dots
+from orthopatch.patch.projection import Layout, compute_dtype
 
 #: Bytes of stored data per chunk (one ``pread``/``pwrite``); rounded to whole kernel blocks.
 CHUNK_BYTES = 8 << 20
@@ -71,10 +71,17 @@ def non_finite_error(io: _TensorIO, stored: torch.dtype) -> OrthopatchError:
         pread_into(io.fd, view, offset)
         count += int((~torch.isfinite(torch.frombuffer(view, dtype=stored))).sum())
     if count == 0:
-        return OrthopatchError("the projection overflows (values too large for the arithmetic)",
+        return OrthopatchError(f"the projection overflows (values too large for the arithmetic, or results past "
+                               f"{str(stored).removeprefix('torch.')}'s largest value), so it is not patched",
                                path=io.path, tensor=entry.name)
     return OrthopatchError(f"holds {count:,} non-finite values (NaN or Inf); the projection would spread "
                            "them over whole rows or columns, so it is not patched", path=io.path, tensor=entry.name)
+
+
+def _require_finite(data: torch.Tensor) -> None:
+    """Raise :class:`_NonFinite` when a chunk of results (in the stored dtype) holds NaN or Inf."""
+    if not bool(torch.isfinite(data).all()):
+        raise _NonFinite
 
 
 @dataclass(frozen=True)
@@ -268,11 +275,11 @@ class TensorPatcher:
                 raise non_finite_error(io, stored) from None
 
     def _rows_checked(self, data: torch.Tensor, u: torch.Tensor, layout: Layout) -> None:
-        """Row-wise projection of a chunk; a row's coefficient that is not finite makes its whole row
-        NaN or Inf, so the first column of the result shows every such row (one element per row)."""
+        """Row-wise projection of a chunk in place, refused (:class:`_NonFinite`) when any value of the
+        result, rounded to the stored dtype, is NaN or Inf: a non-finite coefficient, or a result past the
+        dtype's largest value. A source value that is not finite makes its row's coefficient so."""
         self.kernel.rows_(data, u, layout)
-        if not bool(torch.isfinite(data[:, 0]).all()):
-            raise _NonFinite
+        _require_finite(data)
 
     def chunk_rows(self, layout: Layout, row_bytes: int) -> int:
         """Rows per chunk: whole kernel blocks, about ``chunk_bytes`` of stored data."""
@@ -308,45 +315,56 @@ class TensorPatcher:
     def _patch_slab(self, io: _TensorIO, base: int, layout: Layout, chunk_rows: int, stored: torch.dtype,
                     u: torch.Tensor, retain: bool) -> None:
         """Both passes over one ``[dim, cols]`` slab starting at row ``base``."""
-        kernel = self.kernel
         chunks = split_rows(base, base + layout.dim, chunk_rows)
         slots = self._retained_slots(chunks, io.row_bytes) if retain else self._ring_slots(chunk_rows * io.row_bytes)
         coeff, factor = self._slab_coefficients(io, chunks, slots, base, layout, stored, u)
 
+        self._run(io, chunks, slots, stored, layout.cols, self._second_pass(base, layout, u, coeff, factor),
+                  read=not retain, write=True)
+
+    def _second_pass(self, base: int, layout: Layout, u: torch.Tensor, coeff: torch.Tensor,
+                     factor: torch.Tensor | None) -> Callable[[Chunk, torch.Tensor], None]:
+        """Pass two over a slab starting at row ``base``: each chunk projected in place, then refused when a
+        value of the result (rounded to the stored dtype) overflowed; the coefficients are finite by now,
+        so a source value that is not finite never gets here."""
+        kernel = self.kernel
+
         def second(c: Chunk, data: torch.Tensor) -> None:
             kernel.columns_(data, u[c.row - base:c.row - base + c.count], layout, coeff, factor)
+            _require_finite(data)
 
-        self._run(io, chunks, slots, stored, layout.cols, second, read=not retain, write=True)
+        return second
 
     def check(self, src_fd: int, target: PatchTarget, u: torch.Tensor,
               src_path: str | os.PathLike | None = None) -> None:
-        """Read ``target``'s tensor once and write nothing: raise the error :meth:`patch` would raise for
-        non-finite values or coefficients (``uᵀW`` per column, ``x·u`` per row) that overflow.
+        """Project ``target``'s tensor as :meth:`patch` does, into buffers that are never written: raise
+        the error :meth:`patch` would raise for non-finite values, coefficients (``uᵀW`` per column,
+        ``x·u`` per row) that overflow, or results that overflow the stored dtype once rounded.
 
         ``apply --in-place`` runs it over every tensor before it changes a byte: a tensor refused
-        halfway through the plan would leave a model that can neither be finished nor restored.
-        Only a result that overflows the stored dtype while its coefficient does not (values within
-        a rounding step of the dtype's largest) is left to :meth:`patch` to find.
+        halfway through the plan would leave a model that can neither be finished nor restored. The
+        arithmetic is :meth:`patch`'s own, so what passes here passes there.
         """
         opened = self._open(src_fd, target, None, None, src_path)
         if opened is None:
             return
         io, stored, layout, chunk_rows = opened
-        slots = self._ring_slots(chunk_rows * io.row_bytes)
         with self.kernel.running(), self._device_stream():
             u = u.to(device=self.device, dtype=compute_dtype(stored))
             try:
                 if layout.rowwise:
-                    def rows(_: Chunk, data: torch.Tensor) -> None:
-                        if not bool(torch.isfinite(row_dots(data.to(u.dtype), u)).all()):
-                            raise _NonFinite
-
-                    self._run(io, split_rows(0, layout.rows, chunk_rows), slots, stored, layout.width, rows,
+                    self._run(io, split_rows(0, layout.rows, chunk_rows), self._ring_slots(chunk_rows * io.row_bytes),
+                              stored, layout.width, lambda c, data: self._rows_checked(data, u, layout),
                               read=True, write=False)
                     return
+                retain = layout.dim * io.row_bytes <= self.retain_bytes
                 for b in range(layout.batches):
                     base = b * layout.dim
-                    self._slab_coefficients(io, split_rows(base, base + layout.dim, chunk_rows), slots, base,
-                                            layout, stored, u)
+                    chunks = split_rows(base, base + layout.dim, chunk_rows)
+                    slots = self._retained_slots(chunks, io.row_bytes) if retain else \
+                        self._ring_slots(chunk_rows * io.row_bytes)
+                    coeff, factor = self._slab_coefficients(io, chunks, slots, base, layout, stored, u)
+                    self._run(io, chunks, slots, stored, layout.cols, self._second_pass(base, layout, u, coeff, factor),
+                              read=not retain, write=False)
             except _NonFinite:
                 raise non_finite_error(io, stored) from None
