@@ -195,8 +195,9 @@ def test_vanishing_weighted_direction_names_the_tensor_and_file(tmp_path):
     header = read_header(src)
     target = PatchTarget(entry=header.entry("a.o_proj"), shard=src.name, role="test", axis=0, layer=0,
                          gain="a.norm")
-    plan = SimpleNamespace(gain_names=lambda: ["a.norm"], targets=lambda: [target], read_gain=lambda name: tensors[name],
-                           path_of=lambda t: tmp_path / t.shard, path_of_tensor=lambda name: src)
+    plan = SimpleNamespace(gain_names=lambda: ["a.norm"], targets=lambda: [target],
+                           read_gain=lambda name: tensors[name], path_of=lambda t: tmp_path / t.shard,
+                           path_of_tensor=lambda name: src)
     direction = SimpleNamespace(for_layer=lambda layer: np.ones(8))
     with pytest.raises(OrthopatchError, match="vanishes") as caught:
         target_directions(plan, direction)
