@@ -179,3 +179,25 @@ def test_gemma_post_norm_gains_weight_the_direction(tmp_path: Path) -> None:
 
 def test_the_shapes_in_the_test_model_are_the_llama_ones() -> None:
     assert (HIDDEN, FF, VOCAB) == (256, 512, 300)
+
+
+def test_transformers_loads_the_result_and_its_residual_stream_loses_the_direction(converted) -> None:
+    """transformers' own GGUF loader (it dequantizes with gguf-py) runs both files: every hidden state
+    before the final norm is orthogonal to the direction after the patch, up to what requantizing leaves."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate installed")
+    src, out, u, qtype = converted
+    tokens = torch.tensor([[1, 17, 42, 99, 123, 7]])
+    cos = {}
+    for path in (src, out):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        with torch.no_grad():
+            result = model(tokens, output_hidden_states=True)
+        assert torch.isfinite(result.logits).all()
+        states = torch.stack(result.hidden_states[:-1]).double()  # the embedding and every block's output
+        cos[path] = (states @ torch.from_numpy(u)).abs() / states.norm(dim=-1)
+    assert cos[src].max() > 0.02
+    if qtype in (Q.F32, Q.F16, Q.BF16, Q.Q8_0):
+        assert cos[out].max() < 0.1 * cos[src].max(), (cos[out].max(), cos[src].max())
+    elif qtype != Q.Q2_K:
+        assert cos[out].mean() < cos[src].mean()
