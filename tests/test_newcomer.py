@@ -58,8 +58,8 @@ def test_a_path_to_model_safetensors_means_its_folder(tmp_path, direction) -> No
 
 @pytest.mark.parametrize("mistake, words", [
     ("bin-only", ["PyTorch .bin weights", "convert them first", "safe_serialization=True"]),
-    ("gguf-file", ["GGUF is not supported", "convert_hf_to_gguf"]),
-    ("gguf-folder", ["GGUF is not supported"]),
+    ("gguf-file", ["too short for a GGUF header"]),  # a .gguf MODEL is read as one: this one is broken
+    ("gguf-folder", ["give the .gguf file itself", "llama-3-8b.Q4_K_M.gguf"]),
     ("no-config", ["no config.json in the model folder"]),
     ("no-model-type", ["config.json: has no model_type", "--targets"]),
     ("swapped", ["tensor file, not a model folder", "MODEL comes first, then DIRECTION"]),

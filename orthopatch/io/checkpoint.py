@@ -49,10 +49,10 @@ def _not_a_model(root: Path) -> OrthopatchError:
     if not os.path.lexists(root):
         return OrthopatchError("no such file or folder", path=root)
     suffix = root.suffix.lower()
-    if root.is_file() and suffix == ".gguf" or any(root.glob("*.gguf")):
-        return OrthopatchError(
-            "GGUF is not supported: orthopatch reads safetensors checkpoints; patch the original safetensors "
-            "model, then convert the result (llama.cpp's convert_hf_to_gguf.py)", path=root)
+    if root.is_dir() and any(root.glob("*.gguf")):
+        first = sorted(root.glob("*.gguf"))[0].name
+        return OrthopatchError(f"holds GGUF files, not a safetensors model: give the .gguf file itself as MODEL "
+                               f"(orthopatch apply {first} DIRECTION)", path=root)
     if root.is_file() and suffix in DIRECTION_SUFFIXES:
         return OrthopatchError("this is a tensor file, not a model folder: MODEL comes first, then DIRECTION "
                                "(orthopatch apply MODEL DIRECTION)", path=root)
