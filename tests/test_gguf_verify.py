@@ -199,3 +199,19 @@ def test_input_that_is_not_a_verifiable_gguf_is_one_line(tmp_path: Path) -> None
     src = write_gguf(tmp_path / "m.gguf", Q.Q8_0)
     assert "has no orthopatch.record" in one_error_line(cli("verify", src, "--direction", r_path))
     assert "no such file" in one_error_line(cli("verify", tmp_path / "absent.gguf", "--direction", r_path))
+
+
+@pytest.mark.parametrize(("old", "new", "tensor", "words"), [
+    (b'ffn_down.weight", "role": "mlp"', b'ffn_down.weight", "role": "att"', "blk.0.ffn_down.weight", "another role"),
+    (b'"layers": "all"', b'"layers": [0]  ', "blk.1.attn_output.weight", "does not patch it"),
+], ids=["role", "layers"])
+def test_a_record_that_disagrees_with_the_architecture_table_is_caught(old: bytes, new: bytes, tensor: str | None,
+                                                                       words: str, tmp_path: Path) -> None:
+    src = write_gguf(tmp_path / "m.gguf", Q.Q8_0)
+    r_path, _ = direction(tmp_path / "r.pth")
+    out = tmp_path / "o.gguf"
+    cli_ok("apply", src, r_path, "-o", out, "-q")
+    data = out.read_bytes()
+    assert len(old) == len(new)
+    out.write_bytes(data.replace(old, new, 1))
+    failed(cli("verify", out, "--source", src), tensor, "architecture table", words)

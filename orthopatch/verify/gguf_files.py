@@ -210,13 +210,18 @@ def check_record_targets(report: VerifyReport, record: ConversionRecord, parts: 
     expected = expected_targets(parts, record.method)
     if listed == expected:
         return
-    names = {e.name for e in expected}
-    odd = next((e for e in listed if e not in expected), None) or next(e for e in expected if e not in listed)
-    what = "is not one the architecture table patches" if odd.name not in names else "is listed differently"
-    if odd not in listed and odd.name not in {e.name for e in listed}:
-        what = "is patched by the architecture table but not listed"
-    report.fail(f"the record's patched tensors disagree with the architecture table: this tensor {what}",
-                path=where, tensor=odd.name)
+    listed_names, expected_names = [e.name for e in listed], [e.name for e in expected]
+    if listed_names == expected_names:
+        odd = next(e for e, f in zip(listed, expected, strict=True) if e != f)
+        what = "is listed with another role, layer, axis or norm gain than the table gives"
+    elif (extra := [n for n in listed_names if n not in expected_names]):
+        odd, what = listed[listed_names.index(extra[0])], "is listed, but the table does not patch it"
+    elif (missing := [n for n in expected_names if n not in listed_names]):
+        odd, what = expected[expected_names.index(missing[0])], "is patched by the table, but not listed"
+    else:
+        odd, what = listed[0], "is listed out of the file's order"
+    report.fail(f"the record's patched tensors disagree with the architecture table for its method: this tensor "
+                f"{what}", path=where, tensor=odd.name)
 
 
 # --- tensor data -----------------------------------------------------------------------------------
