@@ -215,3 +215,14 @@ def test_a_record_that_disagrees_with_the_architecture_table_is_caught(old: byte
     assert len(old) == len(new)
     out.write_bytes(data.replace(old, new, 1))
     failed(cli("verify", out, "--source", src), tensor, "architecture table", words)
+
+
+def test_the_recorded_direction_is_used_only_while_unchanged(tmp_path: Path) -> None:
+    src = write_gguf(tmp_path / "m.gguf", Q.Q8_0)
+    r_path, _ = direction(tmp_path / "r.pth")
+    out = tmp_path / "o.gguf"
+    cli_ok("apply", src, r_path, "-o", out, "-q")
+    assert cli("verify", out).exit_code == 0
+    direction(r_path, seed=4)
+    line = one_error_line(cli("verify", out))
+    assert "has changed since" in line and "--direction" in line
