@@ -252,8 +252,12 @@ def verify_command(out: Path, direction: Path | None, source: Path | None, quiet
     """Re-open OUT, written by apply, and check every shard and patched tensor; exit 1 on any failure.
 
     Without --source, each patched tensor must have no component along the direction beyond rounding
-    noise; with it, each must equal the source projected in float64 and rounded once.
+    noise; with it, each must equal the source projected in float64 and rounded once. A GGUF OUT
+    (and --source MODEL.gguf) is read with gguf-py and checked against its requantized projection.
     """
+    if out.suffix == ".gguf":
+        _verify_gguf(out, direction, source, quiet, debug)
+        return
     from orthopatch.verify import VerifyOptions, format_table, recorded_direction, summary, verify
 
     with _reported(debug):
@@ -264,6 +268,32 @@ def verify_command(out: Path, direction: Path | None, source: Path | None, quiet
         report = verify(VerifyOptions(out=out, direction=direction, source=source, quiet=quiet))
     click.echo(format_table(report))
     click.echo(summary(report))
+    for failure in report.failures:
+        click.echo(f"orthopatch: error: {failure}", err=True)
+    if not report.ok:
+        sys.exit(1)
+
+
+def _verify_gguf(out: Path, direction: Path | None, source: Path | None, quiet: bool, debug: bool) -> None:
+    """``verify`` of a GGUF output: the same table and summary, plus a line per tensor type."""
+    from orthopatch.verify import format_table
+    from orthopatch.verify.gguf import (
+        GGUFVerifyOptions,
+        format_types,
+        gguf_summary,
+        recorded_direction_gguf,
+        verify_gguf,
+    )
+
+    with _reported(debug):
+        if direction is None:
+            direction = recorded_direction_gguf(out)
+        direction = resolve_direction(str(direction), quiet=quiet).path
+        report = verify_gguf(GGUFVerifyOptions(out=out, direction=direction, source=source, quiet=quiet))
+    click.echo(format_table(report))
+    if report.errors:
+        click.echo(format_types(report))
+    click.echo(gguf_summary(report))
     for failure in report.failures:
         click.echo(f"orthopatch: error: {failure}", err=True)
     if not report.ok:

@@ -46,7 +46,7 @@ from orthopatch.verify.report import TensorCheck, VerifyReport, format_table, su
 from orthopatch.verify.structure import check_folder, check_record, check_structure
 
 __all__ = ["RoundingTally", "TensorCheck", "VerifyOptions", "VerifyReport", "format_table", "recorded_direction",
-           "summary", "ulp", "verify"]
+           "recorded_file", "summary", "ulp", "verify"]
 
 Log = Callable[[str], None]
 
@@ -190,6 +190,11 @@ def recorded_direction(out: Path) -> Path:
     direction = record.get("direction") if isinstance(record, dict) else None
     file = direction.get("file") if isinstance(direction, dict) else None
     sha256 = direction.get("sha256") if isinstance(direction, dict) else None
+    return recorded_file(file, sha256, record_path)
+
+
+def recorded_file(file: object, sha256: object, record_path: Path) -> Path:
+    """The direction ``file`` a record names, if it is still a regular file with the recorded ``sha256``."""
     if not isinstance(file, str) or not isinstance(sha256, str):
         raise OrthopatchError("no --direction given, and the record names no direction file: pass --direction",
                               path=record_path)
