@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +17,7 @@ from orthopatch.io.checkpoint import Checkpoint
 from orthopatch.io.formats import CONFIG_NAME, FLOAT_DTYPES
 from orthopatch.io.safetensors_header import ShardHeader, TensorEntry
 from orthopatch.patch.architecture import EMBEDDING_ROLES, Architecture, TargetRule
-from orthopatch.saferegex import MATCH_SECONDS, time_limit
+from orthopatch.saferegex import MATCH_SECONDS, match_all
 
 if TYPE_CHECKING:
     import torch
@@ -188,6 +187,16 @@ def _match(entry: TensorEntry, arch: Architecture) -> tuple[TargetRule, dict[str
     return None
 
 
+def _match_outside(checkpoint: Checkpoint, arch: Architecture) -> dict[str, tuple[TargetRule, dict[str, str]] | None]:
+    """What :func:`_match` gives for every tensor name, for rules from outside (``--targets`` or a record).
+
+    All names are matched in one batch, in bounded time on any thread (see :func:`match_all`).
+    """
+    names = list(dict.fromkeys(e.name for header in checkpoint.shards.values() for e in header.tensors))
+    found = match_all([rule.pattern for rule in arch.rules], names, MATCH_SECONDS)
+    return {name: None if m is None else (arch.rules[m[0]], m[1]) for name, m in zip(names, found, strict=True)}
+
+
 def _target(entry: TensorEntry, shard: str, rule: TargetRule, groups: dict[str, str]) -> PatchTarget:
     try:
         layer = int(groups["layer"]) if "layer" in groups else None
@@ -260,26 +269,26 @@ def build_plan(checkpoint: Checkpoint, arch: Architecture, selection: Selection 
     found: dict[int, set[str]] = {}
     matched_any = False
     shards = []
-    # Patterns from --targets (or a record) are outside input: their matching runs in bounded time.
-    with time_limit(MATCH_SECONDS, "matching the --targets patterns") if arch.custom else nullcontext():
-        for shard_name, header in checkpoint.shards.items():
-            targets = []
-            for entry in header.tensors:
-                for rule in arch.unsupported:
-                    if rule.pattern.fullmatch(entry.name):
-                        raise OrthopatchError(rule.reason, path=header.path, tensor=entry.name)
-                matched = _match(entry, arch)
-                if matched is None:
-                    continue
-                matched_any = True
-                target = _target(entry, shard_name, *matched)
-                if target.layer is not None:
-                    found.setdefault(target.layer, set()).add(target.role)
-                if not selection.wants(target.role, target.layer):
-                    continue
-                _check_target(target, checkpoint, header, hidden)
-                targets.append(target)
-            shards.append(ShardPlan(shard_name, header, tuple(targets)))
+    # The known architectures' patterns are ours and match name by name; those from outside are matched first.
+    outside = _match_outside(checkpoint, arch) if arch.custom else None
+    for shard_name, header in checkpoint.shards.items():
+        targets = []
+        for entry in header.tensors:
+            for rule in arch.unsupported:
+                if rule.pattern.fullmatch(entry.name):
+                    raise OrthopatchError(rule.reason, path=header.path, tensor=entry.name)
+            matched = outside[entry.name] if outside is not None else _match(entry, arch)
+            if matched is None:
+                continue
+            matched_any = True
+            target = _target(entry, shard_name, *matched)
+            if target.layer is not None:
+                found.setdefault(target.layer, set()).add(target.role)
+            if not selection.wants(target.role, target.layer):
+                continue
+            _check_target(target, checkpoint, header, hidden)
+            targets.append(target)
+        shards.append(ShardPlan(shard_name, header, tuple(targets)))
     if not matched_any:
         raise OrthopatchError(f"no tensor matches the {arch.name} architecture's residual writers",
                               path=checkpoint.root)
