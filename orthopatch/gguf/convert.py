@@ -80,7 +80,7 @@ def _apply_in_place(options: ApplyOptions, log: Callable[[str], None]) -> ApplyR
     options = dataclasses.replace(options, model=first)
     with exclusive_lock(first.parent, BUSY):
         journal = GGUFJournal(first)
-        if not options.dry_run:
+        if not options.dry_run and os.path.lexists(first):
             check_writable_file(first)
             _check_same_run(journal, options)
             finish_header_step(journal, first.parent)

@@ -94,5 +94,3 @@ def original_identity(part: GGUFFile) -> str:
     header_end = FIXED_HEADER + sum(map(len, kept)) + len(part.tensor_infos_raw)
     data_start = align_up(header_end, part.alignment)
     return f"{digest.hexdigest()}:{part.file_size - (part.data_start - data_start)}"
-
-
