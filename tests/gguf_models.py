@@ -31,9 +31,10 @@ def can_encode(qtype: Q) -> bool:
 
 
 def write_gguf(path: Path, qtype: Q, *, arch: str = "llama", split_max_tensors: int = 0,
-               odd: dict[str, Q] | None = None, seed: int = 0) -> Path:
+               odd: dict[str, Q] | None = None, seed: int = 0, vocab: int = VOCAB, layers: int = LAYERS) -> Path:
     """A llama-shaped model: every matrix in ``qtype`` (``odd`` overrides by name), norms in F32 and equal to 1
     (so that llama.cpp's final-norm output is the residual stream divided by its RMS)."""
+    VOCAB, LAYERS = vocab, layers  # noqa: N806 - the shapes below read them
     writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     writer.add_block_count(LAYERS)
     writer.add_embedding_length(HIDDEN)

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from orthopatch.errors import OrthopatchError
+from orthopatch.gguf.inplace import (
+    BUSY,
+    GGUFInPlaceDestination,
+    GGUFJournal,
+    check_writable_file,
+    finish_header_step,
+    original_headers,
+)
 from orthopatch.gguf.output import GGUFDestination, output_parts
 from orthopatch.gguf.plan import GGUFPlan, build_gguf_plan
 from orthopatch.gguf.split import open_split
+from orthopatch.io.folders import exclusive_lock, shared_lock
 from orthopatch.patch.conversion import CardFacts, prepare_conversion
-from orthopatch.patch.direction import Direction, load_direction
+from orthopatch.patch.direction import Direction, file_sha256, load_direction
 from orthopatch.patch.driver import ApplyResult, RunState, run
+from orthopatch.patch.inplace import describe
 from orthopatch.patch.options import ApplyOptions
 
 
@@ -36,19 +47,66 @@ def prepare_gguf(options: ApplyOptions) -> tuple[GGUFPlan, Direction]:
 
 
 def apply_gguf(options: ApplyOptions, log: Callable[[str], None]) -> ApplyResult:
-    """Convert the GGUF ``options.model`` into new GGUF parts (``-o``, or ``NAME-abliterated.gguf``)."""
-    plan, direction = prepare_gguf(options)
-    for note in direction.notes:
-        log(f"note: {note}")
-    first_out = options.out if options.out is not None else default_output(options.model)
+    """Convert the GGUF ``options.model`` into new GGUF parts (``-o``, or ``NAME-abliterated.gguf``), or in place."""
     if options.in_place:
-        raise OrthopatchError("--in-place is not available for GGUF files yet: write a new file (the unchanged "
-                              "tensors are shared with the source where the filesystem can)", path=options.model)
-    if options.dry_run:
-        return ApplyResult(first_out, plan, RunState.DRY_RUN)
-    card = CardFacts(options.base_model or options.model.name, options.direction_name or options.direction.name,
+        return _apply_in_place(options, log)
+    first = Path(os.path.abspath(options.model))
+    with shared_lock(first.parent, "an orthopatch run is converting a GGUF file in this folder in place: it is not "
+                     "a source until that run ends", "model folder"):
+        if GGUFJournal(first).exists():
+            raise OrthopatchError("is half converted in place (an interrupted apply --in-place): rerun that command "
+                                  "to finish it", path=options.model)
+        plan, direction = prepare_gguf(options)
+        for note in direction.notes:
+            log(f"note: {note}")
+        first_out = options.out if options.out is not None else default_output(options.model)
+        if options.dry_run:
+            return ApplyResult(first_out, plan, RunState.DRY_RUN)
+        conversion = prepare_conversion(plan, direction, direction_file=Path(os.path.abspath(options.direction)),
+                                        source=options.model, method=options.method, device=options.device,
+                                        card=_card(options))
+        destination = GGUFDestination(output_parts(first_out, len(plan.parts)), options.overwrite)
+        return run(conversion, destination, quiet=options.quiet, log=log)
+
+
+def _card(options: ApplyOptions) -> CardFacts:
+    return CardFacts(options.base_model or options.model.name, options.direction_name or options.direction.name,
                      ({}, ""))
-    conversion = prepare_conversion(plan, direction, direction_file=Path(os.path.abspath(options.direction)),
-                                    source=options.model, method=options.method, device=options.device, card=card)
-    destination = GGUFDestination(output_parts(first_out, len(plan.parts)), options.overwrite)
-    return run(conversion, destination, quiet=options.quiet, log=log)
+
+
+def _apply_in_place(options: ApplyOptions, log: Callable[[str], None]) -> ApplyResult:
+    """Rewrite the patched tensors inside the GGUF file(s) (:mod:`orthopatch.gguf.inplace`)."""
+    first = Path(os.path.abspath(options.model))
+    options = dataclasses.replace(options, model=first)
+    with exclusive_lock(first.parent, BUSY):
+        journal = GGUFJournal(first)
+        if not options.dry_run and os.path.lexists(first):
+            check_writable_file(first)
+            _check_same_run(journal, options)
+            finish_header_step(journal, first.parent)
+        plan, direction = prepare_gguf(options)
+        for note in direction.notes:
+            log(f"note: {note}")
+        if options.dry_run:
+            return ApplyResult(first, plan, RunState.DRY_RUN, in_place=True)
+        conversion = prepare_conversion(plan, direction, direction_file=Path(os.path.abspath(options.direction)),
+                                        source=first, method=options.method, device=options.device,
+                                        card=_card(options))
+        fingerprint = dataclasses.replace(conversion.fingerprint, source_headers=original_headers(plan.parts))
+        conversion = dataclasses.replace(conversion, fingerprint=fingerprint)
+        return run(conversion, GGUFInPlaceDestination(first, options.quiet), quiet=options.quiet, log=log)
+
+
+def _check_same_run(journal: GGUFJournal, options: ApplyOptions) -> None:
+    """An interrupted run (whose headers may be unreadable now) is finished only by its own command."""
+    journal.check_path()
+    if not journal.exists():
+        return
+    state = journal.read(2**62)
+    fp = state["fingerprint"]
+    if fp.get("direction_sha256") != file_sha256(options.direction) or fp.get("method") != options.method.to_json():
+        direction = state.get("direction") if isinstance(state.get("direction"), dict) else {}
+        options_doc = state.get("options") if isinstance(state.get("options"), dict) else {}
+        what = describe(str(direction.get("file", "?")), str(direction.get("sha256", "?")), options_doc)
+        raise OrthopatchError(f"an interrupted in-place conversion with {what} is unfinished; rerun that command "
+                              "to finish it", path=options.model)

@@ -97,3 +97,36 @@ def patch_quantized(fd: int, target: PatchTarget, u: torch.Tensor, sink: TensorS
                 chunk = _decoded(fd, target, qtype, layout, row_bytes, base + start, count, path)
                 kernel.columns_(chunk, u[start:start + count], layout, coeff, factor)
                 emit(base + start, chunk)
+
+
+def check_quantized(fd: int, target: PatchTarget, u: torch.Tensor, kernel: BlockKernel,
+                    src_path: str | os.PathLike | None = None) -> None:
+    """Read ``target`` (a quantized tensor) once and write nothing: raise the error :func:`patch_quantized`
+    would raise for non-finite values or coefficients that overflow, before an in-place run changes a byte."""
+    qtype = gguf.GGMLQuantizationType[target.entry.dtype]
+    path = os.fspath(src_path) if src_path is not None else ""
+    layout = Layout.of(target.entry.shape, target.axis)
+    rows = target.entry.numel // layout.width
+    row_bytes = target.entry.nbytes // rows
+    block_rows = kernel.block_rows(layout)
+    step = max(1, CHUNK_VALUES // max(layout.width, 1) // block_rows) * block_rows
+    u = u.to(torch.float64)
+    overflow = OrthopatchError("the projection overflows (values too large for the arithmetic)", path=path,
+                               tensor=target.name)
+    with kernel.running():
+        if layout.rowwise:
+            for first in range(0, rows, step):
+                chunk = _decoded(fd, target, qtype, layout, row_bytes, first, min(step, rows - first), path)
+                if not bool(torch.isfinite(chunk @ u).all()):
+                    raise overflow
+            return
+        for b in range(layout.batches):
+            base = b * layout.dim
+            sums = kernel.new_sums(layout, torch.float64)
+            for start in range(0, layout.dim, step):
+                count = min(step, layout.dim - start)
+                chunk = _decoded(fd, target, qtype, layout, row_bytes, base + start, count, path)
+                kernel.accumulate(chunk, u[start:start + count], layout, sums, start)
+            coeff, _ = kernel.finish(sums)
+            if not bool(torch.isfinite(coeff).all()):
+                raise overflow

@@ -74,7 +74,8 @@ class Conversion:
     def record(self, seconds: float, *, in_place: bool = False) -> ConversionRecord:
         """The record of this conversion, finished in ``seconds``."""
         return ConversionRecord.of(
-            self.plan, source=self.plan.checkpoint.root if in_place else self.source,
+            self.plan, source=self.plan.checkpoint.root if in_place and isinstance(self.plan, PatchPlan)
+            else self.source,
             direction_file=self.direction_file, direction_sha256=self.direction.sha256,
             direction_rows=int(self.direction.rows.shape[0]), method=self.method, device=str(self.device),
             seconds=seconds, fingerprint=self.fingerprint, in_place=in_place)
