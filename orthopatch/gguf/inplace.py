@@ -31,7 +31,7 @@ from orthopatch.errors import OrthopatchError, quoted
 from orthopatch.gguf.container import GGUFFile
 from orthopatch.gguf.grow import can_insert_ranges, insert_range, original_identity
 from orthopatch.gguf.layout import PADDING_KEY, plan_output
-from orthopatch.gguf.output import LONGEST_SECONDS, RECORD_KEY, _block_of
+from orthopatch.gguf.output import LONGEST_SECONDS, RECORD_KEY, block_of
 from orthopatch.gguf.plan import FLOAT_TYPES, GGUFPlan
 from orthopatch.gguf.requantize import check_quantized, patch_quantized
 from orthopatch.io.filecopy import CopyStats
@@ -41,7 +41,7 @@ from orthopatch.io.smallfile import is_json_int
 from orthopatch.io.writer import io_error
 from orthopatch.patch.conversion import Conversion
 from orthopatch.patch.driver import Log, Step
-from orthopatch.patch.inplace import _check_resumable, _replay, describe, prefetch, same_conversion
+from orthopatch.patch.inplace import check_resumable, describe, prefetch, replay, same_conversion
 from orthopatch.patch.journal import MAX_OFFSET, InFlight, Journal, JournalWriter, copy_into_place
 from orthopatch.patch.plan import PatchTarget
 from orthopatch.patch.record import ConversionRecord
@@ -167,14 +167,14 @@ class _GGUFInPlaceSession:
         assert isinstance(plan, GGUFPlan)
         self.plan, self.conversion, self.folder = plan, conversion, first.parent
         self.patched, self.copied, self.complete = 0, CopyStats(), False
-        self.block = _block_of(self.folder)
+        self.block = block_of(self.folder)
         self.journal = journal = GGUFJournal(first)
         journal.check_path()
         self.targets = targets = conversion.targets
         fp = conversion.fingerprint.to_json()
         self.resumed = journal.exists()
         if self.resumed:
-            _check_resumable(journal.read(len(targets) + len(plan.parts)), fp, first)
+            check_resumable(journal.read(len(targets) + len(plan.parts)), fp, first)
             journal.header_steps()
         else:
             records = [recorded(p) for p in plan.parts]
@@ -192,7 +192,7 @@ class _GGUFInPlaceSession:
                                                             "sha256": conversion.direction.sha256},
                            "options": conversion.method.to_json(), "tensors": len(targets), "headers": headers},
                           journal.root / "no-card")
-        _replay(journal, self.folder, targets)
+        replay(journal, self.folder, targets)
 
     def _refuse_or_complete(self, records: list[ConversionRecord | None], fp: dict[str, Any]) -> None:
         if all(r is not None and same_conversion(r.fingerprint, fp) for r in records):

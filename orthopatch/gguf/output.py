@@ -104,7 +104,7 @@ class _GGUFSession:
         self.plan, self.conversion, self.outs = plan, conversion, outs
         self.patched, self.copied, self.resumed = 0, CopyStats(), False
         self.writers: list[_PartWriter] = []
-        self.block = _block_of(outs[0].parent)
+        self.block = block_of(outs[0].parent)
         self.layouts: list[OutputLayout] = []
         for src, out in zip(plan.parts, outs, strict=True):
             if out.resolve() == src.path.resolve():
@@ -191,7 +191,7 @@ class _GGUFSession:
                 discard(writer.tmp)
 
 
-def _block_of(folder: Path) -> int:
+def block_of(folder: Path) -> int:
     """The filesystem block size of ``folder`` (4096 when it cannot be read): the unit of shared extents."""
     try:
         return max(512, os.statvfs(folder).f_bsize)

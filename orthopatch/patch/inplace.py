@@ -151,7 +151,7 @@ def prefetch(path: Path, entry: TensorEntry) -> None:
     threading.Thread(target=hint, daemon=True, name="orthopatch-prefetch").start()
 
 
-def _replay(journal: Journal, root: Path, targets: list[PatchTarget]) -> None:
+def replay(journal: Journal, root: Path, targets: list[PatchTarget]) -> None:
     """Finish the tensor an interrupted run left in flight (if any): copy its journal bytes into place."""
     flight = journal.in_flight
     if flight is None:
@@ -182,7 +182,7 @@ def check_targets(root: Path, targets: list[PatchTarget], directions: dict[str, 
             progress.update(target.entry.nbytes)
 
 
-def _check_resumable(state: dict[str, Any], fp: dict[str, Any], root: Path) -> None:
+def check_resumable(state: dict[str, Any], fp: dict[str, Any], root: Path) -> None:
     """An interrupted run is finished only by its own conversion, computed where it was started: the
     bytes of every tensor come from one kind of device and one block size."""
     recorded = state["fingerprint"]
@@ -225,7 +225,7 @@ class _InPlaceSession:
         self.resumed = journal.exists()
         self.complete = False
         if self.resumed:
-            _check_resumable(journal.read(len(targets)), fp, root)
+            check_resumable(journal.read(len(targets)), fp, root)
         elif os.path.lexists(root / RECORD_NAME):
             record = ConversionRecord.read(root / RECORD_NAME)
             if same_conversion(record.fingerprint, fp):
@@ -243,7 +243,7 @@ class _InPlaceSession:
             journal.begin({"fingerprint": fp, "direction": {"file": str(conversion.direction_file),
                                                             "sha256": conversion.direction.sha256},
                            "options": conversion.method.to_json()}, root / CARD_NAME)
-        _replay(journal, root, targets)
+        replay(journal, root, targets)
 
     def steps(self) -> list[Step]:
         first = self.journal.done
