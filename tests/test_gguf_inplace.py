@@ -22,6 +22,7 @@ import pytest
 
 from orthopatch.gguf import grow, inplace
 from orthopatch.gguf.grow import can_insert_ranges
+from orthopatch.patch import inplace as patch_inplace
 from tests.gguf_models import Q, can_encode, write_gguf
 from tests.helpers import cli, cli_ok, one_error_line
 from tests.test_gguf_apply import WRITERS, direction
@@ -222,8 +223,8 @@ def test_a_tensor_torn_in_flight_is_copied_again(tmp_path: Path, monkeypatch, in
             raise Stop
         real(journal, path, flight, stats, progress)
 
-    real = inplace.copy_into_place
-    monkeypatch.setattr(inplace, "copy_into_place", torn)
+    real = patch_inplace.copy_into_place  # the tensor steps every in-place session shares
+    monkeypatch.setattr(patch_inplace, "copy_into_place", torn)
     with pytest.raises(Stop):
         cli("apply", work, r, "--in-place", "-q")
     monkeypatch.undo()

@@ -23,7 +23,6 @@ import os
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +39,8 @@ from orthopatch.io.safetensors_header import TensorEntry
 from orthopatch.io.smallfile import is_json_int
 from orthopatch.io.writer import io_error
 from orthopatch.patch.conversion import Conversion
-from orthopatch.patch.driver import Log, Step
-from orthopatch.patch.inplace import check_resumable, describe, prefetch, replay, same_conversion
+from orthopatch.patch.driver import Log
+from orthopatch.patch.inplace import JournaledTensors, check_resumable, describe, replay, same_conversion
 from orthopatch.patch.journal import MAX_OFFSET, InFlight, Journal, JournalWriter, copy_into_place
 from orthopatch.patch.plan import PatchTarget
 from orthopatch.patch.record import ConversionRecord
@@ -159,7 +158,7 @@ class GGUFInPlaceDestination:
         yield _GGUFInPlaceSession(self.root, conversion, self.quiet)
 
 
-class _GGUFInPlaceSession:
+class _GGUFInPlaceSession(JournaledTensors):
     """One run in place: refusals and checks, the journal begun or resumed, tensors, then each part's header."""
 
     def __init__(self, first: Path, conversion: Conversion, quiet: bool):
@@ -256,40 +255,15 @@ class _GGUFInPlaceSession:
     def _is_float(self, target: PatchTarget) -> bool:
         return self.plan.part_of(target.name).by_name[target.name].qtype in FLOAT_TYPES
 
-    def steps(self) -> list[Step]:
-        first = min(self.journal.done, len(self.targets))
-        return [Step(target.shard, 2 * target.entry.nbytes, partial(self._write, index, target))
-                for index, target in enumerate(self.targets[first:], start=first)]
-
-    def plan_tail(self, steps: list[Step]) -> str | None:
-        if not steps:
-            return None
-        left = "" if len(steps) == len(self.targets) else f", {len(steps)} of {len(self.targets)} left"
-        return f" in place{left}"
-
-    def _write(self, index: int, target: PatchTarget, progress: Progress) -> None:
-        """The tensor's new bytes into the journal (fsynced), recorded in flight, copied into its part."""
-        journal, c = self.journal, self.conversion
-        path = self.folder / target.shard
-        writer = JournalWriter(journal.data_path, target.entry)
-        try:
-            with open_source(path) as fd:
-                u = c.unit_vectors[target.name]
-                if self._is_float(target):
-                    c.patcher.patch(fd, target, u, writer, progress, path)
-                else:
-                    patch_quantized(fd, target, u, writer, c.patcher.kernel, progress, path)
-            sha = writer.finish()
-        finally:
-            writer.close()
-        flight = InFlight(index, target.name, target.shard, target.entry.begin, target.entry.end, sha)
-        journal.save_progress(index, flight)
-        if index + 1 < len(self.targets):
-            nxt = self.targets[index + 1]
-            prefetch(self.folder / nxt.shard, nxt.entry)
-        copy_into_place(journal, path, flight, self.copied, progress)
-        journal.save_progress(index + 1, None)
-        self.patched += target.entry.nbytes
+    def patch_tensor(self, fd: int, target: PatchTarget, writer: JournalWriter, progress: Progress,
+                     path: Path) -> None:
+        """Float tensors through the streaming patcher, quantized ones dequantized, projected and requantized."""
+        c = self.conversion
+        u = c.unit_vectors[target.name]
+        if self._is_float(target):
+            c.patcher.patch(fd, target, u, writer, progress, path)
+        else:
+            patch_quantized(fd, target, u, writer, c.patcher.kernel, progress, path)
 
     def finish(self, record: ConversionRecord) -> None:
         """Each part's header with the record (the same text in every part, kept in the state), then no journal."""

@@ -11,6 +11,7 @@ are read twice. Memory: a few chunks, whatever the tensor's size.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import gguf
 import numpy as np
@@ -49,11 +50,50 @@ def _decoded(fd: int, target: PatchTarget, qtype: gguf.GGMLQuantizationType, lay
     return torch.from_numpy(values)
 
 
-def _encoded(values: torch.Tensor, qtype: gguf.GGMLQuantizationType, target: PatchTarget, path: str) -> bytes:
+def _float32(values: torch.Tensor, target: PatchTarget, path: str) -> np.ndarray:
+    """The projected values rounded to float32, refused if any overflowed."""
     as_f32 = values.to(torch.float32).numpy()
     if not np.isfinite(as_f32).all():
         raise OrthopatchError("the projection overflows float32", path=path, tensor=target.name)
-    return quantize(as_f32, qtype).tobytes()
+    return as_f32
+
+
+def _projected_chunks(fd: int, target: PatchTarget, u: torch.Tensor, kernel: BlockKernel,
+                      path: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, projected rows in float64)`` for every chunk of ``target``, in order."""
+    qtype = gguf.GGMLQuantizationType[target.entry.dtype]
+    layout = Layout.of(target.entry.shape, target.axis)
+    rows = target.entry.numel // layout.width
+    row_bytes = target.entry.nbytes // rows
+    block_rows = kernel.block_rows(layout)
+    step = max(1, CHUNK_VALUES // max(layout.width, 1) // block_rows) * block_rows
+    u = u.to(torch.float64)
+
+    def decoded(first: int, count: int) -> torch.Tensor:
+        return _decoded(fd, target, qtype, layout, row_bytes, first, count, path)
+
+    with kernel.running():
+        if layout.rowwise:
+            for first in range(0, rows, step):
+                chunk = decoded(first, min(step, rows - first))
+                kernel.rows_(chunk, u, layout)
+                yield first, chunk
+            return
+        for b in range(layout.batches):
+            base = b * layout.dim
+            sums = kernel.new_sums(layout, torch.float64)
+            for start in range(0, layout.dim, step):
+                count = min(step, layout.dim - start)
+                kernel.accumulate(decoded(base + start, count), u[start:start + count], layout, sums, start)
+            coeff, factor = kernel.finish(sums)
+            if not bool(torch.isfinite(coeff).all()):
+                raise OrthopatchError("the projection overflows (values too large for the arithmetic)", path=path,
+                                      tensor=target.name)
+            for start in range(0, layout.dim, step):
+                count = min(step, layout.dim - start)
+                chunk = decoded(base + start, count)
+                kernel.columns_(chunk, u[start:start + count], layout, coeff, factor)
+                yield base + start, chunk
 
 
 def patch_quantized(fd: int, target: PatchTarget, u: torch.Tensor, sink: TensorSink, kernel: BlockKernel,
@@ -61,72 +101,18 @@ def patch_quantized(fd: int, target: PatchTarget, u: torch.Tensor, sink: TensorS
     """Write ``target`` (a quantized tensor read from ``fd``), projected against ``u``, into ``sink``."""
     qtype = gguf.GGMLQuantizationType[target.entry.dtype]
     path = os.fspath(src_path) if src_path is not None else ""
-    layout = Layout.of(target.entry.shape, target.axis)
-    rows = target.entry.numel // layout.width
-    row_bytes = target.entry.nbytes // rows
-    block_rows = kernel.block_rows(layout)
-    step = max(1, CHUNK_VALUES // max(layout.width, 1) // block_rows) * block_rows
-    u = u.to(torch.float64)
-
-    def emit(first: int, values: torch.Tensor) -> None:
-        data = _encoded(values, qtype, target, path)
+    row_bytes = target.entry.nbytes // (target.entry.numel // target.entry.shape[-1])
+    for first, chunk in _projected_chunks(fd, target, u, kernel, path):
+        data = quantize(_float32(chunk, target, path), qtype).tobytes()
         sink.write(target.entry.begin, target.entry.begin + first * row_bytes, memoryview(data))
         if on_progress is not None:
             on_progress(len(data))
 
-    with kernel.running():
-        if layout.rowwise:
-            for first in range(0, rows, step):
-                chunk = _decoded(fd, target, qtype, layout, row_bytes, first, min(step, rows - first), path)
-                kernel.rows_(chunk, u, layout)
-                emit(first, chunk)
-            return
-        for b in range(layout.batches):
-            base = b * layout.dim
-            sums = kernel.new_sums(layout, torch.float64)
-            for start in range(0, layout.dim, step):
-                count = min(step, layout.dim - start)
-                chunk = _decoded(fd, target, qtype, layout, row_bytes, base + start, count, path)
-                kernel.accumulate(chunk, u[start:start + count], layout, sums, start)
-            coeff, factor = kernel.finish(sums)
-            if not bool(torch.isfinite(coeff).all()):
-                raise OrthopatchError("the projection overflows (values too large for the arithmetic)", path=path,
-                                      tensor=target.name)
-            for start in range(0, layout.dim, step):
-                count = min(step, layout.dim - start)
-                chunk = _decoded(fd, target, qtype, layout, row_bytes, base + start, count, path)
-                kernel.columns_(chunk, u[start:start + count], layout, coeff, factor)
-                emit(base + start, chunk)
-
 
 def check_quantized(fd: int, target: PatchTarget, u: torch.Tensor, kernel: BlockKernel,
                     src_path: str | os.PathLike | None = None) -> None:
-    """Read ``target`` (a quantized tensor) once and write nothing: raise the error :func:`patch_quantized`
-    would raise for non-finite values or coefficients that overflow, before an in-place run changes a byte."""
-    qtype = gguf.GGMLQuantizationType[target.entry.dtype]
+    """Compute ``target`` (a quantized tensor) once and write nothing: raise the error :func:`patch_quantized`
+    would raise for non-finite values or a result that overflows, before an in-place run changes a byte."""
     path = os.fspath(src_path) if src_path is not None else ""
-    layout = Layout.of(target.entry.shape, target.axis)
-    rows = target.entry.numel // layout.width
-    row_bytes = target.entry.nbytes // rows
-    block_rows = kernel.block_rows(layout)
-    step = max(1, CHUNK_VALUES // max(layout.width, 1) // block_rows) * block_rows
-    u = u.to(torch.float64)
-    overflow = OrthopatchError("the projection overflows (values too large for the arithmetic)", path=path,
-                               tensor=target.name)
-    with kernel.running():
-        if layout.rowwise:
-            for first in range(0, rows, step):
-                chunk = _decoded(fd, target, qtype, layout, row_bytes, first, min(step, rows - first), path)
-                if not bool(torch.isfinite(chunk @ u).all()):
-                    raise overflow
-            return
-        for b in range(layout.batches):
-            base = b * layout.dim
-            sums = kernel.new_sums(layout, torch.float64)
-            for start in range(0, layout.dim, step):
-                count = min(step, layout.dim - start)
-                chunk = _decoded(fd, target, qtype, layout, row_bytes, base + start, count, path)
-                kernel.accumulate(chunk, u[start:start + count], layout, sums, start)
-            coeff, _ = kernel.finish(sums)
-            if not bool(torch.isfinite(coeff).all()):
-                raise overflow
+    for _, chunk in _projected_chunks(fd, target, u, kernel, path):
+        _float32(chunk, target, path)

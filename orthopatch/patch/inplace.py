@@ -212,11 +212,60 @@ class InPlaceDestination:
             yield _InPlaceSession(self.root, conversion, self.quiet)
 
 
-class _InPlaceSession:
+class JournaledTensors:
+    """The tensor steps of an in-place session: each target's new bytes into the journal (fsynced), recorded in
+    flight, copied into its file at the same offsets. A session sets ``journal``, ``targets``, ``conversion``,
+    ``folder`` (where the targets' files are), ``patched`` and ``copied``."""
+
+    journal: Journal
+    targets: list[PatchTarget]
+    conversion: Conversion
+    folder: Path
+    patched: int
+    copied: CopyStats
+
+    def steps(self) -> list[Step]:
+        first = min(self.journal.done, len(self.targets))
+        return [Step(target.shard, 2 * target.entry.nbytes, partial(self._write, index, target))
+                for index, target in enumerate(self.targets[first:], start=first)]
+
+    def plan_tail(self, steps: list[Step]) -> str | None:
+        if not steps:
+            return None
+        left = "" if len(steps) == len(self.targets) else f", {len(steps)} of {len(self.targets)} left"
+        return f" in place{left}"
+
+    def patch_tensor(self, fd: int, target: PatchTarget, writer: JournalWriter, progress: Progress,
+                     path: Path) -> None:
+        """Compute ``target``'s new bytes into ``writer`` (float tensors: the streaming patcher)."""
+        c = self.conversion
+        c.patcher.patch(fd, target, c.unit_vectors[target.name], writer, progress, path)
+
+    def _write(self, index: int, target: PatchTarget, progress: Progress) -> None:
+        journal = self.journal
+        path = self.folder / target.shard
+        writer = JournalWriter(journal.data_path, target.entry)
+        try:
+            with open_source(path) as fd:
+                self.patch_tensor(fd, target, writer, progress, path)
+            sha = writer.finish()
+        finally:
+            writer.close()
+        flight = InFlight(index, target.name, target.shard, target.entry.begin, target.entry.end, sha)
+        journal.save_progress(index, flight)
+        if index + 1 < len(self.targets):  # the disk reads the next tensor while this one is written
+            prefetch(self.folder / self.targets[index + 1].shard, self.targets[index + 1].entry)
+        copy_into_place(journal, path, flight, self.copied, progress)
+        journal.save_progress(index + 1, None)
+        self.patched += target.entry.nbytes
+
+
+class _InPlaceSession(JournaledTensors):
     """One run in place: refusals and the up-front check, the journal begun or resumed, tensors, card, record."""
 
     def __init__(self, root: Path, conversion: Conversion, quiet: bool):
-        self.root, self.conversion = root, conversion
+        self.root = self.folder = root
+        self.conversion = conversion
         self.patched, self.copied = 0, CopyStats()
         self.journal = journal = Journal(root)
         journal.check_path()
@@ -244,36 +293,6 @@ class _InPlaceSession:
                                                             "sha256": conversion.direction.sha256},
                            "options": conversion.method.to_json()}, root / CARD_NAME)
         replay(journal, root, targets)
-
-    def steps(self) -> list[Step]:
-        first = self.journal.done
-        return [Step(target.shard, 2 * target.entry.nbytes, partial(self._write, index, target))
-                for index, target in enumerate(self.targets[first:], start=first)]
-
-    def plan_tail(self, steps: list[Step]) -> str | None:
-        if not steps:
-            return None
-        left = "" if len(steps) == len(self.targets) else f", {len(steps)} of {len(self.targets)} left"
-        return f" in place{left}"
-
-    def _write(self, index: int, target: PatchTarget, progress: Progress) -> None:
-        """The tensor's new bytes into the journal (fsynced), recorded in flight, copied into its shard."""
-        journal, c = self.journal, self.conversion
-        shard_path = self.root / target.shard
-        writer = JournalWriter(journal.data_path, target.entry)
-        try:
-            with open_source(shard_path) as fd:
-                c.patcher.patch(fd, target, c.unit_vectors[target.name], writer, progress, shard_path)
-            sha = writer.finish()
-        finally:
-            writer.close()
-        flight = InFlight(index, target.name, target.shard, target.entry.begin, target.entry.end, sha)
-        journal.save_progress(index, flight)
-        if index + 1 < len(self.targets):  # the disk reads the next tensor while this one is written
-            prefetch(self.root / self.targets[index + 1].shard, self.targets[index + 1].entry)
-        copy_into_place(journal, shard_path, flight, self.copied, progress)
-        journal.save_progress(index + 1, None)
-        self.patched += target.entry.nbytes
 
     def finish(self, record: ConversionRecord) -> None:
         # The card is built from the original card, kept in the journal (the model's own is ours by now).
