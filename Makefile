@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # One stamp per spec: a changed TORCH_SPEC finds no stamp and installs torch again.
 TORCH_STAMP := $(VENV)/.torch-$(firstword $(shell printf '%s' '$(TORCH_SPEC)' | cksum))
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench clean llama-cpp-converter
 
 install: $(VENV)/.installed
 
@@ -33,7 +33,24 @@ $(VENV)/.llama-cpp: $(VENV)/.installed
 	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet '$(LLAMA_CPP_SPEC)'
 	touch $@
 
-test: install $(VENV)/.llama-cpp
+# llama.cpp's converter (convert_hf_to_gguf.py with the `conversion` package and the gguf-py it imports), taken
+# from the same source package once, for tests/test_gguf_pipeline.py: safetensors -> F16 GGUF -> Q4_K_M, the way
+# a llama.cpp user's files are made. pip's cache makes a second download cheap; the stamp names the version.
+LLAMA_CPP_CONVERTER := .cache/llama-cpp/.converter-$(firstword $(shell printf '%s' '$(LLAMA_CPP_SPEC)' | cksum))
+$(LLAMA_CPP_CONVERTER): $(VENV)/.installed
+	rm -rf .cache/llama-cpp/llama.cpp .cache/llama-cpp/.converter-* .cache/llama-cpp/*.tar.gz
+	mkdir -p .cache/llama-cpp
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: '$(LLAMA_CPP_SPEC)' -d .cache/llama-cpp
+	mkdir -p .cache/llama-cpp/llama.cpp
+	tar -xzf .cache/llama-cpp/llama_cpp_python-*.tar.gz -C .cache/llama-cpp/llama.cpp --strip-components=3 \
+		--wildcards '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' \
+		'*/vendor/llama.cpp/gguf-py/*'
+	rm -f .cache/llama-cpp/*.tar.gz
+	touch $@
+
+llama-cpp-converter: $(LLAMA_CPP_CONVERTER)
+
+test: install $(VENV)/.llama-cpp $(LLAMA_CPP_CONVERTER)
 	$(PY) -m pytest -q
 
 lint: install
