@@ -56,7 +56,7 @@ def test_activation_ablation_equals_the_weight_edit(tiny_models, family, tmp_pat
 def test_activation_ablation_equals_the_weight_edit_on_the_planted_model(planted, tmp_path):
     folder, r = planted
     with LayerwiseModel(folder, device=CPU) as model:
-        n, d = model.num_layers, model.hidden_size
+        n = model.num_layers
     rows = np.tile(r.float().double().numpy(), (n + 1, 1))
     weights = ComponentWeights((1.0, 0.5, 0.0), (0.0, 1.0, 0.25), 1.0)
     path = tmp_path / "w.safetensors"
