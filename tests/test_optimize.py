@@ -66,3 +66,96 @@ def test_activation_ablation_equals_the_weight_edit_on_the_planted_model(planted
     edited = final_logits(tmp_path / "out", prompts)
     ablated = final_logits(folder, prompts, (rows, weights))
     torch.testing.assert_close(ablated, edited, rtol=1e-4, atol=1e-4 * float(edited.abs().max()))
+
+
+# -- the search -------------------------------------------------------------------------------------
+
+TRIALS = 12
+
+
+def run_optimize(folder, out, *extra):
+    from tests.helpers import cli
+
+    return cli("optimize", folder, "-o", out, "--trials", TRIALS, "--limit", 12, "--max-new-tokens", 3,
+               "--device", "cpu", "-q", *extra)
+
+
+@pytest.fixture(scope="module")
+def searched(planted, tmp_path_factory):
+    pytest.importorskip("optuna")
+    folder, _ = planted
+    root = tmp_path_factory.mktemp("searched")
+    markers = root / "markers.txt"
+    markers.write_text("cannot\n")
+    results = []
+    for name in ("a", "b"):
+        result = run_optimize(folder, root / f"{name}.safetensors", "--seed", 7, "--refusal-markers", markers)
+        assert result.exit_code == 0, result.output
+        results.append(result)
+    return folder, root, markers, results
+
+
+def test_a_seeded_search_is_reproducible(searched):
+    _, root, _, (a, b) = searched
+    assert a.stdout.replace("a.safetensors", "b.safetensors") == b.stdout  # the same trials, figures, choice
+    assert (root / "a.safetensors").read_bytes() == (root / "b.safetensors").read_bytes()
+
+
+def test_the_chosen_point_removes_the_planted_refusal(searched, tmp_path):
+    from orthopatch.run.evaluate import EvaluateOptions, evaluate
+    from orthopatch.run.layerwise import RunSettings
+
+    folder, root, markers, (a, _) = searched
+    assert "greedy replies refused 0/32 (source 32/32)" in a.stdout
+    out = tmp_path / "out"
+    apply(ApplyOptions(model=folder, direction=root / "a.safetensors", out=out, quiet=True))
+    report = evaluate(EvaluateOptions(model=out, source=folder, max_new_tokens=3, markers=markers,
+                                      run=RunSettings("cpu"), quiet=True))
+    assert report.source_refusals == 32 and report.model_refusals == 0
+    assert report.kl_mean < 1e-3
+
+
+def test_a_study_file_resumes_and_is_refused_for_another_model(searched, tiny_models, tmp_path):
+    from tests.helpers import one_error_line
+
+    folder, _, markers, (a, _) = searched
+    study = tmp_path / "study.log"
+    first = run_optimize(folder, tmp_path / "x.safetensors", "--seed", 7, "--refusal-markers", markers,
+                         "--study", study)
+    assert first.exit_code == 0, first.output
+    # Resumed with every trial done: nothing more runs, the same choice is written again.
+    again = run_optimize(folder, tmp_path / "y.safetensors", "--seed", 7, "--refusal-markers", markers,
+                         "--study", study)
+    assert again.exit_code == 0 and f"of {TRIALS} (0 run now)" in again.stdout
+    assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "y.safetensors").read_bytes()
+    other = run_optimize(tiny_models("llama"), tmp_path / "z.safetensors", "--study", study)
+    assert "is a study of another model" in one_error_line(other)
+    assert not (tmp_path / "z.safetensors").exists()
+
+
+def test_bad_input_is_one_line(planted, tmp_path, monkeypatch):
+    from tests.helpers import cli, one_error_line
+
+    folder, _ = planted
+    out = tmp_path / "o.safetensors"
+    assert "--trials must be at least 1, not 0" in one_error_line(
+        cli("optimize", folder, "-o", out, "--trials", 0))
+    assert "must end in .safetensors" in one_error_line(cli("optimize", folder, "-o", tmp_path / "o.pth"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert "empty.txt" in one_error_line(cli("optimize", folder, "-o", out, "--harmful", empty, "--device", "cpu"))
+    monkeypatch.setitem(__import__("sys").modules, "optuna", None)
+    assert "pip install 'orthopatch[optimize]'" in one_error_line(cli("optimize", folder, "-o", out))
+    assert not out.exists()
+
+
+def test_apply_never_imports_optuna_or_the_search():
+    from tests.test_layout import import_graph, reachable
+
+    graph = import_graph()
+    searching = {f"orthopatch.run.{m}" for m in ("ablation", "search", "optimize")}
+    assert searching <= set(graph)
+    assert not reachable(graph, "orthopatch.patch.apply") & searching
+    for module in reachable(graph, "orthopatch.patch.apply") | {"orthopatch.patch.apply"}:
+        path = __import__("importlib").util.find_spec(module).origin
+        assert "optuna" not in open(path).read(), module

@@ -12,6 +12,7 @@ metadata (``format``: :data:`WEIGHTED_FORMAT`, and what made it); a plain file h
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import pickle
 import re
@@ -310,15 +311,22 @@ def _weights(raw: dict[str, Any], path: Path, num_layers: int | None) -> Compone
 
 def save_weighted_direction(path: Path, directions: np.ndarray, weights: ComponentWeights,
                             metadata: dict[str, str]) -> bytes:
-    """Write a weighted direction file atomically (float32 tensors, ``metadata`` as strings); its bytes."""
-    import torch
-    from safetensors.torch import save
+    """Write a weighted direction file atomically (float32 tensors, ``metadata`` as strings); its bytes.
 
-    tensors = {"directions": torch.tensor(np.asarray(directions), dtype=torch.float32).contiguous(),
-               "attention": torch.tensor(weights.attention, dtype=torch.float32),
-               "mlp": torch.tensor(weights.mlp, dtype=torch.float32),
-               "embedding": torch.tensor([weights.embedding], dtype=torch.float32)}
-    data = save(tensors, metadata={"format": WEIGHTED_FORMAT, **metadata})
+    The header is written here, keys sorted, so the same content always gives the same bytes."""
+    arrays = {"directions": np.ascontiguousarray(directions, dtype="<f4"),
+              "attention": np.asarray(weights.attention, dtype="<f4"), "mlp": np.asarray(weights.mlp, dtype="<f4"),
+              "embedding": np.asarray([weights.embedding], dtype="<f4")}
+    header: dict[str, Any] = {"__metadata__": dict(sorted({"format": WEIGHTED_FORMAT, **metadata}.items()))}
+    offset, body = 0, []
+    for key in WEIGHTED_KEYS:
+        data = arrays[key].tobytes()
+        header[key] = {"dtype": "F32", "shape": list(arrays[key].shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        body.append(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    data = len(text).to_bytes(8, "little") + text + b"".join(body)
     write_atomic(path, data)
     return data
 
