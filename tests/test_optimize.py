@@ -73,10 +73,10 @@ def test_activation_ablation_equals_the_weight_edit_on_the_planted_model(planted
 TRIALS = 12
 
 
-def run_optimize(folder, out, *extra):
+def run_optimize(folder, out, *extra, trials: int = TRIALS):
     from tests.helpers import cli
 
-    return cli("optimize", folder, "-o", out, "--trials", TRIALS, "--limit", 12, "--max-new-tokens", 3,
+    return cli("optimize", folder, "-o", out, "--trials", trials, "--limit", 12, "--max-new-tokens", 3,
                "--device", "cpu", "-q", *extra)
 
 
@@ -120,17 +120,24 @@ def test_a_study_file_resumes_and_is_refused_for_another_model(searched, tiny_mo
 
     folder, _, markers, (a, _) = searched
     study = tmp_path / "study.log"
+    cut = run_optimize(folder, tmp_path / "w.safetensors", "--seed", 7, "--refusal-markers", markers,
+                       "--study", study, trials=3)  # as if the search had been interrupted after 3 trials
+    assert cut.exit_code == 0 and "of 3 (3 run now)" in cut.stdout, cut.output
     first = run_optimize(folder, tmp_path / "x.safetensors", "--seed", 7, "--refusal-markers", markers,
-                         "--study", study)
-    assert first.exit_code == 0, first.output
+                         "--study", study, trials=6)
+    assert first.exit_code == 0 and "of 6 (3 run now)" in first.stdout, first.output
     # Resumed with every trial done: nothing more runs, the same choice is written again.
     again = run_optimize(folder, tmp_path / "y.safetensors", "--seed", 7, "--refusal-markers", markers,
-                         "--study", study)
-    assert again.exit_code == 0 and f"of {TRIALS} (0 run now)" in again.stdout
+                         "--study", study, trials=6)
+    assert again.exit_code == 0 and "of 6 (0 run now)" in again.stdout
     assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "y.safetensors").read_bytes()
     other = run_optimize(tiny_models("llama"), tmp_path / "z.safetensors", "--study", study)
     assert "is a study of another model" in one_error_line(other)
     assert not (tmp_path / "z.safetensors").exists()
+    junk = tmp_path / "junk.log"
+    junk.write_bytes(b"\x00not a journal\n")
+    assert "cannot open the study file" in one_error_line(run_optimize(folder, tmp_path / "z.safetensors",
+                                                                       "--study", junk))
 
 
 def test_bad_input_is_one_line(planted, tmp_path, monkeypatch):
@@ -159,3 +166,18 @@ def test_apply_never_imports_optuna_or_the_search():
     for module in reachable(graph, "orthopatch.patch.apply") | {"orthopatch.patch.apply"}:
         path = __import__("importlib").util.find_spec(module).origin
         assert "optuna" not in open(path).read(), module
+
+
+def test_the_choice_and_the_pareto_front():
+    from orthopatch.errors import OrthopatchError
+    from orthopatch.run.optimize import Trial, choose, pareto_front
+    from orthopatch.run.search import Point, Profile, TrialFigures
+
+    point = Point(True, None, Profile(1, 1, 0, 1), Profile(0, 1, 0, 1), False)
+    trials = [Trial(i, point, TrialFigures(refusal, refused, kl, kl)) for i, (refusal, refused, kl) in
+              enumerate([(0.9, 30, 0.0), (0.2, 4, 0.3), (0.1, 0, 0.9), (0.05, 0, 1.2), (0.3, 5, 0.4)])]
+    assert [t.number for t in pareto_front(trials)] == [3, 2, 1, 0]
+    assert choose(trials, None).number == 2  # fewest refused, then least KL
+    assert choose(trials, 0.5).number == 1
+    with pytest.raises(OrthopatchError, match="lowest is 0"):
+        choose(trials[1:], 0.1)
