@@ -103,3 +103,15 @@ def test_bad_weighted_files_are_one_line(weighted, tmp_path):
         assert result.exit_code != 0 and words in one_error_line(result)
     with pytest.raises(ValueError):
         ComponentWeights((1.0, -1.0), (1.0, 1.0))
+
+
+def test_in_place_with_weights_writes_the_same_bytes(weighted, tmp_path):
+    import shutil
+
+    model, _, path, out, _ = weighted
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    apply(ApplyOptions(model=copy, direction=path, quiet=True, in_place=True, method=Method(scale=0.8)))
+    assert _all_tensors(copy).keys() == _all_tensors(out).keys()
+    for name, value in _all_tensors(out).items():
+        assert torch.equal(_all_tensors(copy)[name], value), name

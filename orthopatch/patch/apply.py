@@ -52,6 +52,9 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
     source_card = read_source_card(root, note=lambda message: log(f"note: {message}"))
     for note in direction.notes:
         log(f"note: {note}")
+    if direction.weights is not None:
+        log(f"note: weighted direction: strength = scale {options.method.scale:g} × {direction.weights.describe()} "
+            "(weight 0: not patched)")
     if options.dry_run:
         return ApplyResult(options.out_path, plan, RunState.DRY_RUN, in_place=options.in_place)
     card = CardFacts(options.base_model or folder_name(root), options.direction_name or options.direction.name,
