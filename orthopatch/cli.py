@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -418,3 +419,57 @@ def evaluate_command(model: Path, source: Path, harmless: str | None, harmful: s
 
         with _reported(debug):
             write_atomic(json_path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
+
+
+@main.command("optimize")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("refusal_dir.safetensors"),
+              show_default=True, help="The weighted direction file to write (apply reads it).")
+@click.option("--trials", type=int, default=100, show_default=True, help="Trials in the search (in all, when resumed).")
+@click.option("--harmful", metavar="FILE", help="Harmful instructions to measure on [default: the built-in set].")
+@click.option("--harmless", metavar="FILE", help="Harmless instructions to measure on [default: the built-in set].")
+@click.option("--study", type=click.Path(path_type=Path),
+              help="Keep the search in this file (an Optuna journal; .db: SQLite) and resume it when it exists.")
+@click.option("--max-kl", type=float, help="Choose the fewest refusals among trials with at most this mean KL.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True,
+              help="Tokens of the greedy replies that confirm the chosen point.")
+@click.option("--refusal-markers", "markers", type=click.Path(path_type=Path),
+              help="Phrases (one per line) that make a reply a refusal; their first tokens are the refusal "
+                   "openings trials measure [default: the built-in list].")
+@click.option("--project-harmless/--no-project-harmless", default=True, show_default=True,
+              help="Remove the harmless mean's component from each layer's difference (as measure).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@_prompt_options
+def optimize_command(model: Path, out: Path, trials: int, harmful: str | None, harmless: str | None,
+                     study: Path | None, max_kl: float | None, max_new_tokens: int, markers: Path | None,
+                     project_harmless: bool,
+                     overwrite: bool, field: str | None, limit: int | None, seed: int, tokenizer: Path | None,
+                     device: str, dtype: str, batch_size: int, quiet: bool, debug: bool) -> None:
+    """Search per-layer ablation weights for MODEL: fewer refusals for less KL, one pass per trial.
+
+    Measures the per-layer directions once, then searches (Optuna's TPE sampler, seeded with --seed)
+    the direction and the attention and MLP weight profiles; each trial runs every prompt through the
+    blocks once with the ablation applied to the activations. Prints the Pareto front and writes the
+    chosen point (fewest refusals, then least KL) as a weighted direction file.
+    """
+    from orthopatch.run.layerwise import RunSettings, require_transformers
+    from orthopatch.run.optimize import OptimizeOptions, check_options, optimize, require_optuna
+    from orthopatch.run.prompts import PromptChoice
+
+    with _reported(debug):
+        options = OptimizeOptions(model=model, out=out, harmful=harmful, harmless=harmless,
+                                  choice=PromptChoice(field, limit, seed), trials=trials, seed=seed, study=study,
+                                  max_kl=max_kl, max_new_tokens=max_new_tokens, markers=markers,
+                                  project_harmless=project_harmless,
+                                  run=RunSettings(device, dtype, batch_size, tokenizer), quiet=quiet,
+                                  overwrite=overwrite)
+        check_options(options)
+        require_optuna()
+        require_transformers()
+        source = resolve_model(str(model), quiet=quiet)
+        result = optimize(replace(options, model=source.path, model_repo=source.hub_ref))
+    click.echo(result.table)
+    chosen = result.chosen.figures
+    click.echo(f"{out}: trial {result.chosen.number} of {result.trials_total} ({result.trials_run} run now): "
+               f"refusal probability {chosen.refusal:.4f}, KL {chosen.kl_mean:.4g}; greedy replies refused "
+               f"{result.confirmed}/{result.harmful_count} (source {result.source_refusals}/{result.harmful_count})")

@@ -43,6 +43,9 @@ def prepare_gguf(options: ApplyOptions) -> tuple[GGUFPlan, Direction]:
                               path=options.model)
     plan = build_gguf_plan(open_split(options.model), options.method.selection)
     direction = load_direction(options.direction, plan.hidden_size, plan.num_layers)
+    if direction.weights is not None:
+        raise OrthopatchError("a weighted direction (per-layer weights) is not supported for GGUF files yet: apply "
+                              "it to the safetensors model", path=options.direction)
     return plan, direction
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from orthopatch.errors import OrthopatchError
@@ -22,14 +23,18 @@ from orthopatch.patch.model_card import read_source_card
 from orthopatch.patch.options import ApplyOptions
 from orthopatch.patch.output import FolderDestination
 from orthopatch.patch.plan import PatchPlan, build_plan, format_plan
+from orthopatch.patch.weights import weighted_plan
 
 
 def prepare(options: ApplyOptions) -> tuple[PatchPlan, Direction]:
-    """Open and cross-check the source, build the plan, load and check the direction."""
+    """Open and cross-check the source, build the plan, load and check the direction; a weighted
+    direction's zero-weight targets leave the plan."""
     checkpoint = open_checkpoint(options.model)
     arch = choose_architecture(checkpoint, options.method.targets)
     plan = build_plan(checkpoint, arch, options.method.selection)
     direction = load_direction(options.direction, plan.hidden_size, plan.num_layers)
+    if direction.weights is not None:
+        plan = weighted_plan(plan, direction.weights)
     return plan, direction
 
 
@@ -47,14 +52,18 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
     source_card = read_source_card(root, note=lambda message: log(f"note: {message}"))
     for note in direction.notes:
         log(f"note: {note}")
+    if direction.weights is not None:
+        log(f"note: weighted direction: strength = scale {options.method.scale:g} × {direction.weights.describe()} "
+            "(weight 0: not patched)")
     if options.dry_run:
         return ApplyResult(options.out_path, plan, RunState.DRY_RUN, in_place=options.in_place)
     card = CardFacts(options.base_model or folder_name(root), options.direction_name or options.direction.name,
                      source_card)
 
     def convert(destination: Destination) -> ApplyResult:
+        method = replace(options.method, weights=direction.weights)  # the weights are part of the method
         conversion = prepare_conversion(plan, direction, direction_file=Path(os.path.abspath(options.direction)),
-                                        source=options.model, method=options.method, device=options.device,
+                                        source=options.model, method=method, device=options.device,
                                         card=card, force=options.force)
         return run(conversion, destination, quiet=options.quiet, log=log)
 

@@ -8,7 +8,7 @@ runs, whatever the destination of the bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,12 @@ class Conversion:
     card: CardFacts
     #: Convert even a model whose tensors look already abliterated along the direction.
     force: bool = False
+    #: Each target's projection strength (the global scale times its weight), by tensor name.
+    scales: dict[str, float] = field(default_factory=dict)
+
+    def scale_of(self, name: str) -> float:
+        """The projection strength of target ``name``."""
+        return self.scales.get(name, self.method.scale)
 
     def check_not_abliterated(self) -> None:
         """Refuse (one line) a source already abliterated along this direction, unless forced: patching a
@@ -87,8 +93,9 @@ def prepare_conversion(plan: PatchPlan, direction: Direction, *, direction_file:
     resolved = resolve_device(device)
     patcher = TensorPatcher(resolved, scale=method.scale, norm_preserving=method.norm_preserving)
     fingerprint = Fingerprint.of(plan, direction.sha256, method, resolved.type, patcher.kernel.block_elements)
+    scales = {t.name: method.scale_for(t.role, t.layer) for t in plan.targets()}
     return Conversion(plan, direction, direction_file, source, method, resolved, patcher, fingerprint,
-                      target_directions(plan, direction), card, force)
+                      target_directions(plan, direction), card, force, scales)
 
 
 def target_directions(plan: PatchPlan, direction: Direction) -> dict[str, torch.Tensor]:

@@ -3,11 +3,16 @@
 Accepted: ``.pth``/``.pt`` (torch, ``weights_only`` so no pickle code can run), ``.safetensors``,
 ``.npy`` (no pickles). Shapes ``[d]``, ``[1, d]``, one row per layer ``[n_layers, d]``, or one row
 per hidden state ``[n_layers + 1, d]``; a dict is accepted when it holds exactly one such tensor.
+
+A *weighted* direction is a ``.safetensors`` file holding ``directions`` (rows as above), and the
+per-layer weights ``attention`` and ``mlp`` (``[n_layers]``) and ``embedding`` (``[1]``), with string
+metadata (``format``: :data:`WEIGHTED_FORMAT`, and what made it); a plain file has weights of 1.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import pickle
 import re
@@ -20,7 +25,9 @@ from typing import Any
 import numpy as np
 
 from orthopatch.errors import OrthopatchError, first_line
+from orthopatch.io.folders import write_atomic
 from orthopatch.io.smallfile import check_regular, open_regular
+from orthopatch.patch.weights import ComponentWeights
 
 NORM_TOLERANCE = 1e-3
 #: Larger files are not directions (a per-layer direction of a 70B model is about 3 MB); a zip
@@ -28,6 +35,9 @@ NORM_TOLERANCE = 1e-3
 MAX_DIRECTION_BYTES = 256 << 20
 #: Most elements one tensor of a direction file may hold (256 MiB as float64).
 MAX_DIRECTION_ELEMENTS = 32 << 20
+#: The tensors of a weighted direction file, and its ``format`` metadata.
+WEIGHTED_KEYS = ("directions", "attention", "mlp", "embedding")
+WEIGHTED_FORMAT = "orthopatch-weighted-direction-1"
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,8 @@ class Direction:
     sha256: str
     rows: np.ndarray  # [k, d] float64, each row of norm 1
     notes: tuple[str, ...] = field(default=())
+    #: Per-layer, per-component weights (a weighted file); None: every weight is 1.
+    weights: ComponentWeights | None = None
 
     @property
     def per_layer(self) -> bool:
@@ -230,6 +242,10 @@ def load_direction(path: str | Path, hidden_size: int, num_layers: int | None = 
     """Load, check against the model's ``hidden_size`` (and layer count), and normalize each row."""
     path = Path(path)
     raw = _read_raw(path)
+    weights = None
+    if isinstance(raw, dict) and path.suffix.lower() == ".safetensors" and set(raw) == set(WEIGHTED_KEYS):
+        weights = _weights(raw, path, num_layers)
+        raw = raw["directions"]
 
     if isinstance(raw, dict):
         for key, value in raw.items():  # every tensor of the file, not only the one used
@@ -270,7 +286,49 @@ def load_direction(path: str | Path, hidden_size: int, num_layers: int | None = 
     if not np.isfinite(norms).all() or np.abs(norms - 1.0).max() > NORM_TOLERANCE:
         notes.append(f"direction norm was {norms.min():.6g}..{norms.max():.6g}, renormalized to 1 in float64")
     unit = scaled / scaled_norms[:, None]
-    return Direction(path, file_sha256(path), unit, tuple(notes))
+    return Direction(path, file_sha256(path), unit, tuple(notes), weights)
+
+
+def _weights(raw: dict[str, Any], path: Path, num_layers: int | None) -> ComponentWeights:
+    """The weights of a weighted direction file, checked against the model's layer count."""
+    for key, value in raw.items():
+        _check_size(value, path, key)
+    arrays = {k: _to_numpy(raw[k], path) for k in ("attention", "mlp", "embedding")}
+    layers = arrays["attention"].shape
+    if len(layers) != 1 or arrays["mlp"].shape != layers or arrays["embedding"].shape != (1,):
+        raise OrthopatchError(f"weighted direction: attention {list(layers)}, mlp {list(arrays['mlp'].shape)} and "
+                              f"embedding {list(arrays['embedding'].shape)} must be [n_layers], [n_layers] and [1]",
+                              path=path)
+    if num_layers is not None and layers[0] != num_layers:
+        raise OrthopatchError(f"weighted direction has weights for {layers[0]} layers, the model has {num_layers}",
+                              path=path)
+    try:
+        return ComponentWeights(tuple(map(float, arrays["attention"])), tuple(map(float, arrays["mlp"])),
+                                float(arrays["embedding"][0]))
+    except ValueError as exc:
+        raise OrthopatchError(f"weighted direction: {exc}", path=path) from None
+
+
+def save_weighted_direction(path: Path, directions: np.ndarray, weights: ComponentWeights,
+                            metadata: dict[str, str]) -> bytes:
+    """Write a weighted direction file atomically (float32 tensors, ``metadata`` as strings); its bytes.
+
+    The header is written here, keys sorted, so the same content always gives the same bytes."""
+    arrays = {"directions": np.ascontiguousarray(directions, dtype="<f4"),
+              "attention": np.asarray(weights.attention, dtype="<f4"), "mlp": np.asarray(weights.mlp, dtype="<f4"),
+              "embedding": np.asarray([weights.embedding], dtype="<f4")}
+    header: dict[str, Any] = {"__metadata__": dict(sorted({"format": WEIGHTED_FORMAT, **metadata}.items()))}
+    offset, body = 0, []
+    for key in WEIGHTED_KEYS:
+        data = arrays[key].tobytes()
+        header[key] = {"dtype": "F32", "shape": list(arrays[key].shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        body.append(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    data = len(text).to_bytes(8, "little") + text + b"".join(body)
+    write_atomic(path, data)
+    return data
 
 
 def _shapes(hidden_size: int, num_layers: int | None) -> str:

@@ -169,7 +169,7 @@ def replay(journal: Journal, root: Path, targets: list[PatchTarget]) -> None:
 
 
 def check_targets(root: Path, targets: list[PatchTarget], directions: dict[str, Any], patcher: TensorPatcher, *,
-                  quiet: bool = False) -> None:
+                  quiet: bool = False, scales: dict[str, float] | None = None) -> None:
     """Read every tensor to be patched once, writing nothing, and refuse (one line naming the tensor and
     how many values) any that the projection would refuse halfway through the plan: NaN or Inf values,
     or coefficients that overflow (:meth:`~orthopatch.patch.stream.TensorPatcher.check`)."""
@@ -178,7 +178,7 @@ def check_targets(root: Path, targets: list[PatchTarget], directions: dict[str, 
             progress.set_description(f"checking {quoted(target.shard)}")
             path = root / target.shard
             with open_source(path) as fd:
-                patcher.check(fd, target, directions[target.name], path)
+                patcher.check(fd, target, directions[target.name], path, scale=(scales or {}).get(target.name))
             progress.update(target.entry.nbytes)
 
 
@@ -239,7 +239,7 @@ class JournaledTensors:
                      path: Path) -> None:
         """Compute ``target``'s new bytes into ``writer`` (float tensors: the streaming patcher)."""
         c = self.conversion
-        c.patcher.patch(fd, target, c.unit_vectors[target.name], writer, progress, path)
+        c.patcher.patch(fd, target, c.unit_vectors[target.name], writer, progress, path, scale=c.scale_of(target.name))
 
     def _write(self, index: int, target: PatchTarget, progress: Progress) -> None:
         journal = self.journal
@@ -288,7 +288,8 @@ class _InPlaceSession(JournaledTensors):
         check_writable_shards(conversion.plan)
         if not self.resumed:  # before the journal begins, while the model is still the source
             conversion.check_not_abliterated()
-            check_targets(root, targets, conversion.unit_vectors, conversion.patcher, quiet=quiet)
+            check_targets(root, targets, conversion.unit_vectors, conversion.patcher, quiet=quiet,
+                          scales=conversion.scales)
             journal.begin({"fingerprint": fp, "direction": {"file": str(conversion.direction_file),
                                                             "sha256": conversion.direction.sha256},
                            "options": conversion.method.to_json()}, root / CARD_NAME)

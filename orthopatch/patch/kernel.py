@@ -236,10 +236,13 @@ class BlockKernel:
         if error is not None:
             raise error
 
-    def rows_(self, chunk: torch.Tensor, u: torch.Tensor, layout: Layout) -> None:
-        """Row-wise projection of ``chunk`` in place (``u`` in the compute dtype, on the device)."""
+    def rows_(self, chunk: torch.Tensor, u: torch.Tensor, layout: Layout, scale: float | None = None) -> None:
+        """Row-wise projection of ``chunk`` in place (``u`` in the compute dtype, on the device); ``scale``
+        replaces the kernel's for this call (a target's own strength)."""
+        strength = self.scale if scale is None else scale
+
         def fn(_: int, start: int, block: torch.Tensor, work: torch.Tensor, scratch: torch.Tensor) -> None:
-            project_rows_(work, u, self.scale, self.norm_preserving, scratch)
+            project_rows_(work, u, strength, self.norm_preserving, scratch)
             block.copy_(work)
 
         self._each_block(chunk, self.block_rows(layout), fn)
@@ -260,10 +263,12 @@ class BlockKernel:
         self._each_block(chunk, rows, fn, first_row // rows)
 
     def columns_(self, chunk: torch.Tensor, u_part: torch.Tensor, layout: Layout, coeff: torch.Tensor,
-                 factor: torch.Tensor | None) -> None:
-        """Second pass over ``chunk`` in place: subtract ``u_part coeffᵀ`` (and restore norms)."""
+                 factor: torch.Tensor | None, scale: float | None = None) -> None:
+        """Second pass over ``chunk`` in place: subtract ``scale · u_part coeffᵀ`` (and restore norms)."""
+        strength = self.scale if scale is None else scale
+
         def fn(_: int, start: int, block: torch.Tensor, work: torch.Tensor, scratch: torch.Tensor) -> None:
-            project_columns_(work, u_part[start:start + work.shape[0]], coeff, self.scale, factor, scratch)
+            project_columns_(work, u_part[start:start + work.shape[0]], coeff, strength, factor, scratch)
             block.copy_(work)
 
         self._each_block(chunk, self.block_rows(layout), fn)
@@ -273,10 +278,11 @@ class BlockKernel:
         coeff = torch.zeros(LANES, layout.cols, dtype=compute_dtype(dtype), device=self.device)
         return ColumnSums(coeff, torch.zeros_like(coeff) if self.norm_preserving else None)
 
-    def finish(self, sums: ColumnSums) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def finish(self, sums: ColumnSums, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``uᵀW`` of the slab and, when preserving norms, each column's factor."""
         coeff, sumsq = sums.totals()
-        return coeff, restore_norms(sumsq, coeff, self.scale) if sumsq is not None else None
+        strength = self.scale if scale is None else scale
+        return coeff, restore_norms(sumsq, coeff, strength) if sumsq is not None else None
 
 
 def project_(w: torch.Tensor, u: torch.Tensor, axis: int, *, scale: float = 1.0, norm_preserving: bool = False,

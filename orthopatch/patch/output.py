@@ -220,7 +220,8 @@ class _FolderSession:
 
     def _write(self, shard: ShardPlan, progress: Progress) -> None:
         c = self.conversion
-        self.copied += write_shard(shard, c.plan.checkpoint.root, self.out.root, c.unit_vectors, c.patcher, progress)
+        self.copied += write_shard(shard, c.plan.checkpoint.root, self.out.root, c.unit_vectors, c.patcher, progress,
+                                   c.scales)
         self.patched += shard.patched_bytes
 
     def plan_tail(self, steps: list[Step]) -> str:

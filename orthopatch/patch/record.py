@@ -20,6 +20,7 @@ from orthopatch.errors import OrthopatchError
 from orthopatch.io.formats import CONVERSION_RECORD_FORMAT
 from orthopatch.io.smallfile import is_json_int, read_small_json
 from orthopatch.patch.plan import PatchPlan, Selection
+from orthopatch.patch.weights import ComponentWeights
 
 READABLE_FORMATS = (1, 2)
 
@@ -32,16 +33,23 @@ class Method:
     scale: float = 1.0
     norm_preserving: bool = False
     targets: tuple[str, ...] = ()  # ``--targets REGEX:AXIS`` specs; empty: the known architecture
+    #: Per-layer, per-component weights from a weighted direction file; None: every weight is 1.
+    weights: ComponentWeights | None = None
+
+    def scale_for(self, role: str, layer: int | None) -> float:
+        """The projection strength of one target: the global scale times its weight."""
+        return self.scale if self.weights is None else self.scale * self.weights.for_target(role, layer)
 
     def to_json(self) -> dict[str, Any]:
         layers = self.selection.layers
-        return {
+        doc = {
             "layers": sorted(layers) if layers is not None else "all",
             "embeddings": self.selection.embeddings,
             "scale": self.scale,
             "norm_preserving": self.norm_preserving,
             "targets": list(self.targets),
         }
+        return doc | ({"weights": self.weights.to_json()} if self.weights is not None else {})
 
     @classmethod
     def from_json(cls, doc: Any) -> Method:
@@ -67,7 +75,13 @@ class Method:
         targets = doc.get("targets", [])
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise ValueError(f"targets {targets!r}")
-        return cls(Selection(chosen, embeddings), float(scale), norm_preserving, tuple(targets))
+        weights = doc.get("weights")
+        if weights is not None:
+            try:
+                weights = ComponentWeights.from_json(weights)
+            except ValueError as exc:
+                raise ValueError(f"weights ({exc})") from None
+        return cls(Selection(chosen, embeddings), float(scale), norm_preserving, tuple(targets), weights)
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,8 @@ def written_ranges(segments: list[tuple[int, int, PatchTarget | None]], block: i
 
 
 def write_shard(shard: ShardPlan, src: Path, out: Path, directions: dict[str, torch.Tensor],
-                patcher: TensorPatcher, on_progress: Progress | None = None) -> CopyStats:
+                patcher: TensorPatcher, on_progress: Progress | None = None,
+                scales: dict[str, float] | None = None) -> CopyStats:
     """Write ``out/shard.name`` (atomically) from ``src/shard.name``; returns where the copied bytes went.
 
     Unchanged runs are copied on a second thread while this one streams the patched tensors; the
@@ -99,7 +100,8 @@ def write_shard(shard: ShardPlan, src: Path, out: Path, directions: dict[str, to
             try:
                 for _, _, target in segments:
                     if target is not None:
-                        patcher.patch(fd, target, directions[target.name], writer, on_progress, src_path)
+                        patcher.patch(fd, target, directions[target.name], writer, on_progress, src_path,
+                                      scale=(scales or {}).get(target.name))
             except BaseException:
                 stop.set()
                 raise

@@ -250,10 +250,12 @@ class TensorPatcher:
         return io, stored, layout, self.chunk_rows(layout, row_bytes)
 
     def patch(self, src_fd: int, target: PatchTarget, u: torch.Tensor, sink: TensorSink,
-              on_progress: Progress | None = None, src_path: str | os.PathLike | None = None) -> None:
+              on_progress: Progress | None = None, src_path: str | os.PathLike | None = None, *,
+              scale: float | None = None) -> None:
         """Write ``target``'s tensor, projected against unit vector ``u``, into its segment of ``sink``.
 
-        ``src_path`` (the file behind ``src_fd``) only names the file in errors.
+        ``src_path`` (the file behind ``src_fd``) only names the file in errors; ``scale`` (None: the
+        patcher's) is this target's projection strength.
         """
         opened = self._open(src_fd, target, sink, on_progress, src_path)
         if opened is None:
@@ -266,19 +268,19 @@ class TensorPatcher:
                 if layout.rowwise:
                     chunks = split_rows(0, layout.rows, chunk_rows)
                     self._run(io, chunks, self._ring_slots(chunk_rows * io.row_bytes), stored, layout.width,
-                              lambda c, data: self._rows_checked(data, u, layout), read=True, write=True)
+                              lambda c, data: self._rows_checked(data, u, layout, scale), read=True, write=True)
                     return
                 retain = layout.dim * io.row_bytes <= self.retain_bytes
                 for b in range(layout.batches):
-                    self._patch_slab(io, b * layout.dim, layout, chunk_rows, stored, u, retain)
+                    self._patch_slab(io, b * layout.dim, layout, chunk_rows, stored, u, retain, scale)
             except _NonFinite:
                 raise non_finite_error(io, stored) from None
 
-    def _rows_checked(self, data: torch.Tensor, u: torch.Tensor, layout: Layout) -> None:
+    def _rows_checked(self, data: torch.Tensor, u: torch.Tensor, layout: Layout, scale: float | None = None) -> None:
         """Row-wise projection of a chunk in place, refused (:class:`_NonFinite`) when any value of the
         result, rounded to the stored dtype, is NaN or Inf: a non-finite coefficient, or a result past the
         dtype's largest value. A source value that is not finite makes its row's coefficient so."""
-        self.kernel.rows_(data, u, layout)
+        self.kernel.rows_(data, u, layout, scale)
         _require_finite(data)
 
     def chunk_rows(self, layout: Layout, row_bytes: int) -> int:
@@ -296,8 +298,8 @@ class TensorPatcher:
         return project_(w, u, axis, kernel=self.kernel, chunk_rows=chunk_rows)
 
     def _slab_coefficients(self, io: _TensorIO, chunks: list[Chunk], slots: list[torch.Tensor], base: int,
-                           layout: Layout, stored: torch.dtype,
-                           u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                           layout: Layout, stored: torch.dtype, u: torch.Tensor,
+                           scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pass one over a ``[dim, cols]`` slab starting at row ``base``: its ``uᵀW`` (and the norm
         factors); :class:`_NonFinite` when a coefficient is NaN or Inf (a non-finite value, or overflow)."""
         kernel = self.kernel
@@ -307,36 +309,36 @@ class TensorPatcher:
             kernel.accumulate(data, u[c.row - base:c.row - base + c.count], layout, sums, c.row - base)
 
         self._run(io, chunks, slots, stored, layout.cols, first, read=True, write=False)
-        coeff, factor = kernel.finish(sums)
+        coeff, factor = kernel.finish(sums, scale)
         if not bool(torch.isfinite(coeff).all()):  # any NaN or Inf in a column makes its uᵀW one
             raise _NonFinite
         return coeff, factor
 
     def _patch_slab(self, io: _TensorIO, base: int, layout: Layout, chunk_rows: int, stored: torch.dtype,
-                    u: torch.Tensor, retain: bool) -> None:
+                    u: torch.Tensor, retain: bool, scale: float | None = None) -> None:
         """Both passes over one ``[dim, cols]`` slab starting at row ``base``."""
         chunks = split_rows(base, base + layout.dim, chunk_rows)
         slots = self._retained_slots(chunks, io.row_bytes) if retain else self._ring_slots(chunk_rows * io.row_bytes)
-        coeff, factor = self._slab_coefficients(io, chunks, slots, base, layout, stored, u)
+        coeff, factor = self._slab_coefficients(io, chunks, slots, base, layout, stored, u, scale)
 
-        self._run(io, chunks, slots, stored, layout.cols, self._second_pass(base, layout, u, coeff, factor),
+        self._run(io, chunks, slots, stored, layout.cols, self._second_pass(base, layout, u, coeff, factor, scale),
                   read=not retain, write=True)
 
     def _second_pass(self, base: int, layout: Layout, u: torch.Tensor, coeff: torch.Tensor,
-                     factor: torch.Tensor | None) -> Callable[[Chunk, torch.Tensor], None]:
+                     factor: torch.Tensor | None, scale: float | None = None) -> Callable[[Chunk, torch.Tensor], None]:
         """Pass two over a slab starting at row ``base``: each chunk projected in place, then refused when a
         value of the result (rounded to the stored dtype) overflowed; the coefficients are finite by now,
         so a source value that is not finite never gets here."""
         kernel = self.kernel
 
         def second(c: Chunk, data: torch.Tensor) -> None:
-            kernel.columns_(data, u[c.row - base:c.row - base + c.count], layout, coeff, factor)
+            kernel.columns_(data, u[c.row - base:c.row - base + c.count], layout, coeff, factor, scale)
             _require_finite(data)
 
         return second
 
     def check(self, src_fd: int, target: PatchTarget, u: torch.Tensor,
-              src_path: str | os.PathLike | None = None) -> None:
+              src_path: str | os.PathLike | None = None, *, scale: float | None = None) -> None:
         """Project ``target``'s tensor as :meth:`patch` does, into buffers that are never written: raise
         the error :meth:`patch` would raise for non-finite values, coefficients (``uᵀW`` per column,
         ``x·u`` per row) that overflow, or results that overflow the stored dtype once rounded.
@@ -354,7 +356,7 @@ class TensorPatcher:
             try:
                 if layout.rowwise:
                     self._run(io, split_rows(0, layout.rows, chunk_rows), self._ring_slots(chunk_rows * io.row_bytes),
-                              stored, layout.width, lambda c, data: self._rows_checked(data, u, layout),
+                              stored, layout.width, lambda c, data: self._rows_checked(data, u, layout, scale),
                               read=True, write=False)
                     return
                 retain = layout.dim * io.row_bytes <= self.retain_bytes
@@ -363,8 +365,8 @@ class TensorPatcher:
                     chunks = split_rows(base, base + layout.dim, chunk_rows)
                     slots = self._retained_slots(chunks, io.row_bytes) if retain else \
                         self._ring_slots(chunk_rows * io.row_bytes)
-                    coeff, factor = self._slab_coefficients(io, chunks, slots, base, layout, stored, u)
-                    self._run(io, chunks, slots, stored, layout.cols, self._second_pass(base, layout, u, coeff, factor),
-                              read=not retain, write=False)
+                    coeff, factor = self._slab_coefficients(io, chunks, slots, base, layout, stored, u, scale)
+                    self._run(io, chunks, slots, stored, layout.cols,
+                              self._second_pass(base, layout, u, coeff, factor, scale), read=not retain, write=False)
             except _NonFinite:
                 raise non_finite_error(io, stored) from None

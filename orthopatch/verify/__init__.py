@@ -30,6 +30,7 @@ from orthopatch.patch.architecture import choose_architecture
 from orthopatch.patch.direction import MAX_DIRECTION_BYTES, file_sha256, load_direction
 from orthopatch.patch.plan import PatchPlan, PatchTarget, build_plan, format_layers
 from orthopatch.patch.record import Method
+from orthopatch.patch.weights import weighted_plan
 from orthopatch.progress import ByteProgress
 from orthopatch.verify.reference import (
     CHUNK_ELEMENTS,
@@ -63,7 +64,8 @@ class VerifyOptions:
 
 
 def _plan(checkpoint: Checkpoint, method: Method) -> PatchPlan:
-    return build_plan(checkpoint, choose_architecture(checkpoint, method.targets), method.selection)
+    plan = build_plan(checkpoint, choose_architecture(checkpoint, method.targets), method.selection)
+    return weighted_plan(plan, method.weights) if method.weights is not None else plan
 
 
 def verify(options: VerifyOptions, log: Log | None = None) -> VerifyReport:
@@ -92,6 +94,9 @@ def verify(options: VerifyOptions, log: Log | None = None) -> VerifyReport:
         out_plan = _plan(out_ckpt, method)
         direction = load_direction(options.direction, out_plan.hidden_size, out_plan.num_layers)
         report.notes.extend(direction.notes)
+        if record is not None and direction.weights != method.weights:
+            report.fail("the direction file's weights differ from those the record's method names",
+                        path=direction.path)
         check_record(report, record, out_plan, direction)
         if options.source is not None and options.source.resolve() == out_root.resolve():
             raise OrthopatchError("is the folder being verified: a model converted in place has no source left to "
@@ -105,6 +110,9 @@ def verify(options: VerifyOptions, log: Log | None = None) -> VerifyReport:
             if method.scale != 1.0:
                 report.notes.append(f"scale {method.scale:g} removes only part of the component: without "
                                     "--source the patched tensors can be measured but not checked")
+            elif method.weights is not None and any(method.scale_for(t.role, t.layer) != 1.0 for t in plan.targets()):
+                report.notes.append("weights other than 1 remove only part of the component: without --source "
+                                    "those tensors can be measured but not checked")
         directions = unit_vectors(plan, direction)
         total = sum(out_ckpt.shards[s.name].file_size for s in plan.shards if s.name in comparable)
         with ByteProgress(total, disable=options.quiet) as progress:
@@ -176,6 +184,7 @@ def describe_method(method: Method) -> str:
     parts += [f"layers {format_layers(layers)}"] if layers is not None else []
     parts += ["no embeddings"] if not method.selection.embeddings else []
     parts += [f"{len(method.targets)} --targets pattern(s)"] if method.targets else []
+    parts += [f"weights {method.weights.describe()}"] if method.weights is not None else []
     return ", ".join(parts)
 
 

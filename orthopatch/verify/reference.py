@@ -251,7 +251,7 @@ def _restoring_factor(before_sq: torch.Tensor, after_sq: torch.Tensor) -> torch.
 def check_against_source(src: TensorFile, out: TensorFile, target: PatchTarget, u: torch.Tensor, method: Method,
                          chunk_elements: int, progress: Progress) -> tuple[TensorCheck, str | None]:
     """Compare a patched tensor with its source projected in float64, block by block."""
-    name, scale = target.name, method.scale
+    name, scale = target.name, method.scale_for(target.role, target.layer)
     fibers = Fibers(tuple(target.entry.shape), target.axis)
     stored = out.dtype(name)
     itemsize = stored.itemsize
@@ -358,7 +358,7 @@ def check_orthogonal(out: TensorFile, target: PatchTarget, u: torch.Tensor, meth
             comp2 += float((coeff * coeff).sum())
             slack2 += float((slack * slack).sum())
     check.after = (comp2, norm2)
-    if method.scale != 1.0:
+    if method.scale_for(target.role, target.layer) != 1.0:
         return check, None  # only part of the component was removed: nothing to hold it against
     limit = math.sqrt(slack2) + COMPUTE_ULPS * arithmetic_eps(stored) * math.sqrt(norm2)
     if math.sqrt(comp2) > limit or not math.isfinite(comp2):

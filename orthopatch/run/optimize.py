@@ -1,0 +1,298 @@
+"""``orthopatch optimize``: search the ablation's parameters for fewer refusals at less damage, out of core.
+
+One pass measures the per-layer directions (as ``measure --per-layer``) on the measurement prompts
+and, in the same pass, the source's first-token distributions on the held-out prompts the trials are
+judged on. Then Optuna's TPE sampler (two objectives: the refusal-opening probability on harmful
+prompts and the KL divergence on harmless ones, fixed seed) proposes points; each trial is one more
+pass over the blocks with the point applied to the activations. The chosen point is confirmed with
+greedy replies, as ``evaluate`` judges them, and written as a weighted direction file ``apply`` reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orthopatch import __version__
+from orthopatch.errors import OrthopatchError, first_line
+from orthopatch.io.formats import CONFIG_NAME
+from orthopatch.patch.direction import save_weighted_direction
+from orthopatch.run.ablation import ActivationAblation
+from orthopatch.run.chat import decode, encode_set, load_tokenizer
+from orthopatch.run.evaluate import is_refusal, reply_end_ids
+from orthopatch.run.layerwise import LayerwiseModel, RunSettings, make_batches
+from orthopatch.run.measure import _Means, fill_vanishing
+from orthopatch.run.prompts import PromptChoice, builtin_prompts, load_markers
+from orthopatch.run.search import Point, TrialFigures, TrialRunner, point_of, refusal_tokens, suggest
+
+INSTALL_HINT = "pip install 'orthopatch[optimize]'"
+STUDY_NAME = "orthopatch-optimize"
+#: Changes when the parameters or the figures change meaning: a study of another version is refused.
+SEARCH_VERSION = 1
+#: Random trials before the TPE sampler models the results.
+STARTUP_TRIALS = 20
+DEFAULT_TRIALS = 100
+
+
+@dataclass(frozen=True)
+class OptimizeOptions:
+    """Everything ``optimize`` needs; the CLI only builds one of these."""
+
+    model: Path
+    out: Path
+    harmful: str | None = None  # measurement prompts; None: the built-in set
+    harmless: str | None = None
+    choice: PromptChoice = field(default_factory=PromptChoice)
+    trials: int = DEFAULT_TRIALS
+    seed: int = 0
+    study: Path | None = None
+    max_kl: float | None = None
+    max_new_tokens: int = 32
+    markers: Path | None = None  # refusal marker phrases; None: the built-in list
+    project_harmless: bool = True
+    run: RunSettings = field(default_factory=RunSettings)
+    quiet: bool = False
+    overwrite: bool = False
+    model_repo: str | None = None
+
+
+@dataclass(frozen=True)
+class Trial:
+    number: int
+    point: Point
+    figures: TrialFigures
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    chosen: Trial
+    front: list[Trial]
+    table: str
+    confirmed: int  # refusals of the chosen point in greedy replies
+    source_refusals: int
+    harmful_count: int
+    trials_run: int
+    trials_total: int
+    seconds: float
+
+
+def require_optuna() -> Any:
+    """The ``optuna`` module, or a one-line error saying how to install it."""
+    try:
+        import optuna
+    except ImportError:
+        raise OrthopatchError(f"optimize needs optuna: {INSTALL_HINT}") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def check_options(options: OptimizeOptions) -> None:
+    """Everything that can be refused before any work, each in one line."""
+    if options.trials < 1:
+        raise OrthopatchError(f"--trials must be at least 1, not {options.trials}")
+    if options.max_kl is not None and not options.max_kl >= 0:
+        raise OrthopatchError(f"--max-kl must be a number ≥ 0, not {options.max_kl}")
+    if options.max_new_tokens < 1:
+        raise OrthopatchError(f"--max-new-tokens must be at least 1, not {options.max_new_tokens}")
+    if options.out.suffix.lower() != ".safetensors":
+        raise OrthopatchError("the weighted direction file must end in .safetensors", path=options.out)
+    if not options.out.parent.is_dir():
+        raise OrthopatchError("the output's folder does not exist", path=options.out.parent)
+    if options.out.is_dir():
+        raise OrthopatchError("is a folder, not a file optimize can write", path=options.out)
+    if os.path.lexists(options.out) and not options.overwrite:
+        raise OrthopatchError("exists; pass --overwrite to replace it", path=options.out)
+    if options.study is not None and not options.study.parent.is_dir():
+        raise OrthopatchError("the study file's folder does not exist", path=options.study.parent)
+
+
+def model_identity(model: LayerwiseModel) -> str:
+    """sha256 of the model's config and shard headers: what a study file is tied to."""
+    digest = hashlib.sha256((model.root / CONFIG_NAME).read_bytes())
+    for name in sorted(model.checkpoint.shards):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(model.checkpoint.shards[name].raw).digest())
+    return digest.hexdigest()
+
+
+def open_study(optuna: Any, options: OptimizeOptions, identity: dict[str, str]) -> Any:
+    """A new or resumed study (journal file, or SQLite for ``.db``/``.sqlite``); one made for another
+    model or other prompts is refused in one line."""
+    storage = None
+    if options.study is not None:
+        path = options.study
+        try:
+            if path.suffix.lower() in (".db", ".sqlite", ".sqlite3"):
+                storage = f"sqlite:///{os.path.abspath(path)}"
+            else:
+                try:
+                    from optuna.storages.journal import JournalFileBackend
+                except ImportError:  # optuna 3
+                    from optuna.storages import JournalFileStorage as JournalFileBackend
+                storage = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except Exception as exc:  # a file that is not a study fails in many ways; all end as one line
+            raise OrthopatchError(f"cannot open the study file ({first_line(exc)})", path=path) from None
+    sampler = optuna.samplers.TPESampler(seed=options.seed, n_startup_trials=STARTUP_TRIALS)
+    try:
+        study = optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, load_if_exists=True,
+                                    directions=["minimize", "minimize"])
+    except Exception as exc:
+        raise OrthopatchError(f"cannot open the study file ({first_line(exc)})", path=options.study) from None
+    attrs = study.user_attrs
+    if "model" in attrs and attrs["model"] != identity["model"]:
+        raise OrthopatchError(f"is a study of another model ({attrs.get('model_name', '?')}), not of "
+                              f"{options.model.name}: use another --study file", path=options.study)
+    if "search" in attrs and attrs["search"] != identity["search"]:
+        raise OrthopatchError("is a study with other prompts or settings: use another --study file",
+                              path=options.study)
+    for key, value in identity.items():
+        if attrs.get(key) != value:
+            study.set_user_attr(key, value)
+    return study
+
+
+def finished(optuna: Any, study: Any) -> list[Trial]:
+    """The study's completed trials, in order."""
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        refusal, kl_mean = t.values
+        figures = TrialFigures(refusal, int(t.user_attrs["refused"]), kl_mean, float(t.user_attrs["kl_max"]))
+        out.append(Trial(t.number, point_of(t.params), figures))
+    return out
+
+
+def pareto_front(trials: list[Trial]) -> list[Trial]:
+    """Trials no other trial beats on both figures (refusal probability, mean KL), by refusal probability."""
+    def dominated(a: Trial) -> bool:
+        return any(b.figures.refusal <= a.figures.refusal and b.figures.kl_mean <= a.figures.kl_mean and
+                   (b.figures.refusal, b.figures.kl_mean) != (a.figures.refusal, a.figures.kl_mean) for b in trials)
+
+    front = [t for t in trials if not dominated(t)]
+    return sorted(front, key=lambda t: (t.figures.refusal, t.figures.kl_mean, t.number))
+
+
+def choose(trials: list[Trial], max_kl: float | None) -> Trial:
+    """Fewest refused prompts, then least KL; with ``max_kl``, the fewest refusals among trials within it."""
+    if max_kl is None:
+        return min(trials, key=lambda t: (t.figures.refused, t.figures.kl_mean, t.figures.refusal, t.number))
+    within = [t for t in trials if t.figures.kl_mean <= max_kl]
+    if not within:
+        lowest = min(t.figures.kl_mean for t in trials)
+        raise OrthopatchError(f"no trial has a mean KL of at most {max_kl:g} (the lowest is {lowest:.4g}): raise "
+                              "--max-kl, or run more trials with --study")
+    return min(within, key=lambda t: (t.figures.refused, t.figures.refusal, t.figures.kl_mean, t.number))
+
+
+def format_front(front: list[Trial], chosen: Trial, n_harmful: int) -> str:
+    rows = front if chosen in front else [*front, chosen]
+    lines = ["trial  refusal prob.  refused  KL mean  KL max  parameters"]
+    for t in rows:
+        f = t.figures
+        mark = "*" if t is chosen else " "
+        lines.append(f"{mark}{t.number:>4}  {f.refusal:>13.4f}  {f.refused:>3}/{n_harmful:<3}  {f.kl_mean:>7.4f}  "
+                     f"{f.kl_max:>6.3f}  {t.point.describe()}")
+    return "\n".join(lines)
+
+
+def optimize(options: OptimizeOptions, log: Callable[[str], None] | None = None) -> OptimizeResult:
+    """Measure, search, confirm and write the chosen point (see the module's docstring)."""
+    log = log or (lambda message: None if options.quiet else print(message, file=sys.stderr))
+    started = time.monotonic()
+    check_options(options)
+    optuna = require_optuna()
+    device, dtype = options.run.torch_device(), options.run.torch_dtype()
+    harmful = options.choice.choose(options.harmful, "harmful", options.quiet)
+    harmless = options.choice.choose(options.harmless, "harmless", options.quiet)
+    judged_harmful, judged_harmless = builtin_prompts("harmful_eval"), builtin_prompts("harmless_eval")
+    markers = load_markers(options.markers)
+    tokenizer = load_tokenizer(options.run.tokenizer or options.model)
+    with LayerwiseModel(options.model, device=device, dtype=dtype, logits=True) as model:
+        context, n = model.context_length, model.num_layers
+        ids = {name: encode_set(tokenizer, prompts, context, reserve=options.max_new_tokens if name == "judged" else 0)
+               for name, prompts in (("harmful", harmful), ("harmless", harmless), ("judged", judged_harmful),
+                                     ("judged_harmless", judged_harmless))}
+        search = hashlib.sha256(json.dumps([SEARCH_VERSION, harmful.sha256, harmless.sha256, judged_harmful.sha256,
+                                            judged_harmless.sha256, options.project_harmless, markers,
+                                            options.run.dtype]).encode()).hexdigest()
+        identity = {"model": model_identity(model), "model_name": options.model.name, "search": search}
+        study = open_study(optuna, options, identity)
+
+        # One pass: the per-layer directions and the source's figures on the judged prompts.
+        n_measure = len(ids["harmful"]) + len(ids["harmless"])
+        means = _Means(len(ids["harmful"]), options.project_harmless)
+        judged = ids["judged"] + ids["judged_harmless"]
+        log(f"optimize {options.model}: measuring on {len(ids['harmful'])} harmful and {len(ids['harmless'])} "
+            f"harmless prompts, {n} blocks, one at a time on {device}")
+        final = model.run(make_batches(ids["harmful"] + ids["harmless"] + judged, options.run.batch_size),
+                          lambda layer, states: means(layer, states[:n_measure]))
+        if not means.directions:
+            raise OrthopatchError("the harmful and harmless prompts give the same mean at every layer: no direction",
+                                  path=options.model)
+        measured = fill_vanishing(means.directions, n)[0].float().double().numpy()
+        source_logits = model.logits(final[n_measure:]).cpu()
+        ablation = ActivationAblation(model)
+        runner = TrialRunner(model, ablation, make_batches(judged, options.run.batch_size), len(ids["judged"]),
+                             refusal_tokens(tokenizer, markers), source_logits[len(ids["judged"]):])
+        source = runner.figures(source_logits)
+        log(f"source: refusal-opening probability {source.refusal:.4f}, {source.refused}/{len(ids['judged'])} "
+            "harmful prompts refused")
+
+        done = len(finished(optuna, study))
+        todo = max(0, options.trials - done)
+        if done:
+            log(f"resuming {options.study}: {done} trials done, {todo} to run")
+        quiet = options.quiet
+
+        def objective(trial: Any) -> tuple[float, float]:
+            point = suggest(trial, n)
+            figures = runner.run(point, measured)
+            trial.set_user_attr("refused", figures.refused)
+            trial.set_user_attr("kl_max", figures.kl_max)
+            if not quiet:
+                print(f"trial {trial.number}: refusal {figures.refusal:.4f} ({figures.refused} refused), "
+                      f"KL {figures.kl_mean:.4f}", file=sys.stderr)
+            return figures.refusal, figures.kl_mean
+
+        if todo:
+            study.optimize(objective, n_trials=todo, catch=())
+        trials = finished(optuna, study)
+        chosen = choose(trials, options.max_kl)
+        front = pareto_front(trials)
+
+        # Confirm the chosen point, and the source, with greedy replies as evaluate judges them.
+        eos = reply_end_ids(tokenizer, options.model)
+        log(f"confirming trial {chosen.number} with greedy replies of {options.max_new_tokens} tokens to "
+            f"{len(ids['judged'])} harmful prompts (one pass per token)")
+
+        def refusals() -> int:
+            replies = model.greedy(ids["judged"], options.max_new_tokens, eos)
+            return sum(is_refusal(decode(tokenizer, r), markers) for r in replies)
+
+        ablation.clear()
+        source_refusals = refusals()
+        rows = chosen.point.rows(measured).astype(np.float32)
+        weights = chosen.point.weights(n)
+        ablation.set(rows.astype(np.float64), weights)
+        with ablation.hooked():
+            confirmed = refusals()
+
+    metadata = {"model": options.model.name, "trial": str(chosen.number), "parameters": chosen.point.to_json(),
+                "refusal_probability": repr(chosen.figures.refusal), "kl_mean": repr(chosen.figures.kl_mean),
+                "kl_max": repr(chosen.figures.kl_max), "greedy_refusals": f"{confirmed}/{len(ids['judged'])}",
+                "source_greedy_refusals": f"{source_refusals}/{len(ids['judged'])}", "harmful_sha256": harmful.sha256,
+                "harmless_sha256": harmless.sha256, "seed": str(options.seed), "orthopatch_version": __version__}
+    if options.model_repo:
+        metadata["model_repo"] = options.model_repo
+    save_weighted_direction(options.out, rows, weights, metadata)
+    table = format_front(front, chosen, len(ids["judged"]))
+    return OptimizeResult(chosen, front, table, confirmed, source_refusals, len(ids["judged"]), todo, len(trials),
+                          round(time.monotonic() - started, 3))
+
