@@ -11,6 +11,7 @@ types weighted by an importance matrix, come from :mod:`orthopatch.gguf.kquants`
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import gguf
 import numpy as np
@@ -59,13 +60,30 @@ def dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[
     return np.asarray(values, dtype=np.float32).reshape(shape)
 
 
-def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
+def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None,
+             workers: int = 1) -> np.ndarray:
     """Raw bytes ``[rows, row_bytes]`` of float32 ``values`` ``[rows, ne0]`` stored as ``qtype``.
 
     The bytes are those of ggml's ``ggml_quantize_chunk``. ``imatrix`` is llama.cpp's importance
     matrix entry for the tensor, one weight per column (``ne0`` values): with it the weighted
     quantizers run, as ``llama-quantize --imatrix`` does; F32, F16, BF16 and Q8_0 ignore it, as ggml does.
+    With ``workers`` > 1 the rows are cut in that many parts quantized on as many threads (numpy
+    releases the GIL in its array operations; each row's bytes depend on that row alone).
     """
+    rows = np.ascontiguousarray(values, dtype=np.float32)
+    rows = rows.reshape(-1, rows.shape[-1]) if rows.ndim else rows
+    if workers > 1 and rows.ndim == 2 and len(rows) > 1:
+        bounds = np.linspace(0, len(rows), min(workers, len(rows)) + 1).astype(int)
+        parts = [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        with ThreadPoolExecutor(len(parts) - 1) as pool:
+            rest = [pool.submit(_quantize_rows, part, qtype, imatrix) for part in parts[1:]]
+            first = _quantize_rows(parts[0], qtype, imatrix)
+            return np.concatenate([first, *(f.result() for f in rest)])
+    return _quantize_rows(values, qtype, imatrix)
+
+
+def _quantize_rows(values: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None) -> np.ndarray:
+    """:func:`quantize` on the calling thread."""
     if qtype not in PATCHABLE_TYPES:
         raise ValueError(f"cannot quantize to {qtype.name}: not one of the patchable types")
     rows = np.ascontiguousarray(values, dtype=np.float32)
