@@ -250,3 +250,14 @@ def test_quantized_bytes_do_not_alias_the_input() -> None:
     packed = quantize(values, Q.F32)
     values[:] = 0
     assert packed.view(np.float32).any()
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda qtype: qtype.name)
+def test_threads_write_the_same_bytes(qtype: gguf.GGMLQuantizationType) -> None:
+    values = make_input("heavy_tailed")[:7]  # an odd row count: parts of unequal size
+    alone = quantize(values, qtype)
+    for workers in (2, 3, 16):
+        assert np.array_equal(quantize(values, qtype, workers=workers), alone), workers
+    if qtype in IMATRIX_TYPES:
+        imatrix = make_imatrix("gamma")
+        assert np.array_equal(quantize(values, qtype, imatrix, workers=2), quantize(values, qtype, imatrix))

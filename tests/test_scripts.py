@@ -43,3 +43,23 @@ def test_bench_measure_reports_bytes_read_and_memory(tmp_path):
     assert row["layers"] == 2
     assert 0 < row["bytes_read"] <= 1.1 * row["checkpoint_bytes"]
     assert row["peak_rss"] > 0
+
+
+def test_bench_gguf_reports_every_way_and_the_quantizers(tmp_path):
+    out = tmp_path / "bench-gguf.json"
+    run_script("bench_gguf.py", "--preset", "tiny", "--layers", "2", "--repeats", "1", "--quant-types", "Q8_0",
+               "Q4_K", "--quant-rows", "4", "--quant-repeats", "1", "--folder", str(tmp_path / "work"), "--clean",
+               "--json", str(out))
+    result = json.loads(out.read_text())
+    assert [m["mix"] for m in result["models"]] == ["Q8_0", "Q4_K_M"]
+    for model in result["models"]:
+        assert 0 < model["patched_bytes"] < model["bytes"]
+        assert set(model["ways"]) == {"cp + sync", "orthopatch apply", "patched bytes only (floor)"}
+        for name, way in model["ways"].items():
+            assert way["median_s"] > 0 and len(way["all_s"]) == 1 and way["peak_rss_MiB"] > 0, name
+    assert [(r["type"], r["threads"]) for r in result["quantizers"]] == [("Q8_0", 1), ("Q8_0", 2), ("Q4_K", 1),
+                                                                          ("Q4_K", 2)]
+    for row in result["quantizers"]:
+        assert row["ours"]["median_MBps"] > 0
+        assert row["same_bytes"] in (True, None), row
+    assert not list((tmp_path / "work").glob("llama-h*"))

@@ -41,7 +41,14 @@ def nearest_levels(scaled: np.ndarray, low: int, high: int, largest: np.ndarray)
 
 
 def running_sum(terms: np.ndarray) -> np.ndarray:
-    """Float32 sum over axis 0 in index order, as a C loop ``s += t[i]`` computes it."""
+    """Float32 sum over axis 0 in index order, as a C loop ``s += t[i]`` computes it.
+
+    numpy sums pairwise only along the axis its inner loop runs on; reducing axis 0 of a C-ordered
+    array of two or more columns runs the inner loop along the columns, so each column is summed in
+    index order, in one call instead of one per row. Other layouts take the explicit loop.
+    """
+    if terms.ndim == 2 and terms.shape[1] > 1 and terms.flags.c_contiguous:
+        return np.add.reduce(terms, axis=0)
     total = terms[0].copy()
     for term in terms[1:]:
         total += term
@@ -109,7 +116,7 @@ def make_qkx_quants(
     flat = high == low  # constant sub-blocks: no scale; a unit span keeps their arithmetic finite
     sum_w = running_sum(weights)
     sum_x = running_sum(weights * x)
-    work, trial = np.empty_like(x), np.empty_like(x)
+    work, trial, weighted_levels = np.empty_like(x), np.empty_like(x), np.empty_like(x)
 
     def levels_for(inverse_scale: np.ndarray, offset: np.ndarray, out: np.ndarray) -> np.ndarray:
         np.multiply(inverse_scale, np.subtract(x, offset, out=out), out=out)
@@ -132,10 +139,10 @@ def make_qkx_quants(
     for step in range(nstep + 1):
         inverse = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span_from(offset)
         levels_for(inverse, offset, trial)
-        weighted_levels = weights * trial
+        np.multiply(weights, trial, out=weighted_levels)
         sum_l = running_sum(weighted_levels)
-        sum_l2 = running_sum(weighted_levels * trial)
-        sum_xl = running_sum(weighted_levels * x)
+        sum_l2 = running_sum(np.multiply(weighted_levels, trial, out=work))
+        sum_xl = running_sum(np.multiply(weighted_levels, x, out=work))
         det = sum_w * sum_l2 - sum_l * sum_l
         trial_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         trial_offset = (sum_l2 * sum_x - sum_l * sum_xl) / det

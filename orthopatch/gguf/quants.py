@@ -11,6 +11,7 @@ types weighted by an importance matrix, come from :mod:`orthopatch.gguf.kquants`
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import gguf
 import numpy as np
@@ -49,6 +50,13 @@ CHUNK_VALUES = 1024 * SUPER_BLOCK
 """Values quantized together: large enough for numpy, small enough to stay in cache."""
 
 
+PIECE_VALUES = 1 << 16
+"""Values gguf-py quantizes at a time for :data:`PIECEWISE_TYPES` (a multiple of every block size)."""
+
+PIECEWISE_TYPES = frozenset({Q.Q8_0, Q.BF16})
+"""Types gguf-py quantizes faster in pieces (measured: Q8_0 about 2x, BF16 1.4x; the others gained nothing)."""
+
+
 def dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
     """Float32 values of raw tensor bytes ``data`` of type ``qtype``, as an array of torch-order ``shape``.
 
@@ -59,13 +67,30 @@ def dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[
     return np.asarray(values, dtype=np.float32).reshape(shape)
 
 
-def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
+def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None = None,
+             workers: int = 1) -> np.ndarray:
     """Raw bytes ``[rows, row_bytes]`` of float32 ``values`` ``[rows, ne0]`` stored as ``qtype``.
 
     The bytes are those of ggml's ``ggml_quantize_chunk``. ``imatrix`` is llama.cpp's importance
     matrix entry for the tensor, one weight per column (``ne0`` values): with it the weighted
     quantizers run, as ``llama-quantize --imatrix`` does; F32, F16, BF16 and Q8_0 ignore it, as ggml does.
+    With ``workers`` > 1 the rows are cut in that many parts quantized on as many threads (numpy
+    releases the GIL in its array operations; each row's bytes depend on that row alone).
     """
+    rows = np.ascontiguousarray(values, dtype=np.float32)
+    rows = rows.reshape(-1, rows.shape[-1]) if rows.ndim else rows
+    if workers > 1 and rows.ndim == 2 and len(rows) > 1:
+        bounds = np.linspace(0, len(rows), min(workers, len(rows)) + 1).astype(int)
+        parts = [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        with ThreadPoolExecutor(len(parts) - 1) as pool:
+            rest = [pool.submit(_quantize_rows, part, qtype, imatrix) for part in parts[1:]]
+            first = _quantize_rows(parts[0], qtype, imatrix)
+            return np.concatenate([first, *(f.result() for f in rest)])
+    return _quantize_rows(values, qtype, imatrix)
+
+
+def _quantize_rows(values: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.ndarray | None) -> np.ndarray:
+    """:func:`quantize` on the calling thread."""
     if qtype not in PATCHABLE_TYPES:
         raise ValueError(f"cannot quantize to {qtype.name}: not one of the patchable types")
     rows = np.ascontiguousarray(values, dtype=np.float32)
@@ -79,11 +104,21 @@ def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.n
     elif importance is not None:
         packed = _quantize_in_chunks(rows, 32, _WEIGHTED_LEGACY_QUANTIZERS[qtype], importance, row_mean_square=True)
     else:
-        with np.errstate(over="ignore"):  # beyond the fp16 range ggml writes inf, and so does numpy
-            packed = gguf.quants.quantize(rows, qtype)
-        if np.shares_memory(packed, values):  # F32 comes back as the input itself
-            packed = packed.copy()
+        packed = _gguf_py_in_pieces(rows, qtype)
     return np.ascontiguousarray(packed).view(np.uint8).reshape(rows.shape[0], _row_bytes(qtype, rows.shape[1]))
+
+
+def _gguf_py_in_pieces(rows: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """gguf-py's quantizer on ``rows``, for some types in cache-sized pieces (whole blocks, in order; each block's
+    bytes depend on that block alone): on one large array its temporaries leave the cache."""
+    flat = rows.reshape(-1)
+    step = PIECE_VALUES if qtype in PIECEWISE_TYPES else max(flat.size, 1)
+    pieces = []
+    with np.errstate(over="ignore"):  # beyond the fp16 range ggml writes inf, and so does numpy
+        for start in range(0, flat.size, step):
+            piece = gguf.quants.quantize(flat[start : start + step].reshape(1, -1), qtype)
+            pieces.append(np.ascontiguousarray(piece).view(np.uint8).reshape(-1))
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
 
 
 def _checked_importance(imatrix: np.ndarray | None, columns: int) -> np.ndarray | None:

@@ -11,7 +11,8 @@ are read twice. Memory: a few chunks, whatever the tensor's size.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import gguf
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from orthopatch.errors import OrthopatchError
 from orthopatch.gguf.quants import dequantize, quantize
 from orthopatch.io.filecopy import pread_into
-from orthopatch.patch.kernel import BlockKernel
+from orthopatch.patch.kernel import BlockKernel, default_workers
 from orthopatch.patch.plan import PatchTarget
 from orthopatch.patch.projection import Layout
 from orthopatch.patch.stream import Progress, TensorSink
@@ -29,90 +30,173 @@ from orthopatch.patch.stream import Progress, TensorSink
 CHUNK_VALUES = 1 << 22
 
 
+class _RowParts:
+    """Runs a function on ``workers`` row ranges of a chunk at once: helper threads take all but the first,
+    which the calling thread does. numpy releases the GIL in its array operations, and each row of a
+    quantized tensor is decoded and encoded on its own, so the bytes do not depend on ``workers``."""
+
+    def __init__(self, workers: int):
+        self.workers = max(1, workers)
+        self.pool = ThreadPoolExecutor(self.workers - 1) if self.workers > 1 else None
+
+    def run(self, rows: int, part: Callable[[int, int], None]) -> None:
+        bounds = np.linspace(0, rows, min(self.workers, max(rows, 1)) + 1).astype(int).tolist()
+        rest = [self.pool.submit(part, a, b) for a, b in zip(bounds[1:-1], bounds[2:], strict=True)] \
+            if self.pool is not None else []
+        try:
+            part(bounds[0], bounds[1])
+        finally:
+            for future in rest:
+                future.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
 def _read_rows(fd: int, target: PatchTarget, row_bytes: int, first: int, count: int, path: str) -> np.ndarray:
     raw = bytearray(count * row_bytes)
     try:
         pread_into(fd, memoryview(raw), target.entry.begin + first * row_bytes)
     except (OSError, EOFError) as exc:
         raise OrthopatchError(f"cannot read tensor data ({exc})", path=path, tensor=target.name) from None
-    return np.frombuffer(raw, dtype=np.uint8)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(count, row_bytes)
 
 
-def _decoded(fd: int, target: PatchTarget, qtype: gguf.GGMLQuantizationType, layout: Layout, row_bytes: int,
-             first: int, count: int, path: str) -> torch.Tensor:
-    """Rows ``[first, first + count)`` of the 2-D view, dequantized to float64."""
-    raw = _read_rows(fd, target, row_bytes, first, count, path)
-    values = dequantize(raw, qtype, (count, layout.width)).astype(np.float64)
-    if not np.isfinite(values).all():
-        bad = int((~np.isfinite(values)).sum())
-        raise OrthopatchError(f"holds {bad:,} non-finite values (NaN or Inf); it is not patched", path=path,
-                              tensor=target.name)
-    return torch.from_numpy(values)
+class _Codec:
+    """Reads, decodes and encodes the chunks of one quantized tensor: the next chunk's bytes are read on a
+    thread while the current one is computed, and decoding and encoding are cut in row ranges."""
+
+    def __init__(self, fd: int, target: PatchTarget, layout: Layout, rows: int, workers: int, path: str):
+        self.fd, self.target, self.layout, self.path = fd, target, layout, path
+        self.qtype = gguf.GGMLQuantizationType[target.entry.dtype]
+        self.row_bytes = target.entry.nbytes // rows
+        self.parts = _RowParts(workers)
+        self.reader = ThreadPoolExecutor(1)
+        self.pending: tuple[int, int, Future[np.ndarray]] | None = None
+
+    def prefetch(self, first: int, count: int) -> None:
+        """Start reading rows ``[first, first + count)``, the chunk :meth:`decoded` will be asked for next."""
+        future = self.reader.submit(_read_rows, self.fd, self.target, self.row_bytes, first, count, self.path)
+        self.pending = (first, count, future)
+
+    def decoded(self, first: int, count: int) -> torch.Tensor:
+        """Rows ``[first, first + count)`` of the 2-D view, dequantized to float64."""
+        if self.pending is not None and self.pending[:2] == (first, count):
+            raw = self.pending[2].result()
+        else:
+            raw = _read_rows(self.fd, self.target, self.row_bytes, first, count, self.path)
+        self.pending = None
+        values = np.empty((count, self.layout.width), np.float64)
+        finite: list[bool] = []
+
+        def part(a: int, b: int) -> None:
+            values[a:b] = dequantize(raw[a:b], self.qtype, (b - a, self.layout.width))
+            finite.append(bool(np.isfinite(values[a:b]).all()))
+
+        self.parts.run(count, part)
+        if not all(finite):
+            bad = int((~np.isfinite(values)).sum())
+            raise OrthopatchError(f"holds {bad:,} non-finite values (NaN or Inf); it is not patched", path=self.path,
+                                  tensor=self.target.name)
+        return torch.from_numpy(values)
+
+    def encoded(self, values: torch.Tensor) -> np.ndarray:
+        """``values`` rounded to float32 and quantized to the tensor's type: raw bytes ``[rows, row_bytes]``."""
+        rows = values.numpy()
+        out = np.empty((len(rows), self.row_bytes), np.uint8)
+        finite: list[bool] = []
+
+        def part(a: int, b: int) -> None:
+            as_f32 = rows[a:b].astype(np.float32)
+            finite.append(bool(np.isfinite(as_f32).all()))
+            if finite[-1]:
+                out[a:b] = quantize(as_f32, self.qtype)
+
+        self.parts.run(len(rows), part)
+        if not all(finite):
+            raise OrthopatchError("the projection overflows float32", path=self.path, tensor=self.target.name)
+        return out
+
+    def checked(self, values: torch.Tensor) -> None:
+        """Refuse ``values`` that overflow float32 (what :meth:`encoded` would refuse), encoding nothing."""
+        if not np.isfinite(values.numpy().astype(np.float32)).all():
+            raise OrthopatchError("the projection overflows float32", path=self.path, tensor=self.target.name)
+
+    def close(self) -> None:
+        self.reader.shutdown()
+        self.parts.close()
 
 
-def _float32(values: torch.Tensor, target: PatchTarget, path: str) -> np.ndarray:
-    """The projected values rounded to float32, refused if any overflowed."""
-    as_f32 = values.to(torch.float32).numpy()
-    if not np.isfinite(as_f32).all():
-        raise OrthopatchError("the projection overflows float32", path=path, tensor=target.name)
-    return as_f32
+def _projected(fd: int, target: PatchTarget, u: torch.Tensor, kernel: BlockKernel, path: str,
+               emit: Callable[[_Codec, int, torch.Tensor], None]) -> None:
+    """Project every chunk of ``target`` and hand it to ``emit`` (with the codec and its first row), in order.
 
-
-def _projected_chunks(fd: int, target: PatchTarget, u: torch.Tensor, kernel: BlockKernel,
-                      path: str) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(first row, projected rows in float64)`` for every chunk of ``target``, in order."""
-    qtype = gguf.GGMLQuantizationType[target.entry.dtype]
+    Decoding and encoding run on the kernel's worker count of threads (:class:`_RowParts`; on a GPU, the
+    CPU's default count), and the next chunk's bytes are read while one is computed."""
     layout = Layout.of(target.entry.shape, target.axis)
     rows = target.entry.numel // layout.width
-    row_bytes = target.entry.nbytes // rows
     block_rows = kernel.block_rows(layout)
     step = max(1, CHUNK_VALUES // max(layout.width, 1) // block_rows) * block_rows
     u = u.to(torch.float64)
+    workers = kernel.workers if kernel.device.type == "cpu" else default_workers("cpu")
+    codec = _Codec(fd, target, layout, rows, workers, path)
+    if layout.rowwise:
+        order = [(first, min(step, rows - first)) for first in range(0, rows, step)]
+    else:
+        one_pass = [(start, min(step, layout.dim - start)) for start in range(0, layout.dim, step)]
+        order = [(b * layout.dim + start, count) for b in range(layout.batches) for _ in range(2)
+                 for start, count in one_pass]
+    upcoming = iter(order[1:])
 
-    def decoded(first: int, count: int) -> torch.Tensor:
-        return _decoded(fd, target, qtype, layout, row_bytes, first, count, path)
+    def next_chunk(first: int, count: int) -> torch.Tensor:
+        chunk = codec.decoded(first, count)
+        following = next(upcoming, None)
+        if following is not None:
+            codec.prefetch(*following)
+        return chunk
 
-    with kernel.running():
-        if layout.rowwise:
-            for first in range(0, rows, step):
-                chunk = decoded(first, min(step, rows - first))
-                kernel.rows_(chunk, u, layout)
-                yield first, chunk
-            return
-        for b in range(layout.batches):
-            base = b * layout.dim
-            sums = kernel.new_sums(layout, torch.float64)
-            for start in range(0, layout.dim, step):
-                count = min(step, layout.dim - start)
-                kernel.accumulate(decoded(base + start, count), u[start:start + count], layout, sums, start)
-            coeff, factor = kernel.finish(sums)
-            if not bool(torch.isfinite(coeff).all()):
-                raise OrthopatchError("the projection overflows (values too large for the arithmetic)", path=path,
-                                      tensor=target.name)
-            for start in range(0, layout.dim, step):
-                count = min(step, layout.dim - start)
-                chunk = decoded(base + start, count)
-                kernel.columns_(chunk, u[start:start + count], layout, coeff, factor)
-                yield base + start, chunk
+    try:
+        with kernel.running():
+            if layout.rowwise:
+                for first, count in order:
+                    chunk = next_chunk(first, count)
+                    kernel.rows_(chunk, u, layout)
+                    emit(codec, first, chunk)
+                return
+            for b in range(layout.batches):
+                base = b * layout.dim
+                sums = kernel.new_sums(layout, torch.float64)
+                for start, count in one_pass:
+                    chunk = next_chunk(base + start, count)
+                    kernel.accumulate(chunk, u[start:start + count], layout, sums, start)
+                coeff, factor = kernel.finish(sums)
+                if not bool(torch.isfinite(coeff).all()):
+                    raise OrthopatchError("the projection overflows (values too large for the arithmetic)",
+                                          path=path, tensor=target.name)
+                for start, count in one_pass:
+                    chunk = next_chunk(base + start, count)
+                    kernel.columns_(chunk, u[start:start + count], layout, coeff, factor)
+                    emit(codec, base + start, chunk)
+    finally:
+        codec.close()
 
 
 def patch_quantized(fd: int, target: PatchTarget, u: torch.Tensor, sink: TensorSink, kernel: BlockKernel,
                     on_progress: Progress | None = None, src_path: str | os.PathLike | None = None) -> None:
     """Write ``target`` (a quantized tensor read from ``fd``), projected against ``u``, into ``sink``."""
-    qtype = gguf.GGMLQuantizationType[target.entry.dtype]
-    path = os.fspath(src_path) if src_path is not None else ""
-    row_bytes = target.entry.nbytes // (target.entry.numel // target.entry.shape[-1])
-    for first, chunk in _projected_chunks(fd, target, u, kernel, path):
-        data = quantize(_float32(chunk, target, path), qtype).tobytes()
-        sink.write(target.entry.begin, target.entry.begin + first * row_bytes, memoryview(data))
+    def write(codec: _Codec, first: int, values: torch.Tensor) -> None:
+        data = codec.encoded(values)
+        sink.write(target.entry.begin, target.entry.begin + first * codec.row_bytes, memoryview(data).cast("B"))
         if on_progress is not None:
-            on_progress(len(data))
+            on_progress(data.nbytes)
+
+    _projected(fd, target, u, kernel, os.fspath(src_path) if src_path is not None else "", write)
 
 
 def check_quantized(fd: int, target: PatchTarget, u: torch.Tensor, kernel: BlockKernel,
                     src_path: str | os.PathLike | None = None) -> None:
     """Compute ``target`` (a quantized tensor) once and write nothing: raise the error :func:`patch_quantized`
     would raise for non-finite values or a result that overflows, before an in-place run changes a byte."""
-    path = os.fspath(src_path) if src_path is not None else ""
-    for _, chunk in _projected_chunks(fd, target, u, kernel, path):
-        _float32(chunk, target, path)
+    _projected(fd, target, u, kernel, os.fspath(src_path) if src_path is not None else "",
+               lambda codec, first, values: codec.checked(values))
