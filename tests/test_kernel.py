@@ -366,7 +366,7 @@ def test_a_failed_patch_stops_the_copy_thread(tmp_path, monkeypatch):
         else:
             time.sleep(0.005)
 
-    def failing_patch(self, fd, target, u, writer, on_progress=None, src_path=None):
+    def failing_patch(self, fd, target, u, writer, on_progress=None, src_path=None, scale=None):
         copying.wait(10)
         failing.set()
         raise OrthopatchError("cannot read tensor data", tensor=target.name)
