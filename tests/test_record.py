@@ -68,9 +68,10 @@ def test_a_format_1_record_is_still_read(converted) -> None:
 def test_a_run_resumed_on_another_device_does_not_reuse_shards(converted) -> None:
     model, direction, out, method = converted
     from orthopatch.patch.apply import prepare
+    from orthopatch.patch.kernel import BLOCK_ELEMENTS
 
     plan, loaded = prepare(ApplyOptions(model=model, direction=direction, method=method))
-    cpu = Fingerprint.of(plan, loaded.sha256, method, "cpu", 1 << 20)
+    cpu = Fingerprint.of(plan, loaded.sha256, method, "cpu", BLOCK_ELEMENTS)
     assert cpu.to_json() == json.loads((out / RECORD_NAME).read_text())["fingerprint"]
     cuda = Fingerprint.of(plan, loaded.sha256, method, "cuda", 1 << 25)
     assert cuda.to_json() != cpu.to_json()
