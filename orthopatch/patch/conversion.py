@@ -19,7 +19,7 @@ from orthopatch.devices import resolve_device
 from orthopatch.errors import OrthopatchError
 from orthopatch.patch.already import refuse_if_already_abliterated
 from orthopatch.patch.direction import Direction
-from orthopatch.patch.plan import PatchPlan, PatchTarget
+from orthopatch.patch.plan import ConversionPlan, PatchPlan, PatchTarget
 from orthopatch.patch.projection import unit_direction
 from orthopatch.patch.record import ConversionRecord, Fingerprint, Method
 from orthopatch.patch.stream import TensorPatcher
@@ -39,7 +39,7 @@ class CardFacts:
 class Conversion:
     """One prepared conversion: plan, direction, method, device, kernel, fingerprint, unit vectors, card."""
 
-    plan: PatchPlan
+    plan: ConversionPlan
     direction: Direction
     #: The direction file (absolute) and the MODEL argument, as the record names them.
     direction_file: Path
@@ -87,7 +87,7 @@ class Conversion:
             seconds=seconds, fingerprint=self.fingerprint, in_place=in_place)
 
 
-def prepare_conversion(plan: PatchPlan, direction: Direction, *, direction_file: Path, source: Path,
+def prepare_conversion(plan: ConversionPlan, direction: Direction, *, direction_file: Path, source: Path,
                        method: Method, device: str, card: CardFacts, force: bool = False) -> Conversion:
     """Resolve the device, build the kernel, fingerprint the run and compute every unit vector."""
     resolved = resolve_device(device)
@@ -98,7 +98,7 @@ def prepare_conversion(plan: PatchPlan, direction: Direction, *, direction_file:
                       target_directions(plan, direction), card, force, scales)
 
 
-def target_directions(plan: PatchPlan, direction: Direction) -> dict[str, torch.Tensor]:
+def target_directions(plan: ConversionPlan, direction: Direction) -> dict[str, torch.Tensor]:
     """The unit vector each target is projected against: its layer's row, weighted by its norm gain."""
     gains: dict[str, torch.Tensor] = {}
     for name in plan.gain_names():

@@ -21,7 +21,7 @@ from typing import Protocol
 from orthopatch.errors import quoted
 from orthopatch.io.filecopy import CopyStats
 from orthopatch.patch.conversion import Conversion
-from orthopatch.patch.plan import PatchPlan
+from orthopatch.patch.plan import ConversionPlan
 from orthopatch.patch.record import ConversionRecord
 from orthopatch.patch.stream import Progress
 from orthopatch.progress import ByteProgress
@@ -43,7 +43,7 @@ class RunState(enum.StrEnum):
 @dataclass(frozen=True)
 class ApplyResult:
     out: Path
-    plan: PatchPlan
+    plan: ConversionPlan
     state: RunState
     seconds: float = 0.0
     #: Bytes of patched tensors written by this run (work finished by an earlier run not counted).

@@ -7,10 +7,10 @@ The plan is complete before any tensor byte is read: ``--dry-run`` prints it, ``
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from orthopatch.errors import OrthopatchError, quoted
 from orthopatch.io.checkpoint import Checkpoint
@@ -100,6 +100,38 @@ class PatchTarget:
     @property
     def name(self) -> str:
         return self.entry.name
+
+
+class Named(Protocol):
+    name: str
+
+
+class ConversionPlan(Protocol):
+    """What the driver, the record and the unit vectors need of a plan, whatever the container: a safetensors
+    folder's :class:`PatchPlan` or a GGUF file's :class:`~orthopatch.gguf.plan.GGUFPlan`."""
+
+    hidden_size: int
+
+    @property
+    def architecture(self) -> Named: ...
+
+    @property
+    def patched_bytes(self) -> int: ...
+
+    @property
+    def total_bytes(self) -> int: ...
+
+    def targets(self) -> Iterable[PatchTarget]: ...
+
+    def gain_names(self) -> list[str]: ...
+
+    def read_gain(self, name: str) -> torch.Tensor: ...
+
+    def source_headers(self) -> dict[str, str]: ...
+
+    def path_of(self, target: PatchTarget) -> Path: ...
+
+    def path_of_tensor(self, name: str) -> Path: ...
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from orthopatch import __version__
 from orthopatch.errors import OrthopatchError
 from orthopatch.io.formats import CONVERSION_RECORD_FORMAT
 from orthopatch.io.smallfile import is_json_int, read_small_json
-from orthopatch.patch.plan import PatchPlan, Selection
+from orthopatch.patch.plan import ConversionPlan, Selection
 from orthopatch.patch.weights import ComponentWeights
 
 READABLE_FORMATS = (1, 2)
@@ -98,7 +98,7 @@ class Fingerprint:
     orthopatch: str = __version__
 
     @classmethod
-    def of(cls, plan: PatchPlan, direction_sha256: str, method: Method, device: str,
+    def of(cls, plan: ConversionPlan, direction_sha256: str, method: Method, device: str,
            block_elements: int) -> Fingerprint:
         return cls(plan.source_headers(), direction_sha256, plan.architecture.name, method, device, block_elements)
 
@@ -155,7 +155,7 @@ class ConversionRecord:
     in_place: bool = False
 
     @classmethod
-    def of(cls, plan: PatchPlan, *, source: Path, direction_file: Path, direction_sha256: str, direction_rows: int,
+    def of(cls, plan: ConversionPlan, *, source: Path, direction_file: Path, direction_sha256: str, direction_rows: int,
            method: Method, device: str, seconds: float, fingerprint: Fingerprint,
            in_place: bool = False) -> ConversionRecord:
         tensors = tuple(PatchedTensor(t.name, t.role, t.layer, t.axis, t.gain) for t in plan.targets())
