@@ -29,8 +29,9 @@ def temporaries(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob(f"*{TMP_SUFFIX}") if p.is_file() or p.is_symlink())
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a small file under a temporary name, fsync it, and rename it into place."""
+def write_atomic(path: Path, data: bytes, verb: str = "write") -> None:
+    """Write a small file under a temporary name, fsync it, and rename it into place (``verb`` names the
+    action in an error: ``cannot write``, ``cannot copy``)."""
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
@@ -41,7 +42,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         fsync_dir(path.parent)
     except OSError as exc:
         discard(tmp)
-        raise io_error(exc, path, "write") from None
+        raise io_error(exc, path, verb) from None
 
 
 def check_output_file(path: Path, what: str = "output") -> None:

@@ -7,9 +7,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from orthopatch.io.folders import write_atomic
 from orthopatch.io.formats import INDEX_NAME, RECORD_NAME
 from orthopatch.io.smallfile import MAX_SMALL_BYTES, describe_kind, read_small_bytes
-from orthopatch.io.writer import discard, fsync_dir, io_error, temp_path
+from orthopatch.io.writer import fsync_dir, io_error
 
 #: Weight files of other formats, never copied: the output is a safetensors model.
 SKIPPED_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf", ".safetensors")
@@ -79,18 +80,13 @@ def copy_model_file(src: Path, out: Path, rel: Path) -> None:
     """
     target = out / rel
     new_dirs = [d for d in reversed(rel.parents) if d != Path(".") and not (out / d).exists()]
-    tmp = temp_path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        data = read_small_bytes(src / rel)  # a regular file, checked again as it is opened
-        with open(tmp, "wb") as fout:
-            fout.write(data)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
+    except OSError as exc:
+        raise io_error(exc, target, "copy") from None
+    write_atomic(target, read_small_bytes(src / rel), "copy")  # a regular file, checked again as it is opened
+    try:
         for d in new_dirs:
             fsync_dir((out / d).parent)
     except OSError as exc:
-        discard(tmp)
         raise io_error(exc, target, "copy") from None

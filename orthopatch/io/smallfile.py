@@ -135,8 +135,10 @@ def json_depth(data: bytes) -> int:
     return deepest
 
 
-def parse_json(data: bytes, path: Path | str, what: str = "file", max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """JSON text parsed, after its nesting depth is checked; one-line errors naming ``path``."""
+def parse_json(data: bytes, path: Path | str, what: str = "file", max_depth: int = MAX_JSON_DEPTH,
+               not_json: str = "cannot read JSON") -> Any:
+    """JSON text parsed, after its nesting depth is checked; one-line errors naming ``path`` (``not_json``
+    begins the one for text that is not JSON)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -149,7 +151,7 @@ def parse_json(data: bytes, path: Path | str, what: str = "file", max_depth: int
     except RecursionError:
         raise OrthopatchError(f"{what} nests too deeply to parse", path=path) from None
     except ValueError as exc:
-        raise OrthopatchError(f"cannot read JSON ({exc})", path=path) from None
+        raise OrthopatchError(f"{not_json} ({exc})", path=path) from None
 
 
 def read_small_json(path: Path, what: str = "file", limit: int = MAX_SMALL_BYTES,

@@ -9,7 +9,6 @@ fetched alone like a direction file.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -18,7 +17,7 @@ from typing import Any
 
 from orthopatch.errors import OrthopatchError
 from orthopatch.hub import resolve_file
-from orthopatch.io.smallfile import MAX_JSON_DEPTH, json_depth, read_small_text
+from orthopatch.io.smallfile import parse_json, read_small_text
 
 #: The built-in sets: measured on (``harmful``, ``harmless``) and held out for judging (``*_eval``).
 BUILTIN_SETS = ("harmful", "harmless", "harmful_eval", "harmless_eval")
@@ -74,15 +73,7 @@ def _from_record(record: Any, field: str | None, path: Path, where: str) -> str:
 
 def _json(text: str, path: Path, what: str) -> Any:
     """``text`` parsed as JSON after its nesting depth is checked (a deep list would exhaust the stack)."""
-    depth = json_depth(text.encode("utf-8"))
-    if depth > MAX_JSON_DEPTH:
-        raise OrthopatchError(f"{what} nests {depth} levels deep, more than the {MAX_JSON_DEPTH} accepted", path=path)
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise OrthopatchError(f"{what} nests too deeply to parse", path=path) from None
-    except ValueError as exc:
-        raise OrthopatchError(f"{what} is not JSON ({exc})", path=path) from None
+    return parse_json(text.encode("utf-8"), path, what, not_json=f"{what} is not JSON")
 
 
 def _bounded(prompt: str, path: Path, where: str) -> str:
