@@ -257,22 +257,29 @@ class TensorPatcher:
         ``src_path`` (the file behind ``src_fd``) only names the file in errors; ``scale`` (None: the
         patcher's) is this target's projection strength.
         """
+        self._project(src_fd, target, u, sink, on_progress, src_path, scale)
+
+    def _project(self, src_fd: int, target: PatchTarget, u: torch.Tensor, sink: TensorSink | None,
+                 on_progress: Progress | None, src_path: str | os.PathLike | None, scale: float | None) -> None:
+        """Both passes over ``target``, written into ``sink`` (or, without one, computed and dropped)."""
         opened = self._open(src_fd, target, sink, on_progress, src_path)
         if opened is None:
-            sink.write(target.entry.begin, target.entry.begin, memoryview(b""))
+            if sink is not None:
+                sink.write(target.entry.begin, target.entry.begin, memoryview(b""))
             return
         io, stored, layout, chunk_rows = opened
+        write = sink is not None
         with self.kernel.running(), self._device_stream():
             u = u.to(device=self.device, dtype=compute_dtype(stored))
             try:
                 if layout.rowwise:
                     chunks = split_rows(0, layout.rows, chunk_rows)
                     self._run(io, chunks, self._ring_slots(chunk_rows * io.row_bytes), stored, layout.width,
-                              lambda c, data: self._rows_checked(data, u, layout, scale), read=True, write=True)
+                              lambda c, data: self._rows_checked(data, u, layout, scale), read=True, write=write)
                     return
                 retain = layout.dim * io.row_bytes <= self.retain_bytes
                 for b in range(layout.batches):
-                    self._patch_slab(io, b * layout.dim, layout, chunk_rows, stored, u, retain, scale)
+                    self._patch_slab(io, b * layout.dim, layout, chunk_rows, stored, u, retain, scale, write)
             except _NonFinite:
                 raise non_finite_error(io, stored) from None
 
@@ -315,14 +322,14 @@ class TensorPatcher:
         return coeff, factor
 
     def _patch_slab(self, io: _TensorIO, base: int, layout: Layout, chunk_rows: int, stored: torch.dtype,
-                    u: torch.Tensor, retain: bool, scale: float | None = None) -> None:
-        """Both passes over one ``[dim, cols]`` slab starting at row ``base``."""
+                    u: torch.Tensor, retain: bool, scale: float | None = None, write: bool = True) -> None:
+        """Both passes over one ``[dim, cols]`` slab starting at row ``base`` (the result written or not)."""
         chunks = split_rows(base, base + layout.dim, chunk_rows)
         slots = self._retained_slots(chunks, io.row_bytes) if retain else self._ring_slots(chunk_rows * io.row_bytes)
         coeff, factor = self._slab_coefficients(io, chunks, slots, base, layout, stored, u, scale)
 
         self._run(io, chunks, slots, stored, layout.cols, self._second_pass(base, layout, u, coeff, factor, scale),
-                  read=not retain, write=True)
+                  read=not retain, write=write)
 
     def _second_pass(self, base: int, layout: Layout, u: torch.Tensor, coeff: torch.Tensor,
                      factor: torch.Tensor | None, scale: float | None = None) -> Callable[[Chunk, torch.Tensor], None]:
@@ -347,26 +354,4 @@ class TensorPatcher:
         halfway through the plan would leave a model that can neither be finished nor restored. The
         arithmetic is :meth:`patch`'s own, so what passes here passes there.
         """
-        opened = self._open(src_fd, target, None, None, src_path)
-        if opened is None:
-            return
-        io, stored, layout, chunk_rows = opened
-        with self.kernel.running(), self._device_stream():
-            u = u.to(device=self.device, dtype=compute_dtype(stored))
-            try:
-                if layout.rowwise:
-                    self._run(io, split_rows(0, layout.rows, chunk_rows), self._ring_slots(chunk_rows * io.row_bytes),
-                              stored, layout.width, lambda c, data: self._rows_checked(data, u, layout, scale),
-                              read=True, write=False)
-                    return
-                retain = layout.dim * io.row_bytes <= self.retain_bytes
-                for b in range(layout.batches):
-                    base = b * layout.dim
-                    chunks = split_rows(base, base + layout.dim, chunk_rows)
-                    slots = self._retained_slots(chunks, io.row_bytes) if retain else \
-                        self._ring_slots(chunk_rows * io.row_bytes)
-                    coeff, factor = self._slab_coefficients(io, chunks, slots, base, layout, stored, u, scale)
-                    self._run(io, chunks, slots, stored, layout.cols,
-                              self._second_pass(base, layout, u, coeff, factor, scale), read=not retain, write=False)
-            except _NonFinite:
-                raise non_finite_error(io, stored) from None
+        self._project(src_fd, target, u, None, None, src_path, scale)
