@@ -20,6 +20,7 @@ import gguf
 import numpy as np
 
 from orthopatch.errors import OrthopatchError, first_line
+from orthopatch.gguf.container import read_gguf
 from orthopatch.patch.plan import Selection
 from orthopatch.patch.record import ConversionRecord, Method
 from orthopatch.verify.report import VerifyReport
@@ -49,9 +50,14 @@ class Part:
 
 
 def open_part(path: Path) -> Part:
-    """``path`` read by gguf-py; a one-line error for anything it refuses."""
+    """``path`` read by gguf-py; a one-line error for anything it refuses.
+
+    The header is first checked by the strict reader (every count, length and offset against the file's
+    size), which computes nothing: gguf-py's reader trusts counts and would allocate what a hostile file
+    claims before refusing it."""
     if not path.is_file():
         raise OrthopatchError("no such file" if not path.exists() else "is not a regular file", path=path)
+    read_gguf(path)
     try:
         return Part(path, gguf.GGUFReader(path))
     except Exception as exc:  # gguf-py's own refusal: not a GGUF, truncated, malformed
