@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 
 from tests.llama_ref import library_path, reference_quantize
 
@@ -90,3 +91,38 @@ def write_gguf(path: Path, qtype: Q, *, arch: str = "llama", split_max_tensors: 
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def llama_cpp_cosines(paths: list[Path], tokens: list[int], u: np.ndarray, head: np.ndarray) -> dict[Path, np.ndarray]:
+    """|cos| of the residual stream with ``u`` at each token, as llama.cpp runs each file.
+
+    With the final norm's gain 1 the logits are ``head · h/rms(h)``, so ``h``'s direction comes back from them
+    by least squares (``head`` is the unpatched output matrix, ``[vocab, hidden]``)."""
+    import llama_cpp
+
+    cos = {}
+    for path in paths:
+        llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=32, n_threads=1, verbose=False)
+        llm.eval(tokens)
+        logits = np.array(llm.scores[:len(tokens)], dtype=np.float64)
+        del llm
+        assert np.isfinite(logits).all(), path
+        h = np.linalg.lstsq(head, logits.T, rcond=None)[0].T
+        cos[path] = np.abs(h @ u) / np.linalg.norm(h, axis=1)
+    return cos
+
+
+def transformers_cosines(paths: list[Path], ids: torch.Tensor, u: np.ndarray) -> dict[Path, torch.Tensor]:
+    """|cos| with ``u`` of every hidden state before the final norm, as transformers' GGUF loader runs each file."""
+    import transformers
+
+    from tests.helpers import pre_norm_states
+
+    cos = {}
+    for path in paths:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+        states = torch.stack(pre_norm_states(model, ids)).double()
+        assert torch.isfinite(states).all(), path
+        cos[path] = (states @ torch.from_numpy(u)).abs() / states.norm(dim=-1)
+    return cos
+

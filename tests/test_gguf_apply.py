@@ -12,7 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from tests.gguf_models import FF, HIDDEN, LAYERS, VOCAB, Q, can_encode, encode, write_gguf
+from tests.gguf_models import (
+    FF,
+    HIDDEN,
+    LAYERS,
+    VOCAB,
+    Q,
+    can_encode,
+    encode,
+    llama_cpp_cosines,
+    transformers_cosines,
+    write_gguf,
+)
 from tests.helpers import cli, cli_ok, one_error_line
 
 WRITERS = ["token_embd.weight"] + [f"blk.{i}.{n}.weight" for i in range(LAYERS) for n in ("attn_output", "ffn_down")]
@@ -100,20 +111,10 @@ def test_the_direction_share_falls(converted) -> None:
 
 
 def test_llama_cpp_runs_the_result_and_the_residual_loses_the_direction(converted) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     src, out, u, qtype = converted
     head = dequantized(tensors(out)["output.weight"])  # [vocab, hidden], unchanged by the patch
-    tokens = [1, 17, 42, 99, 123, 7]
-    cos = {}
-    for path in (src, out):
-        llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=32, n_threads=1, verbose=False)
-        llm.eval(tokens)
-        logits = np.array(llm.scores[:len(tokens)], dtype=np.float64)
-        del llm
-        assert np.isfinite(logits).all()
-        # the final norm's gain is 1, so logits = head · h/rms(h): recover h's direction from them
-        h = np.linalg.lstsq(head, logits.T, rcond=None)[0].T
-        cos[path] = np.abs(h @ u) / np.linalg.norm(h, axis=1)
+    cos = llama_cpp_cosines([src, out], [1, 17, 42, 99, 123, 7], u, head)
     assert cos[src].max() > 0.02
     if qtype in (Q.F32, Q.F16):
         assert cos[out].max() < 0.01, cos[out]
@@ -184,18 +185,10 @@ def test_the_shapes_in_the_test_model_are_the_llama_ones() -> None:
 def test_transformers_loads_the_result_and_its_residual_stream_loses_the_direction(converted) -> None:
     """transformers' own GGUF loader (it dequantizes with gguf-py) runs both files: every hidden state
     before the final norm is orthogonal to the direction after the patch, up to what requantizing leaves."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate installed")
     src, out, u, qtype = converted
-    tokens = torch.tensor([[1, 17, 42, 99, 123, 7]])
-    cos = {}
-    for path in (src, out):
-        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-        with torch.no_grad():
-            result = model(tokens, output_hidden_states=True)
-        assert torch.isfinite(result.logits).all()
-        states = torch.stack(result.hidden_states[:-1]).double()  # the embedding and every block's output
-        cos[path] = (states @ torch.from_numpy(u)).abs() / states.norm(dim=-1)
+    cos = transformers_cosines([src, out], torch.tensor([[1, 17, 42, 99, 123, 7]]), u)
     assert cos[src].max() > 0.02
     if qtype in (Q.F32, Q.F16, Q.BF16, Q.Q8_0):
         assert cos[out].max() < 0.1 * cos[src].max(), (cos[out].max(), cos[src].max())

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.gguf_models import HIDDEN, encode
-from tests.helpers import cli, cli_ok, pre_norm_states
+from tests.gguf_models import HIDDEN, encode, llama_cpp_cosines, transformers_cosines
+from tests.helpers import cli, cli_ok
 from tests.test_gguf_apply import dequantized, direction, projected, tensors
 
 pytestmark = pytest.mark.slow
@@ -176,19 +176,10 @@ def test_verify_against_the_source_passes(patched) -> None:
 def test_llama_cpp_runs_the_result_and_the_residual_loses_the_direction(patched) -> None:
     """llama.cpp evaluates source and result; with the final norm's gain 1 (checked above), the logits are
     ``head · h/rms(h)``, so the residual stream's direction comes back from them by least squares."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     src, out, u, kind = patched
     head = dequantized(tensors(out)["output.weight"])  # [vocab, hidden], not patched
-    tokens = [1, 17, 42, 99, 123, 7, 250, 301]
-    cos = {}
-    for path in (src, out):
-        llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=32, n_threads=1, verbose=False)
-        llm.eval(tokens)
-        logits = np.array(llm.scores[: len(tokens)], dtype=np.float64)
-        del llm
-        assert np.isfinite(logits).all()
-        h = np.linalg.lstsq(head, logits.T, rcond=None)[0].T
-        cos[path] = np.abs(h @ u) / np.linalg.norm(h, axis=1)
+    cos = llama_cpp_cosines([src, out], [1, 17, 42, 99, 123, 7, 250, 301], u, head)
     assert cos[src].max() > 0.02, cos[src]
     if kind == "F16":
         assert cos[out].max() < 0.01, cos[out]
@@ -198,17 +189,10 @@ def test_llama_cpp_runs_the_result_and_the_residual_loses_the_direction(patched)
 def test_transformers_loads_the_result_and_its_residual_stream_loses_the_direction(patched) -> None:
     """transformers' GGUF loader (it dequantizes with gguf-py) runs both files: every hidden state before the
     final norm loses its component along the direction, to noise for F16 and Q8_0."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate installed")
     src, out, u, kind = patched
-    ids = torch.tensor([[1, 17, 42, 99, 123, 7, 250, 301]])
-    r = torch.from_numpy(u)
-    cos = {}
-    for path in (src, out):
-        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
-        states = torch.stack(pre_norm_states(model, ids)).double()
-        assert torch.isfinite(states).all()
-        cos[path] = (states @ r).abs() / states.norm(dim=-1)
+    cos = transformers_cosines([src, out], torch.tensor([[1, 17, 42, 99, 123, 7, 250, 301]]), u)
     assert cos[src].max() > 0.02, cos[src].max()
     if kind in ("F16", "Q8_0"):
         assert cos[out].max() < 0.1 * cos[src].max(), (cos[out].max(), cos[src].max())
