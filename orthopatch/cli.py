@@ -134,6 +134,9 @@ def main() -> None:
 @click.option("--targets", multiple=True, callback=_targets_option, metavar="REGEX:AXIS",
               help="Patch tensors whose names match REGEX along residual AXIS instead of a known architecture "
                    "(repeatable; name the block index with (?P<layer>\\d+)).")
+@click.option("--imatrix", type=click.Path(path_type=Path), metavar="FILE",
+              help="GGUF only: llama.cpp's importance matrix (llama-imatrix's .gguf or legacy .dat): the patched "
+                   "quantized tensors are requantized weighing the error as llama-quantize --imatrix FILE does.")
 @click.option("--download", is_flag=True,
               help="Fetch a MODEL repo id that is not in the Hugging Face cache (safetensors, config, tokenizer).")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", help="Upload the finished output to this Hub repo.")
@@ -148,7 +151,8 @@ def main() -> None:
 def apply_command(model: Path, direction: Path, out: Path | None, device: str, dry_run: bool,
                   overwrite: bool, in_place: bool, force: bool, layers: frozenset[int] | None, embeddings: bool,
                   scale: float,
-                  norm_preserving: bool, targets: tuple[str, ...], download: bool, push_to_hub: str | None,
+                  norm_preserving: bool, targets: tuple[str, ...], imatrix: Path | None, download: bool,
+                  push_to_hub: str | None,
                   private: bool, evaluate_kl: bool, tokenizer: Path | None, quiet: bool, debug: bool) -> None:
     """Write the abliterated copy of MODEL, with DIRECTION projected out of every residual writer.
 
@@ -185,7 +189,7 @@ def apply_command(model: Path, direction: Path, out: Path | None, device: str, d
                            overwrite=overwrite, quiet=quiet,
                            method=Method(Selection(layers, embeddings), scale, norm_preserving, targets),
                            base_model=source.name, direction_name=direction_source.name,
-                           in_place=in_place, force=force)
+                           in_place=in_place, force=force, imatrix=imatrix)
     with _reported(debug, "interrupted; rerun the same command to continue"):
         result = apply(options)
     if result.state == "dry-run":
@@ -247,9 +251,12 @@ def demo_command(folder: Path, quiet: bool) -> None:
 @click.option("--source", type=click.Path(path_type=Path),
               help="The source model folder or cached repo id: compare every tensor with it "
                    "(unchanged ones byte for byte).")
+@click.option("--imatrix", type=click.Path(path_type=Path), metavar="FILE",
+              help="GGUF only: the importance matrix apply --imatrix used (its sha256 is in the record).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or notes on stderr.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
-def verify_command(out: Path, direction: Path | None, source: Path | None, quiet: bool, debug: bool) -> None:
+def verify_command(out: Path, direction: Path | None, source: Path | None, imatrix: Path | None, quiet: bool,
+                   debug: bool) -> None:
     """Re-open OUT, written by apply, and check every shard and patched tensor; exit 1 on any failure.
 
     Without --source, each patched tensor must have no component along the direction beyond rounding
@@ -257,8 +264,10 @@ def verify_command(out: Path, direction: Path | None, source: Path | None, quiet
     (and --source MODEL.gguf) is read with gguf-py and checked against its requantized projection.
     """
     if out.suffix == ".gguf":
-        _verify_gguf(out, direction, source, quiet, debug)
+        _verify_gguf(out, direction, source, imatrix, quiet, debug)
         return
+    if imatrix is not None:
+        raise click.UsageError("--imatrix is for a GGUF output (llama.cpp's importance matrix)")
     from orthopatch.verify import VerifyOptions, format_table, recorded_direction, summary, verify
 
     with _reported(debug):
@@ -275,7 +284,8 @@ def verify_command(out: Path, direction: Path | None, source: Path | None, quiet
         sys.exit(1)
 
 
-def _verify_gguf(out: Path, direction: Path | None, source: Path | None, quiet: bool, debug: bool) -> None:
+def _verify_gguf(out: Path, direction: Path | None, source: Path | None, imatrix: Path | None, quiet: bool,
+                 debug: bool) -> None:
     """``verify`` of a GGUF output: the same table and summary, plus a line per tensor type."""
     from orthopatch.verify import format_table
     from orthopatch.verify.gguf import (
@@ -290,7 +300,8 @@ def _verify_gguf(out: Path, direction: Path | None, source: Path | None, quiet: 
         if direction is None:
             direction = recorded_direction_gguf(out)
         direction = resolve_direction(str(direction), quiet=quiet).path
-        report = verify_gguf(GGUFVerifyOptions(out=out, direction=direction, source=source, quiet=quiet))
+        report = verify_gguf(GGUFVerifyOptions(out=out, direction=direction, source=source, imatrix=imatrix,
+                                               quiet=quiet))
     click.echo(format_table(report))
     if report.errors:
         click.echo(format_types(report))

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orthopatch.errors import OrthopatchError
+from orthopatch.gguf.imatrix import read_imatrix
 from orthopatch.gguf.inplace import (
     BUSY,
     GGUFInPlaceDestination,
@@ -17,7 +18,8 @@ from orthopatch.gguf.inplace import (
     original_headers,
 )
 from orthopatch.gguf.output import GGUFDestination, output_parts
-from orthopatch.gguf.plan import GGUFPlan, build_gguf_plan
+from orthopatch.gguf.plan import FLOAT_TYPES, GGUFPlan, build_gguf_plan
+from orthopatch.gguf.quants import IMATRIX_TYPES
 from orthopatch.gguf.split import open_split
 from orthopatch.io.folders import exclusive_lock, shared_lock
 from orthopatch.patch.conversion import CardFacts, prepare_conversion
@@ -25,6 +27,10 @@ from orthopatch.patch.direction import Direction, file_sha256, load_direction
 from orthopatch.patch.driver import ApplyResult, RunState, run
 from orthopatch.patch.inplace import describe
 from orthopatch.patch.options import ApplyOptions
+from orthopatch.patch.record import ImatrixInfo
+
+#: Tensors llama-quantize quantizes without weights when their importance matrix entry has the wrong length.
+EMBEDDINGS = ("token_embd.weight", "per_layer_token_embd.weight")
 
 
 def default_output(model: Path) -> Path:
@@ -49,6 +55,41 @@ def prepare_gguf(options: ApplyOptions) -> tuple[GGUFPlan, Direction]:
     return plan, direction
 
 
+def with_imatrix(plan: GGUFPlan, options: ApplyOptions, log: Callable[[str], None]) -> tuple[GGUFPlan, ApplyOptions]:
+    """The plan with the importance weights of its quantized targets, and the options whose method records the
+    file (``--imatrix``); unchanged without one. Entries are matched by tensor name as llama-quantize matches
+    them; a quantized target without one is requantized without weights, as llama-quantize does, and named in
+    a note. Float targets ignore the file."""
+    if options.imatrix is None:
+        return plan, options
+    imatrix = read_imatrix(options.imatrix, keep={t.name for t in plan.all_targets()})
+    weights, missing = {}, []
+    for target in plan.all_targets():
+        tensor = plan.part_of(target.name).by_name[target.name]
+        if tensor.qtype in FLOAT_TYPES:
+            continue
+        try:
+            found = imatrix.for_tensor(tensor)
+        except OrthopatchError:
+            if target.name not in EMBEDDINGS:
+                raise
+            found = None  # llama-quantize too quantizes the embeddings without it
+        if tensor.qtype in IMATRIX_TYPES:
+            if found is None:
+                missing.append(target.name)
+            else:
+                weights[target.name] = found
+    log(f"note: importance matrix {options.imatrix.name} ({imatrix.format}, {imatrix.count:,} entries): "
+        f"{len(weights)} quantized tensor(s) requantized with its weights")
+    if missing:
+        names = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        log(f"note: the importance matrix has no usable entry for {len(missing)} patched tensor(s), requantized "
+            f"without weights as llama-quantize does: {names}")
+    info = ImatrixInfo(options.imatrix.name, imatrix.sha256)
+    return dataclasses.replace(plan, importance=weights), \
+        dataclasses.replace(options, method=dataclasses.replace(options.method, imatrix=info))
+
+
 def apply_gguf(options: ApplyOptions, log: Callable[[str], None]) -> ApplyResult:
     """Convert the GGUF ``options.model`` into new GGUF parts (``-o``, or ``NAME-abliterated.gguf``), or in place."""
     if options.in_place:
@@ -62,6 +103,7 @@ def apply_gguf(options: ApplyOptions, log: Callable[[str], None]) -> ApplyResult
         plan, direction = prepare_gguf(options)
         for note in direction.notes:
             log(f"note: {note}")
+        plan, options = with_imatrix(plan, options, log)
         first_out = options.out if options.out is not None else default_output(options.model)
         if options.dry_run:
             return ApplyResult(first_out, plan, RunState.DRY_RUN)
@@ -90,6 +132,7 @@ def _apply_in_place(options: ApplyOptions, log: Callable[[str], None]) -> ApplyR
         plan, direction = prepare_gguf(options)
         for note in direction.notes:
             log(f"note: {note}")
+        plan, options = with_imatrix(plan, options, log)
         if options.dry_run:
             return ApplyResult(first, plan, RunState.DRY_RUN, in_place=True)
         conversion = prepare_conversion(plan, direction, direction_file=Path(os.path.abspath(options.direction)),
@@ -107,7 +150,11 @@ def _check_same_run(journal: GGUFJournal, options: ApplyOptions) -> None:
         return
     state = journal.read(2**62)
     fp = state["fingerprint"]
-    if fp.get("direction_sha256") != file_sha256(options.direction) or fp.get("method") != options.method.to_json():
+    method = options.method
+    if options.imatrix is not None:
+        info = ImatrixInfo(options.imatrix.name, read_imatrix(options.imatrix, keep=()).sha256)
+        method = dataclasses.replace(method, imatrix=info)
+    if fp.get("direction_sha256") != file_sha256(options.direction) or fp.get("method") != method.to_json():
         direction = state.get("direction") if isinstance(state.get("direction"), dict) else {}
         options_doc = state.get("options") if isinstance(state.get("options"), dict) else {}
         what = describe(str(direction.get("file", "?")), str(direction.get("sha256", "?")), options_doc)

@@ -263,7 +263,8 @@ class _GGUFInPlaceSession(JournaledTensors):
         if self._is_float(target):
             c.patcher.patch(fd, target, u, writer, progress, path)
         else:
-            patch_quantized(fd, target, u, writer, c.patcher.kernel, progress, path)
+            patch_quantized(fd, target, u, writer, c.patcher.kernel, progress, path,
+                            importance=self.plan.importance.get(target.name))
 
     def finish(self, record: ConversionRecord) -> None:
         """Each part's header with the record (the same text in every part, kept in the state), then no journal."""

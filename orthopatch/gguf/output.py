@@ -164,7 +164,8 @@ class _GGUFSession:
         if qtype in FLOAT_TYPES:
             c.patcher.patch(fd, target, u, writer, progress, src.path)
         else:
-            patch_quantized(fd, target, u, writer, c.patcher.kernel, progress, src.path)
+            patch_quantized(fd, target, u, writer, c.patcher.kernel, progress, src.path,
+                            importance=self.plan.importance.get(target.name))
         self.patched += target.entry.nbytes
 
     def finish(self, record: ConversionRecord) -> None:

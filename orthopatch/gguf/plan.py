@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -58,6 +58,9 @@ class GGUFPlan:
     num_layers: int
     part_targets: tuple[tuple[PatchTarget, ...], ...]  # per part, in offset order
     selection: Selection = Selection()
+    #: llama.cpp importance weights ``[n_expert, ne0]`` of the quantized targets that have them, by tensor name
+    #: (``apply --imatrix``): their requantization weighs the error as ``llama-quantize --imatrix`` does.
+    importance: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
 
     def all_targets(self) -> list[PatchTarget]:
         return [t for part in self.part_targets for t in part]

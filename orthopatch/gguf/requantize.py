@@ -67,8 +67,12 @@ class _Codec:
     """Reads, decodes and encodes the chunks of one quantized tensor: the next chunk's bytes are read on a
     thread while the current one is computed, and decoding and encoding are cut in row ranges."""
 
-    def __init__(self, fd: int, target: PatchTarget, layout: Layout, rows: int, workers: int, path: str):
+    def __init__(self, fd: int, target: PatchTarget, layout: Layout, rows: int, workers: int, path: str,
+                 importance: np.ndarray | None = None):
         self.fd, self.target, self.layout, self.path = fd, target, layout, path
+        #: llama.cpp's importance weights, ``[n_expert, row width]``: row ``r`` uses slice ``r // (rows / n_expert)``.
+        self.importance = importance
+        self.rows_per_expert = rows // len(importance) if importance is not None else rows
         self.qtype = gguf.GGMLQuantizationType[target.entry.dtype]
         self.row_bytes = target.entry.nbytes // rows
         self.parts = _RowParts(workers)
@@ -101,8 +105,9 @@ class _Codec:
                                   tensor=self.target.name)
         return torch.from_numpy(values)
 
-    def encoded(self, values: torch.Tensor) -> np.ndarray:
-        """``values`` rounded to float32 and quantized to the tensor's type: raw bytes ``[rows, row_bytes]``."""
+    def encoded(self, values: torch.Tensor, first: int = 0) -> np.ndarray:
+        """``values`` (rows from ``first`` on) rounded to float32 and quantized to the tensor's type, each row
+        with its expert's importance weights: raw bytes ``[rows, row_bytes]``."""
         rows = values.numpy()
         out = np.empty((len(rows), self.row_bytes), np.uint8)
         finite: list[bool] = []
@@ -111,12 +116,21 @@ class _Codec:
             as_f32 = rows[a:b].astype(np.float32)
             finite.append(bool(np.isfinite(as_f32).all()))
             if finite[-1]:
-                out[a:b] = quantize(as_f32, self.qtype)
+                for lo, hi, weights in self._by_expert(first + a, first + b):
+                    out[lo - first:hi - first] = quantize(as_f32[lo - first - a:hi - first - a], self.qtype, weights)
 
         self.parts.run(len(rows), part)
         if not all(finite):
             raise OrthopatchError("the projection overflows float32", path=self.path, tensor=self.target.name)
         return out
+
+    def _by_expert(self, a: int, b: int) -> list[tuple[int, int, np.ndarray | None]]:
+        """Rows ``[a, b)`` cut where the expert changes, each piece with its importance weights (or None)."""
+        if self.importance is None:
+            return [(a, b, None)]
+        per = self.rows_per_expert
+        cuts = [a, *range((a // per + 1) * per, b, per), b]
+        return [(lo, hi, self.importance[lo // per]) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
 
     def checked(self, values: torch.Tensor) -> None:
         """Refuse ``values`` that overflow float32 (what :meth:`encoded` would refuse), encoding nothing."""
@@ -129,7 +143,7 @@ class _Codec:
 
 
 def _projected(fd: int, target: PatchTarget, u: torch.Tensor, kernel: BlockKernel, path: str,
-               emit: Callable[[_Codec, int, torch.Tensor], None]) -> None:
+               emit: Callable[[_Codec, int, torch.Tensor], None], importance: np.ndarray | None = None) -> None:
     """Project every chunk of ``target`` and hand it to ``emit`` (with the codec and its first row), in order.
 
     Decoding and encoding run on the kernel's worker count of threads (:class:`_RowParts`; on a GPU, the
@@ -140,7 +154,7 @@ def _projected(fd: int, target: PatchTarget, u: torch.Tensor, kernel: BlockKerne
     step = max(1, CHUNK_VALUES // max(layout.width, 1) // block_rows) * block_rows
     u = u.to(torch.float64)
     workers = kernel.workers if kernel.device.type == "cpu" else default_workers("cpu")
-    codec = _Codec(fd, target, layout, rows, workers, path)
+    codec = _Codec(fd, target, layout, rows, workers, path, importance)
     if layout.rowwise:
         order = [(first, min(step, rows - first)) for first in range(0, rows, step)]
     else:
@@ -183,15 +197,18 @@ def _projected(fd: int, target: PatchTarget, u: torch.Tensor, kernel: BlockKerne
 
 
 def patch_quantized(fd: int, target: PatchTarget, u: torch.Tensor, sink: TensorSink, kernel: BlockKernel,
-                    on_progress: Progress | None = None, src_path: str | os.PathLike | None = None) -> None:
-    """Write ``target`` (a quantized tensor read from ``fd``), projected against ``u``, into ``sink``."""
+                    on_progress: Progress | None = None, src_path: str | os.PathLike | None = None,
+                    importance: np.ndarray | None = None) -> None:
+    """Write ``target`` (a quantized tensor read from ``fd``), projected against ``u``, into ``sink``; with
+    ``importance`` (``[n_expert, row width]``, llama.cpp's importance matrix entry) the quantizer weighs each
+    row's error by its expert's slice, as ``llama-quantize --imatrix`` does."""
     def write(codec: _Codec, first: int, values: torch.Tensor) -> None:
-        data = codec.encoded(values)
+        data = codec.encoded(values, first)
         sink.write(target.entry.begin, target.entry.begin + first * codec.row_bytes, memoryview(data).cast("B"))
         if on_progress is not None:
             on_progress(data.nbytes)
 
-    _projected(fd, target, u, kernel, os.fspath(src_path) if src_path is not None else "", write)
+    _projected(fd, target, u, kernel, os.fspath(src_path) if src_path is not None else "", write, importance)
 
 
 def check_quantized(fd: int, target: PatchTarget, u: torch.Tensor, kernel: BlockKernel,

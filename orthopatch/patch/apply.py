@@ -45,6 +45,9 @@ def apply(options: ApplyOptions, log: Callable[[str], None] | None = None) -> Ap
         raise OrthopatchError("scale 0 removes nothing: the output would be a copy recorded as abliterated")
     if options.is_gguf:
         return apply_gguf(options, log)
+    if options.imatrix is not None:
+        raise OrthopatchError("--imatrix is llama.cpp's importance matrix for requantizing a GGUF file; this model "
+                              "is safetensors, whose tensors are not requantized", path=options.model)
     plan, direction = prepare(options)
     root = plan.checkpoint.root
     check_not_partial(root)

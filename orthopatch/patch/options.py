@@ -29,6 +29,8 @@ class ApplyOptions:
     in_place: bool = False
     #: Convert even when the tensors look already abliterated along the direction (``--force``).
     force: bool = False
+    #: llama.cpp's importance matrix for requantizing a GGUF's quantized targets (``--imatrix``); GGUF only.
+    imatrix: Path | None = None
 
     @property
     def out_path(self) -> Path:

@@ -26,6 +26,24 @@ READABLE_FORMATS = (1, 2)
 
 
 @dataclass(frozen=True)
+class ImatrixInfo:
+    """The llama.cpp importance matrix a GGUF conversion requantized with (``apply --imatrix``)."""
+
+    file: str  # the file's name, as given
+    sha256: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"file": self.file, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> ImatrixInfo:
+        if not isinstance(doc, dict) or not isinstance(doc.get("file"), str) or not isinstance(doc.get("sha256"), str) \
+                or len(doc["sha256"]) != 64 or any(c not in "0123456789abcdef" for c in doc["sha256"]):
+            raise ValueError(f"imatrix {_short(doc)}")
+        return cls(doc["file"], doc["sha256"])
+
+
+@dataclass(frozen=True)
 class Method:
     """The options that change the output's bytes: recorded, and part of the fingerprint."""
 
@@ -35,6 +53,8 @@ class Method:
     targets: tuple[str, ...] = ()  # ``--targets REGEX:AXIS`` specs; empty: the known architecture
     #: Per-layer, per-component weights from a weighted direction file; None: every weight is 1.
     weights: ComponentWeights | None = None
+    #: The importance matrix quantized targets of a GGUF were requantized with; None: none.
+    imatrix: ImatrixInfo | None = None
 
     def scale_for(self, role: str, layer: int | None) -> float:
         """The projection strength of one target: the global scale times its weight."""
@@ -49,7 +69,8 @@ class Method:
             "norm_preserving": self.norm_preserving,
             "targets": list(self.targets),
         }
-        return doc | ({"weights": self.weights.to_json()} if self.weights is not None else {})
+        doc |= {"weights": self.weights.to_json()} if self.weights is not None else {}
+        return doc | ({"imatrix": self.imatrix.to_json()} if self.imatrix is not None else {})
 
     @classmethod
     def from_json(cls, doc: Any) -> Method:
@@ -81,7 +102,10 @@ class Method:
                 weights = ComponentWeights.from_json(weights)
             except ValueError as exc:
                 raise ValueError(f"weights ({exc})") from None
-        return cls(Selection(chosen, embeddings), float(scale), norm_preserving, tuple(targets), weights)
+        imatrix = doc.get("imatrix")
+        if imatrix is not None:
+            imatrix = ImatrixInfo.from_json(imatrix)
+        return cls(Selection(chosen, embeddings), float(scale), norm_preserving, tuple(targets), weights, imatrix)
 
 
 @dataclass(frozen=True)

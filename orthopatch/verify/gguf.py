@@ -12,6 +12,13 @@ follows, columns or rows rescaled to their norm when norm-preserving) and rounde
 - k-quants, which gguf-py cannot quantize: the relative RMS error against the exact projection must stay
   under :data:`KQUANT_BOUNDS`, and the tensor must not be the source's bytes.
 
+An output requantized with llama.cpp's importance matrix (``apply --imatrix``, recorded with its
+sha256) has weighted quantizers behind its Q4_0, Q4_1, Q5_0, Q5_1 and k-quant tensors, which gguf-py
+does not have. Given the same file (``--imatrix``), each such tensor that has an entry is held to a
+bound on its importance-weighted relative RMS error (:data:`IMATRIX_BOUNDS`, the error the weighted
+quantizer minimizes); the others are checked as above. Without it, or with another file, those
+tensors are only measured (their share along the direction), and a note says so.
+
 Unpatched tensors must be the source's bytes and the metadata the source's, except ``orthopatch.*``.
 """
 
@@ -27,6 +34,7 @@ import gguf
 import numpy as np
 
 from orthopatch.errors import OrthopatchError
+from orthopatch.gguf.imatrix import read_imatrix
 from orthopatch.patch.direction import Direction, load_direction
 from orthopatch.patch.record import ConversionRecord, Method
 from orthopatch.verify.gguf_files import (
@@ -53,6 +61,11 @@ QUANTIZABLE = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1}
 #: requantized from values already on the type's grid, and measured lower on the test models: Q2_K
 #: 0.078, Q3_K 0.068, Q4_K 0.049, Q5_K 0.031, Q6_K 0.016.
 KQUANT_BOUNDS = {Q.Q2_K: 0.55, Q.Q3_K: 0.3, Q.Q4_K: 0.15, Q.Q5_K: 0.075, Q.Q6_K: 0.045}
+#: Types whose quantizer reads an importance matrix: the largest importance-weighted relative RMS error
+#: ``√(Σw(out − exact)²/Σw·exact²)`` accepted. About 1.5× the worst of llama.cpp's weighted quantizers on the
+#: distributions above with log-normal (σ 1.5 and 3) and uniform weights per column: Q4_0 0.124, Q4_1 0.088,
+#: Q5_0 0.064, Q5_1 0.044, Q2_K 0.29, Q3_K 0.178, Q4_K 0.090, Q5_K 0.046, Q6_K 0.029 (the k-quant bounds hold).
+IMATRIX_BOUNDS = KQUANT_BOUNDS | {Q.Q4_0: 0.19, Q.Q4_1: 0.13, Q.Q5_0: 0.1, Q.Q5_1: 0.066}
 #: Share of blocks that must be the bytes gguf-py writes.
 MIN_SAME_BLOCKS = 0.999
 #: float64 values per chunk of rows.
@@ -72,6 +85,8 @@ class GGUFVerifyOptions:
     out: Path
     direction: Path
     source: Path | None = None
+    #: The importance matrix the output was requantized with, when its record names one.
+    imatrix: Path | None = None
     quiet: bool = False
 
 
@@ -118,6 +133,7 @@ def verify_gguf(options: GGUFVerifyOptions, log: Log | None = None) -> GGUFVerif
     targets = {t.name: Expected(t.name, t.role, t.layer, t.axis, t.gain) for t in record.tensors_patched}
     units = _unit_vectors(parts, targets, direction)
     sources = _source_parts(report, options, parts)
+    importance = _importance(report, options, record, parts, set(targets)) if sources is not None else None
     if sources is None and record.method.scale != 1.0:
         report.notes.append(f"scale {record.method.scale:g} removes only part of the component: without --source "
                             "the patched tensors are measured, not checked")
@@ -140,7 +156,8 @@ def verify_gguf(options: GGUFVerifyOptions, log: Log | None = None) -> GGUFVerif
                     else:
                         report.identical += 1
                 continue
-            _check_patched(report, target, rows, src_rows, units[tensor.name], record)
+            _check_patched(report, target, rows, src_rows, units[tensor.name], record,
+                           _mode(record, importance, tensor.name, rows.qtype))
     for note in report.notes:
         log(f"note: {note}")
     return report
@@ -158,6 +175,56 @@ def _source_parts(report: VerifyReport, options: GGUFVerifyOptions, parts: list[
     for src, out in zip(sources, parts, strict=True):
         compare_metadata(report, src, out)
     return sources
+
+
+def _importance(report: GGUFVerifyReport, options: GGUFVerifyOptions, record: ConversionRecord, parts: list[Part],
+                names: set[str]) -> dict[str, np.ndarray] | None:
+    """The importance weights ``[n_expert, ne0]`` by patched tensor, when the record names an importance matrix
+    and ``options.imatrix`` is that file; None when the weighted tensors can only be measured (a note says why)."""
+    recorded = record.method.imatrix
+    if recorded is None:
+        if options.imatrix is not None:
+            report.notes.append("the record names no importance matrix: --imatrix is not used")
+        return {}
+    given = read_imatrix(options.imatrix, keep=names) if options.imatrix is not None else None
+    if given is None or given.sha256 != recorded.sha256:
+        why = "without --imatrix" if given is None else \
+            f"{options.imatrix} is not that file (its sha256 differs from the record's), so"
+        report.notes.append(f"this output was requantized with the importance matrix {recorded.file} (sha256 "
+                            f"{recorded.sha256[:16]}...): {why} its Q4_0, Q4_1, Q5_0, Q5_1 and k-quant tensors are "
+                            "measured (share along the direction), not checked")
+        return None
+    tensors = {t.name: t for p in parts for t in p.reader.tensors if t.name in names}
+    out = {}
+    for name, tensor in tensors.items():
+        ne = [int(n) for n in tensor.shape]
+        weights = given.weights.get(name)
+        if weights is None:
+            continue
+        experts = ne[2] if len(ne) > 2 else 1
+        if len(ne) > 3 or weights.size != ne[0] * experts:
+            report.fail(f"the importance matrix has {weights.size:,} weights for it, not {ne[0]:,} × {experts:,}",
+                        path=options.imatrix, tensor=name)
+            continue
+        out[name] = weights.reshape(experts, ne[0]).astype(np.float64)
+    return out
+
+
+@dataclass(frozen=True)
+class _Mode:
+    """How a patched tensor's values are judged: ``weights`` for an importance-weighted bound, ``measured``
+    when only its share along the direction can be reported."""
+
+    weights: np.ndarray | None = None
+    measured: bool = False
+
+
+def _mode(record: ConversionRecord, importance: dict[str, np.ndarray] | None, name: str, qtype: Q) -> _Mode:
+    if record.method.imatrix is None or qtype not in IMATRIX_BOUNDS:
+        return _Mode()
+    if importance is None:
+        return _Mode(measured=True)
+    return _Mode(importance.get(name))
 
 
 def _unit_vectors(parts: list[Part], targets: dict[str, Expected], direction: Direction) -> dict[str, np.ndarray]:
@@ -195,6 +262,7 @@ class _Tally:
     first_bad: int | None = None
     err2: float = 0.0
     ref2: float = 0.0
+    mode: _Mode = field(default_factory=lambda: _Mode())
 
 
 def _slabs(rows: TensorRows, axis: int) -> list[tuple[int, int, int]]:
@@ -218,10 +286,10 @@ class _Sums:
 
 
 def _check_patched(report: GGUFVerifyReport, target: Expected, out: TensorRows, src: TensorRows | None,
-                   u: np.ndarray, record: ConversionRecord) -> None:
+                   u: np.ndarray, record: ConversionRecord, mode: _Mode) -> None:
     check = TensorCheck(target.name, target.role, target.layer)
     report.checks.append(check)
-    sums = _Sums(check)
+    sums = _Sums(check, _Tally(mode=mode))
     for first_row, dim, per_index in _slabs(out, target.axis):
         if per_index == 0:
             _rows(sums, out, src, u, record.method)
@@ -329,9 +397,16 @@ def _float_ulp(x: np.ndarray, qtype: Q) -> np.ndarray:
 
 def _compare(tally: _Tally, out: TensorRows, first: int, o: np.ndarray, ref: np.ndarray, bound: np.ndarray) -> None:
     """Hold rows ``[first, first + len(o))`` of the output against the exact projection ``ref``."""
+    weights = tally.mode.weights
+    if weights is not None:  # each row weighted by its expert's slice
+        per_expert = out.rows // weights.shape[0]
+        w = weights[np.arange(first, first + o.shape[0]) // per_expert]
+        tally.err2 += float((w * (o - ref) ** 2).sum())
+        tally.ref2 += float((w * ref * ref).sum())
+        return
     tally.err2 += float(((o - ref) ** 2).sum())
     tally.ref2 += float((ref * ref).sum())
-    if out.qtype not in QUANTIZABLE:
+    if out.qtype not in QUANTIZABLE or tally.mode.measured:
         return
     with np.errstate(over="ignore", invalid="ignore"):
         ref32 = ref.astype(np.float32)
@@ -366,6 +441,16 @@ def _judge(report: GGUFVerifyReport, tally: _Tally, out: TensorRows, check: Tens
     report.errors.setdefault(name, []).append(rel)
     if check.nonfinite:
         return f"holds {check.nonfinite:,} non-finite values (NaN or Inf)"
+    if tally.mode.measured:
+        check.detail = "measured only (no importance matrix)"
+        return None
+    if tally.mode.weights is not None:
+        limit = IMATRIX_BOUNDS[out.qtype]
+        check.detail = f"importance-weighted relative RMS error {rel:.3g}"
+        if not rel <= limit:
+            return (f"differs from the source projected by an importance-weighted relative RMS error of {rel:.3g}, "
+                    f"more than requantizing to {name} with the importance matrix leaves ({limit:g})")
+        return None
     if out.qtype in QUANTIZABLE:
         counts = report.blocks.setdefault(name, [0, 0])
         counts[0] += tally.same
@@ -411,12 +496,14 @@ def gguf_summary(report: GGUFVerifyReport) -> str:
     if not report.ok:
         return f"{report.out}: FAILED: {len(report.failures)} problem(s)"
     if report.source is not None:
-        what = (f"{n} patched tensors match the source projected (float64) and requantized, "
-                f"{report.identical} others byte-identical to the source")
+        measured = sum(1 for c in report.checks if c.detail.startswith("measured only"))
+        what = (f"{n - measured} patched tensors match the source projected (float64) and requantized"
+                + (f" ({measured} measured only: give --imatrix)" if measured else "")
+                + f", {report.identical} others byte-identical to the source")
     else:
         what = f"{n} patched tensors measured; record and structure checked (give --source to check the values)"
     return f"{report.out}: verified: {what}; {report.checked_bytes:,} bytes read"
 
 
-__all__ = ["GGUFVerifyOptions", "GGUFVerifyReport", "KQUANT_BOUNDS", "RECORD_KEY", "format_types", "gguf_summary",
-           "recorded_direction_gguf", "verify_gguf"]
+__all__ = ["GGUFVerifyOptions", "GGUFVerifyReport", "IMATRIX_BOUNDS", "KQUANT_BOUNDS", "RECORD_KEY", "format_types",
+           "gguf_summary", "recorded_direction_gguf", "verify_gguf"]
