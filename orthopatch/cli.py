@@ -303,7 +303,7 @@ def _verify_gguf(out: Path, direction: Path | None, source: Path | None, imatrix
         report = verify_gguf(GGUFVerifyOptions(out=out, direction=direction, source=source, imatrix=imatrix,
                                                quiet=quiet))
     click.echo(format_table(report))
-    if report.errors:
+    if report.errors or report.weighted:
         click.echo(format_types(report))
     click.echo(gguf_summary(report))
     for failure in report.failures:

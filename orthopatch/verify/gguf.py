@@ -96,6 +96,7 @@ class GGUFVerifyReport(VerifyReport):
 
     errors: dict[str, list[float]] = field(default_factory=dict)  # type -> relative RMS error per tensor
     blocks: dict[str, list[int]] = field(default_factory=dict)  # type -> [blocks as gguf-py writes them, blocks]
+    weighted: dict[str, list[float]] = field(default_factory=dict)  # type -> importance-weighted error per tensor
 
 
 def recorded_direction_gguf(out: Path) -> Path:
@@ -438,7 +439,8 @@ def _judge(report: GGUFVerifyReport, tally: _Tally, out: TensorRows, check: Tens
     """What is wrong with one patched tensor, from its tally; records the measurements by type."""
     name = out.qtype.name
     rel = math.sqrt(tally.err2 / tally.ref2) if tally.ref2 > 0 else 0.0
-    report.errors.setdefault(name, []).append(rel)
+    if not tally.mode.measured:
+        (report.weighted if tally.mode.weights is not None else report.errors).setdefault(name, []).append(rel)
     if check.nonfinite:
         return f"holds {check.nonfinite:,} non-finite values (NaN or Inf)"
     if tally.mode.measured:
@@ -487,6 +489,10 @@ def format_types(report: GGUFVerifyReport) -> str:
         elif (limit := KQUANT_BOUNDS.get(Q[name])) is not None:
             line += f" (bound {limit:g})"
         lines.append(line)
+    for name in sorted(report.weighted):
+        errs = report.weighted[name]
+        lines.append(f"{name}: {len(errs)} patched tensor(s) with the importance matrix, importance-weighted relative "
+                     f"RMS error to the exact projection {max(errs):.3g} (bound {IMATRIX_BOUNDS[Q[name]]:g})")
     return "\n".join(lines)
 
 
