@@ -73,7 +73,8 @@ def per_column(entries_format: str, sums: np.ndarray, count: np.ndarray) -> np.n
     return np.where(c > 0, sums / np.where(c > 0, c, 1), np.float32(1)).astype(np.float32)
 
 
-def dense_entries(fmt: str, root: Path, seed: int = 3, skip: tuple[str, ...] = ()) -> tuple[Path, dict[str, np.ndarray]]:
+def dense_entries(fmt: str, root: Path, seed: int = 3,
+                  skip: tuple[str, ...] = ()) -> tuple[Path, dict[str, np.ndarray]]:
     """An importance matrix for every input of the tiny model (the patched writers among them), and the weights
     of the writers that have an entry."""
     rng = np.random.default_rng(seed)
@@ -383,3 +384,42 @@ def test_verify_with_the_imatrix_still_catches_an_unpatched_tensor(weighted_outp
         f.write(raw(t_src).tobytes())
     result = cli("verify", bad, "--source", src, "--direction", r_path, "--imatrix", imatrix)
     assert result.exit_code == 1 and name in result.stderr and "unchanged from the source" in result.stderr
+
+
+# --- the weights, as llama-quantize computes them -------------------------------------------------------------
+
+def test_the_weights_are_llama_quantizes(tmp_path: Path) -> None:
+    """The quantizers are blind to a common factor of a slice's weights, so the division itself is checked here:
+    legacy sums over ncall in float32 (raw sums when ncall is not positive), GGUF sums over each expert's count
+    rounded half away from zero (ones for a count of zero), names ending at a NUL byte as C strings do."""
+    from orthopatch.gguf.imatrix import read_imatrix
+
+    rng = np.random.default_rng(11)
+    a, b, c = random_sums(rng, 1, 64), random_sums(rng, 1, 32), random_sums(rng, 4, 32)
+    legacy = legacy_imatrix(tmp_path / "m.dat", {"a\0ignored": (7, a), "b": (-2, b)})
+    found = read_imatrix(legacy)
+    assert (found.format, found.count, sorted(found.weights)) == ("legacy", 2, ["a", "b"])
+    assert np.array_equal(found.weights["a"], (a / np.float32(7)).reshape(-1))
+    assert np.array_equal(found.weights["b"], b.reshape(-1))
+    assert found.sha256 == hashlib.sha256(legacy.read_bytes()).hexdigest()
+    assert read_imatrix(legacy, keep={"b"}).weights.keys() == {"b"}
+    counts = np.array([2.5, 0.0, 30.49, -3.0])
+    path = gguf_imatrix(tmp_path / "m.gguf", {"c": (c, counts)})
+    found = read_imatrix(path)
+    expected = c / np.array([3, 1, 30, 1], np.float32)[:, None]
+    expected[1] = expected[3] = 1
+    assert found.format == "gguf" and np.array_equal(found.weights["c"], expected.reshape(-1))
+
+
+def test_the_imatrix_is_part_of_the_fingerprint(tmp_path: Path) -> None:
+    src = write_gguf(tmp_path / "tiny.gguf", Q.Q4_0)
+    r_path, _ = direction(tmp_path / "refusal_dir.pth")
+    first, _ = dense_entries("legacy", tmp_path)
+    out = tmp_path / "out.gguf"
+    cli_ok("apply", src, r_path, "--imatrix", first, "-q", "-o", out)
+    assert "already complete" in cli_ok("apply", src, r_path, "--imatrix", first, "-q", "-o", out).output
+    other, _ = dense_entries("gguf", tmp_path, seed=4)
+    line = one_error_line(cli("apply", src, r_path, "--imatrix", other, "-q", "-o", out))
+    assert "--overwrite" in line
+    line = one_error_line(cli("apply", src, r_path, "-q", "-o", out))
+    assert "--overwrite" in line

@@ -204,6 +204,8 @@ def _importance(report: GGUFVerifyReport, options: GGUFVerifyOptions, record: Co
             continue
         experts = ne[2] if len(ne) > 2 else 1
         if len(ne) > 3 or weights.size != ne[0] * experts:
+            if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+                continue  # llama-quantize, and apply, quantize the embeddings without such an entry
             report.fail(f"the importance matrix has {weights.size:,} weights for it, not {ne[0]:,} × {experts:,}",
                         path=options.imatrix, tensor=name)
             continue
