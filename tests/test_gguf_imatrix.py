@@ -360,6 +360,8 @@ def test_verify_with_the_imatrix_checks_the_weighted_error(weighted_output) -> N
     assert [line.split(":")[0] for line in lines] == ["Q4_0", "Q4_K"]
     assert lines[0].startswith("Q4_0: 1 patched tensor(s)") and lines[1].startswith("Q4_K: 3 patched tensor(s)")
     assert "measured only" not in result.output and ": verified: " in result.output
+    result = cli_ok("verify", out, "--direction", r_path, "--imatrix", imatrix)
+    assert "--imatrix is used only with --source" in result.stderr
 
 
 def test_verify_without_the_imatrix_says_so_and_measures(weighted_output, tmp_path: Path) -> None:

@@ -34,7 +34,6 @@ import gguf
 import numpy as np
 
 from orthopatch.errors import OrthopatchError
-from orthopatch.gguf.imatrix import read_imatrix
 from orthopatch.patch.direction import Direction, load_direction
 from orthopatch.patch.record import ConversionRecord, Method
 from orthopatch.verify.gguf_files import (
@@ -49,6 +48,7 @@ from orthopatch.verify.gguf_files import (
     read_record,
     record_doc,
 )
+from orthopatch.verify.gguf_weights import IMATRIX_BOUNDS, Mode, mode_of, recorded_importance
 from orthopatch.verify.reference import unit_vector
 from orthopatch.verify.report import TensorCheck, VerifyReport
 
@@ -61,11 +61,6 @@ QUANTIZABLE = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1}
 #: requantized from values already on the type's grid, and measured lower on the test models: Q2_K
 #: 0.078, Q3_K 0.068, Q4_K 0.049, Q5_K 0.031, Q6_K 0.016.
 KQUANT_BOUNDS = {Q.Q2_K: 0.55, Q.Q3_K: 0.3, Q.Q4_K: 0.15, Q.Q5_K: 0.075, Q.Q6_K: 0.045}
-#: Types whose quantizer reads an importance matrix: the largest importance-weighted relative RMS error
-#: ``√(Σw(out − exact)²/Σw·exact²)`` accepted. About 1.5× the worst of llama.cpp's weighted quantizers on the
-#: distributions above with log-normal (σ 1.5 and 3) and uniform weights per column: Q4_0 0.124, Q4_1 0.088,
-#: Q5_0 0.064, Q5_1 0.044, Q2_K 0.29, Q3_K 0.178, Q4_K 0.090, Q5_K 0.046, Q6_K 0.029 (the k-quant bounds hold).
-IMATRIX_BOUNDS = KQUANT_BOUNDS | {Q.Q4_0: 0.19, Q.Q4_1: 0.13, Q.Q5_0: 0.1, Q.Q5_1: 0.066}
 #: Share of blocks that must be the bytes gguf-py writes.
 MIN_SAME_BLOCKS = 0.999
 #: float64 values per chunk of rows.
@@ -134,7 +129,10 @@ def verify_gguf(options: GGUFVerifyOptions, log: Log | None = None) -> GGUFVerif
     targets = {t.name: Expected(t.name, t.role, t.layer, t.axis, t.gain) for t in record.tensors_patched}
     units = _unit_vectors(parts, targets, direction)
     sources = _source_parts(report, options, parts)
-    importance = _importance(report, options, record, parts, set(targets)) if sources is not None else None
+    importance = recorded_importance(report, options.imatrix, record, parts, set(targets)) \
+        if sources is not None else None
+    if sources is None and options.imatrix is not None:
+        report.notes.append("--imatrix is used only with --source, to weigh the comparison with the source")
     if sources is None and record.method.scale != 1.0:
         report.notes.append(f"scale {record.method.scale:g} removes only part of the component: without --source "
                             "the patched tensors are measured, not checked")
@@ -158,7 +156,7 @@ def verify_gguf(options: GGUFVerifyOptions, log: Log | None = None) -> GGUFVerif
                         report.identical += 1
                 continue
             _check_patched(report, target, rows, src_rows, units[tensor.name], record,
-                           _mode(record, importance, tensor.name, rows.qtype))
+                           mode_of(record, importance, tensor.name, rows.qtype))
     for note in report.notes:
         log(f"note: {note}")
     return report
@@ -176,58 +174,6 @@ def _source_parts(report: VerifyReport, options: GGUFVerifyOptions, parts: list[
     for src, out in zip(sources, parts, strict=True):
         compare_metadata(report, src, out)
     return sources
-
-
-def _importance(report: GGUFVerifyReport, options: GGUFVerifyOptions, record: ConversionRecord, parts: list[Part],
-                names: set[str]) -> dict[str, np.ndarray] | None:
-    """The importance weights ``[n_expert, ne0]`` by patched tensor, when the record names an importance matrix
-    and ``options.imatrix`` is that file; None when the weighted tensors can only be measured (a note says why)."""
-    recorded = record.method.imatrix
-    if recorded is None:
-        if options.imatrix is not None:
-            report.notes.append("the record names no importance matrix: --imatrix is not used")
-        return {}
-    given = read_imatrix(options.imatrix, keep=names) if options.imatrix is not None else None
-    if given is None or given.sha256 != recorded.sha256:
-        why = "without --imatrix" if given is None else \
-            f"{options.imatrix} is not that file (its sha256 differs from the record's), so"
-        report.notes.append(f"this output was requantized with the importance matrix {recorded.file} (sha256 "
-                            f"{recorded.sha256[:16]}...): {why} its Q4_0, Q4_1, Q5_0, Q5_1 and k-quant tensors are "
-                            "measured (share along the direction), not checked")
-        return None
-    tensors = {t.name: t for p in parts for t in p.reader.tensors if t.name in names}
-    out = {}
-    for name, tensor in tensors.items():
-        ne = [int(n) for n in tensor.shape]
-        weights = given.weights.get(name)
-        if weights is None:
-            continue
-        experts = ne[2] if len(ne) > 2 else 1
-        if len(ne) > 3 or weights.size != ne[0] * experts:
-            if name in ("token_embd.weight", "per_layer_token_embd.weight"):
-                continue  # llama-quantize, and apply, quantize the embeddings without such an entry
-            report.fail(f"the importance matrix has {weights.size:,} weights for it, not {ne[0]:,} × {experts:,}",
-                        path=options.imatrix, tensor=name)
-            continue
-        out[name] = weights.reshape(experts, ne[0]).astype(np.float64)
-    return out
-
-
-@dataclass(frozen=True)
-class _Mode:
-    """How a patched tensor's values are judged: ``weights`` for an importance-weighted bound, ``measured``
-    when only its share along the direction can be reported."""
-
-    weights: np.ndarray | None = None
-    measured: bool = False
-
-
-def _mode(record: ConversionRecord, importance: dict[str, np.ndarray] | None, name: str, qtype: Q) -> _Mode:
-    if record.method.imatrix is None or qtype not in IMATRIX_BOUNDS:
-        return _Mode()
-    if importance is None:
-        return _Mode(measured=True)
-    return _Mode(importance.get(name))
 
 
 def _unit_vectors(parts: list[Part], targets: dict[str, Expected], direction: Direction) -> dict[str, np.ndarray]:
@@ -265,7 +211,7 @@ class _Tally:
     first_bad: int | None = None
     err2: float = 0.0
     ref2: float = 0.0
-    mode: _Mode = field(default_factory=lambda: _Mode())
+    mode: Mode = field(default_factory=lambda: Mode())
 
 
 def _slabs(rows: TensorRows, axis: int) -> list[tuple[int, int, int]]:
@@ -289,7 +235,7 @@ class _Sums:
 
 
 def _check_patched(report: GGUFVerifyReport, target: Expected, out: TensorRows, src: TensorRows | None,
-                   u: np.ndarray, record: ConversionRecord, mode: _Mode) -> None:
+                   u: np.ndarray, record: ConversionRecord, mode: Mode) -> None:
     check = TensorCheck(target.name, target.role, target.layer)
     report.checks.append(check)
     sums = _Sums(check, _Tally(mode=mode))
