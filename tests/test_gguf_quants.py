@@ -74,6 +74,27 @@ def _constant_and_positive(rng: np.random.Generator) -> np.ndarray:
     return values
 
 
+def _signed_zeros_ties_and_extremes(rng: np.random.Generator) -> np.ndarray:
+    """Where a fast path could part from ggml's scans and casts: blocks of -0.0 and mixed zeros, blocks whose
+    largest magnitude occurs with both signs, exact halves after scaling (Q8_0 rounds them away from zero),
+    fp16 and float32 subnormals, and values past the fp16 range."""
+    values = rng.standard_normal(SHAPE)
+    values[0] = -0.0
+    values[1] = np.where(rng.random(SHAPE[1]) < 0.5, 0.0, -0.0)
+    values[1, 512:] = rng.standard_normal(512) * 1e-3
+    for row, first in ((2, 1.0), (3, -1.0)):
+        values[row] *= 0.1
+        at = rng.integers(0, 16, SHAPE[1] // 32) + np.arange(0, SHAPE[1], 32)
+        values[row, at] = first * 3.0
+        values[row, at + 16] = -first * 3.0
+    values[4] = rng.integers(-254, 255, SHAPE[1]) / 2.0
+    values[4, ::32] = 127.0
+    values[5] = rng.standard_normal(SHAPE[1]) * 1e-6
+    values[6] = rng.standard_normal(SHAPE[1]) * 1e-39
+    values[7] = rng.standard_normal(SHAPE[1]) * 5e4
+    return values
+
+
 INPUTS: dict[str, Callable[[np.random.Generator], np.ndarray]] = {
     "gaussian": _gaussian,
     "heavy_tailed": _heavy_tailed,
@@ -82,6 +103,7 @@ INPUTS: dict[str, Callable[[np.random.Generator], np.ndarray]] = {
     "fp16_subnormal_scale": _fp16_subnormal_scale,
     "mixed_sub_block_magnitudes": _mixed_sub_block_magnitudes,
     "constant_and_positive": _constant_and_positive,
+    "signed_zeros_ties_and_extremes": _signed_zeros_ties_and_extremes,
 }
 
 

@@ -29,7 +29,7 @@ def nearest_int(values: np.ndarray) -> np.ndarray:
 
 
 def nearest_levels(scaled: np.ndarray, low: int, high: int, largest: np.ndarray) -> np.ndarray:
-    """``nearest_int`` of float32 ``scaled`` clamped to ``low..high``, as float32 (``scaled`` is reused).
+    """``nearest_int`` of float32 ``scaled`` clamped to ``low..high``, as float32, written into ``scaled``.
 
     ``largest`` bounds ``|scaled|`` per column. Below 2**21 the magic-number rounding is exactly
     ``rint`` (round half to even), which numpy does in one pass; otherwise the bit trick is emulated.
@@ -37,7 +37,8 @@ def nearest_levels(scaled: np.ndarray, low: int, high: int, largest: np.ndarray)
     if bool(np.all(largest < _RINT_IS_EXACT)):
         np.rint(scaled, out=scaled)
         return np.clip(scaled, low, high, out=scaled)
-    return np.clip(nearest_int(scaled), low, high).astype(F32)
+    scaled[...] = np.clip(nearest_int(scaled), low, high)
+    return scaled
 
 
 def running_sum(terms: np.ndarray) -> np.ndarray:
@@ -111,7 +112,11 @@ def make_qkx_quants(
     ``use_mad``, squared otherwise). Each trial starts from the min found so far. Returns
     ``(scale, the_min, levels)``.
     """
-    low = np.minimum(x.min(axis=0), F32(0))
+    low = x.min(axis=0)
+    zero = np.flatnonzero(low == 0)
+    if zero.size:  # C's scan keeps the first zero it meets, sign and all, and the sign is stored
+        low[zero] = x[np.argmax(x[:, zero] == 0, axis=0), zero]
+    low = np.where(low > 0, F32(0), low)
     high = x.max(axis=0)
     flat = high == low  # constant sub-blocks: no scale; a unit span keeps their arithmetic finite
     sum_w = running_sum(weights)

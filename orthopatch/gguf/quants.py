@@ -29,6 +29,7 @@ from orthopatch.gguf.kquants import (
     quantize_q5_k,
     quantize_q6_k,
 )
+from orthopatch.gguf.plainquants import PLAIN_TYPES, quantize_plain
 
 Q = gguf.GGMLQuantizationType
 
@@ -48,13 +49,6 @@ IMATRIX_TYPES: frozenset[gguf.GGMLQuantizationType] = frozenset(
 
 CHUNK_VALUES = 1024 * SUPER_BLOCK
 """Values quantized together: large enough for numpy, small enough to stay in cache."""
-
-
-PIECE_VALUES = 1 << 16
-"""Values gguf-py quantizes at a time for :data:`PIECEWISE_TYPES` (a multiple of every block size)."""
-
-PIECEWISE_TYPES = frozenset({Q.Q8_0, Q.BF16})
-"""Types gguf-py quantizes faster in pieces (measured: Q8_0 about 2x, BF16 1.4x; the others gained nothing)."""
 
 
 def dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
@@ -103,22 +97,11 @@ def _quantize_rows(values: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix
         packed = _quantize_in_chunks(rows, SUPER_BLOCK, _K_QUANTIZERS[qtype], importance)
     elif importance is not None:
         packed = _quantize_in_chunks(rows, 32, _WEIGHTED_LEGACY_QUANTIZERS[qtype], importance, row_mean_square=True)
+    elif qtype.name in PLAIN_TYPES:
+        packed = quantize_plain(rows, qtype.name)
     else:
-        packed = _gguf_py_in_pieces(rows, qtype)
+        packed = rows.copy()
     return np.ascontiguousarray(packed).view(np.uint8).reshape(rows.shape[0], _row_bytes(qtype, rows.shape[1]))
-
-
-def _gguf_py_in_pieces(rows: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    """gguf-py's quantizer on ``rows``, for some types in cache-sized pieces (whole blocks, in order; each block's
-    bytes depend on that block alone): on one large array its temporaries leave the cache."""
-    flat = rows.reshape(-1)
-    step = PIECE_VALUES if qtype in PIECEWISE_TYPES else max(flat.size, 1)
-    pieces = []
-    with np.errstate(over="ignore"):  # beyond the fp16 range ggml writes inf, and so does numpy
-        for start in range(0, flat.size, step):
-            piece = gguf.quants.quantize(flat[start : start + step].reshape(1, -1), qtype)
-            pieces.append(np.ascontiguousarray(piece).view(np.uint8).reshape(-1))
-    return np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
 
 
 def _checked_importance(imatrix: np.ndarray | None, columns: int) -> np.ndarray | None:
