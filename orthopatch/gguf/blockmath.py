@@ -15,6 +15,7 @@ import numpy as np
 
 ALL_ZERO_EPS = np.float32(1e-15)
 _ROUNDING_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it leaves the rounded integer in the low bits
+_EXACT_SUM_RANGE = np.float32(2**22)  # |result| below it: the magic sum stays in [2**23, 2**24)
 _RINT_IS_EXACT = np.float32(2**21)  # well inside the 2**22 range where the magic addition rounds like rint
 F32 = np.float32
 
@@ -26,6 +27,21 @@ def nearest_int(values: np.ndarray) -> np.ndarray:
     """ggml's ``nearest_int``: round half to even through the float32 magic-number addition (int32)."""
     shifted = (values.astype(F32, copy=False) + _ROUNDING_MAGIC).view(np.int32)
     return (shifted & 0x007FFFFF) - 0x00400000
+
+
+def rounded(values: np.ndarray) -> np.ndarray:
+    """``nearest_int`` of float32 ``values`` as float32 (``values`` is reused).
+
+    Adding the magic number and subtracting it again is the rounding itself wherever the sum stays
+    in ``[2**23, 2**24)``, that is where the result lies in ``[-2**22, 2**22)``; anything else (huge or
+    non-finite values) takes the bit trick, whose results there are C's too.
+    """
+    np.add(values, _ROUNDING_MAGIC, out=values)
+    np.subtract(values, _ROUNDING_MAGIC, out=values)
+    if values.size and not (values.min() >= -_EXACT_SUM_RANGE and values.max() < _EXACT_SUM_RANGE):
+        np.add(values, _ROUNDING_MAGIC, out=values)  # the sums again, then their bits
+        values[...] = (values.view(np.int32) & 0x007FFFFF) - 0x00400000
+    return values
 
 
 def nearest_levels(scaled: np.ndarray, low: int, high: int, largest: np.ndarray) -> np.ndarray:
@@ -67,9 +83,19 @@ def fp16_value(bits: np.ndarray) -> np.ndarray:
 
 
 def first_largest_magnitude(values: np.ndarray, axis: int) -> np.ndarray:
-    """The value of largest magnitude along ``axis``, the first one on ties (a C ``>`` scan)."""
-    index = np.expand_dims(np.argmax(np.abs(values), axis=axis), axis)
-    return np.take_along_axis(values, index, axis=axis).squeeze(axis)
+    """The value of largest magnitude along ``axis`` of 2-D ``values``, the first one on ties (a C ``>`` scan).
+
+    The largest and the smallest value settle it unless the magnitude occurs with both signs (or is
+    zero); only those lines are searched for their first largest magnitude.
+    """
+    high, low = values.max(axis=axis), values.min(axis=axis)
+    result = np.where(-low > high, low, high)
+    even = np.flatnonzero(-low == high)
+    if even.size:
+        lines = np.take(values, even, axis=1 - axis)
+        index = np.expand_dims(np.argmax(np.abs(lines), axis=axis), axis)
+        result[even] = np.take_along_axis(lines, index, axis=axis).squeeze(axis)
+    return result
 
 
 def sub_blocks(blocks: np.ndarray, size: int) -> np.ndarray:
@@ -220,14 +246,19 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """
     peak = first_largest_magnitude(x, axis=0)
     all_zero = np.abs(peak) < ALL_ZERO_EPS
+    peak = np.where(all_zero, F32(1), peak)  # their result is zero anyway; keeps the arithmetic finite
     weights = x * x
     weighted_x = weights * x
-    levels = np.clip(nearest_int((F32(-nmax) / peak) * x), -nmax, nmax - 1).astype(F32)
+    levels = rounded((F32(-nmax) / peak) * x)
+    np.clip(levels, F32(-nmax), F32(nmax - 1), out=levels)
     sum_lx = running_sum(weighted_x * levels)
     sum_l2 = running_sum(weights * levels * levels)
-    levels, sum_lx, sum_l2, changed = _q3_sweep(x, weights, weighted_x, levels, sum_lx, sum_l2, nmax)
-    active = np.flatnonzero(changed)
-    for _sweep in range(4):
+    if all_zero.any():  # C returns before refining them (and their sums are zero: 0/0 proposals)
+        active = np.flatnonzero(~all_zero)
+    else:
+        levels, sum_lx, sum_l2, changed = _q3_sweep(x, weights, weighted_x, levels, sum_lx, sum_l2, nmax)
+        active = np.flatnonzero(changed)
+    for _sweep in range(5 if all_zero.any() else 4):
         if not active.size:
             break
         swept = _q3_sweep(x[:, active], weights[:, active], weighted_x[:, active], levels[:, active],
@@ -254,22 +285,22 @@ def _q3_sweep(
     Returns the updated ``(levels, sum_lx, sum_l2)`` and which sub-blocks changed.
     """
     changed = np.zeros(x.shape[1], bool)
+    low, high = F32(-nmax), F32(nmax - 1)
     for i in range(x.shape[0]):
-        level = levels[i]
-        without_lx = sum_lx - weighted_x[i] * level
-        without_l2 = sum_l2 - weights[i] * level * level
-        proposal = np.clip(nearest_int(x[i] * without_l2 / without_lx), -nmax, nmax - 1).astype(F32)
-        with_lx = without_lx + weighted_x[i] * proposal
-        with_l2 = without_l2 + weights[i] * proposal * proposal
-        accept = (
-            (without_lx > 0)
-            & (proposal != level)
-            & (with_l2 > 0)
-            & (with_lx * with_lx * sum_l2 > sum_lx * sum_lx * with_l2)
-        )
-        levels[i] = np.where(accept, proposal, level)
-        sum_lx = np.where(accept, with_lx, sum_lx)
-        sum_l2 = np.where(accept, with_l2, sum_l2)
+        level, weight, weighted = levels[i], weights[i], weighted_x[i]
+        without_lx = sum_lx - weighted * level
+        without_l2 = sum_l2 - weight * level * level
+        proposal = rounded(x[i] * without_l2 / without_lx)
+        np.clip(proposal, low, high, out=proposal)
+        with_lx = without_lx + weighted * proposal
+        with_l2 = without_l2 + weight * proposal * proposal
+        accept = with_lx * with_lx * sum_l2 > sum_lx * sum_lx * with_l2
+        accept &= without_lx > 0
+        accept &= proposal != level
+        accept &= with_l2 > 0
+        np.copyto(level, proposal, where=accept)
+        np.copyto(sum_lx, with_lx, where=accept)
+        np.copyto(sum_l2, with_l2, where=accept)
         changed |= accept
     return levels, sum_lx, sum_l2, changed
 
@@ -335,5 +366,9 @@ def requantized_levels(
 ) -> np.ndarray:
     """Levels ``round((x + offset) / step)`` clamped to ``low..high``, shifted to start at 0;
     ``fallback`` where ``step`` is zero. ``x`` is ``[n, subs, size]``, ``step``/``offset`` ``[n, subs]``."""
-    levels = np.clip(nearest_int((x + offset[..., None]) / step[..., None]), low, high) - low
-    return np.where(step[..., None] != 0, levels, fallback).astype(np.uint8)
+    usable = step != 0
+    scaled = np.add(x, offset[..., None])
+    scaled /= np.where(usable, step, F32(1))[..., None]  # a zero step's levels are the fallback's
+    levels = np.clip(rounded(scaled), low, high, out=scaled)
+    levels -= F32(low)
+    return np.where(usable[..., None], levels, fallback).astype(np.uint8)
