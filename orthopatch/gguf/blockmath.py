@@ -148,10 +148,11 @@ def make_qkx_quants(
     sum_w = running_sum(weights)
     sum_x = running_sum(weights * x)
     work, trial, weighted_levels = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+    magnitude = np.maximum(np.abs(high), np.abs(low))  # bounds |x - offset| with |offset|
 
     def levels_for(inverse_scale: np.ndarray, offset: np.ndarray, out: np.ndarray) -> np.ndarray:
         np.multiply(inverse_scale, np.subtract(x, offset, out=out), out=out)
-        largest = np.abs(inverse_scale) * np.maximum(np.abs(high - offset), np.abs(low - offset))
+        largest = np.abs(inverse_scale) * (magnitude + np.abs(offset))
         return nearest_levels(out, 0, nmax, largest)
 
     def error_of(scale: np.ndarray, offset: np.ndarray, levels: np.ndarray) -> np.ndarray:
@@ -160,13 +161,15 @@ def make_qkx_quants(
         return running_sum(np.multiply(diff, weights, out=work))
 
     def span_from(offset: np.ndarray) -> np.ndarray:
-        return np.where(flat, F32(1), high - offset)
+        span = high - offset
+        span[flat] = 1
+        return span
 
-    offset = low
+    offset = low.copy()
     inverse = F32(nmax) / span_from(offset)
     scale = F32(1) / inverse
     best_error = error_of(scale, offset, levels_for(inverse, offset, trial))
-    chosen_inverse, chosen_offset = inverse, offset  # the rounding whose levels are returned
+    chosen_inverse, chosen_offset = inverse.copy(), offset.copy()  # the rounding whose levels are returned
     for step in range(nstep + 1):
         inverse = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span_from(offset)
         levels_for(inverse, offset, trial)
@@ -178,15 +181,16 @@ def make_qkx_quants(
         trial_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         trial_offset = (sum_l2 * sum_x - sum_l * sum_xl) / det
         clamp = trial_offset > 0
-        trial_offset = np.where(clamp, F32(0), trial_offset)
-        trial_scale = np.where(clamp, sum_xl / sum_l2, trial_scale)
+        trial_offset[clamp] = 0
+        np.divide(sum_xl, sum_l2, out=trial_scale, where=clamp)
         trial_error = error_of(trial_scale, trial_offset, trial)
-        better = (det > 0) & (trial_error < best_error)
-        best_error = np.where(better, trial_error, best_error)
-        chosen_inverse = np.where(better, inverse, chosen_inverse)
-        chosen_offset = np.where(better, offset, chosen_offset)
-        scale = np.where(better, trial_scale, scale)
-        offset = np.where(better, trial_offset, offset)
+        better = trial_error < best_error
+        better &= det > 0
+        np.copyto(best_error, trial_error, where=better)
+        np.copyto(chosen_inverse, inverse, where=better)
+        np.copyto(chosen_offset, offset, where=better)
+        np.copyto(scale, trial_scale, where=better)
+        np.copyto(offset, trial_offset, where=better)
     levels = levels_for(chosen_inverse, chosen_offset, trial)
     scale = np.where(flat, F32(0), scale)
     levels[:, flat] = 0
