@@ -124,7 +124,8 @@ def test_verify_shares_no_code_path_with_the_kernel() -> None:
     graph = import_graph()
     writers = {f"orthopatch.patch.{m}" for m in ("projection", "kernel", "stream", "shard", "apply", "driver",
                                                  "conversion", "output", "inplace", "journal")}
-    writers |= {f"orthopatch.gguf.{m}" for m in ("requantize", "output", "quants", "kquants", "blockmath", "convert")}
+    writers |= {f"orthopatch.gguf.{m}" for m in ("requantize", "output", "quants", "plainquants", "kquants",
+                                                "blockmath", "convert")}
     assert writers <= set(graph)
     verifiers = [m for m in graph if m == "orthopatch.verify" or m.startswith("orthopatch.verify.")]
     assert len(verifiers) >= 3

@@ -173,6 +173,8 @@ def quantize_plain(values: np.ndarray, type_name: str) -> np.ndarray:
     """Bytes of float32 ``values`` (a whole number of 32-value blocks, C order) as GGML type ``type_name``,
     one of :data:`PLAIN_TYPES`, laid end to end."""
     flat = np.ascontiguousarray(values, dtype=F32).reshape(-1)
+    if not flat.flags.writeable:  # torch shares only writable memory (it warns otherwise)
+        flat = flat.copy()
     convert = _CONVERSIONS.get(type_name)
     blockwise = _BLOCK_QUANTIZERS.get(type_name)
     pieces = []
