@@ -1,10 +1,13 @@
-"""Throughput of orthopatch's GGUF quantizers next to llama.cpp's ``ggml_quantize_chunk`` (single thread,
-no importance matrix) on the same float32 tensor, and whether their bytes agree.
+"""Throughput of orthopatch's GGUF quantizers next to llama.cpp's ``ggml_quantize_chunk`` (no importance
+matrix) on the same float32 tensor, with the same number of threads, and whether their bytes agree.
 
-    python scripts/bench_gguf_quants.py --rows 4096 --cols 4096 [--json out.json]
+    python scripts/bench_gguf_quants.py --rows 4096 --cols 4096 [--threads 2] [--types Q4_K Q6_K] [--json out.json]
 
-MB/s counts megabytes (10**6) of float32 input per second; the best of ``--repeats`` runs is kept.
-llama.cpp's column is left empty when llama-cpp-python is not installed.
+MB/s counts megabytes (10**6) of float32 input per second; the best of ``--repeats`` runs is kept, the two
+quantizers alternating. With ``--threads N`` both cut the rows in N parts quantized at once: orthopatch
+through ``quantize(..., workers=N)``, llama.cpp on N Python threads (ctypes releases the GIL), as
+``llama-quantize`` hands chunks of rows to its threads. llama.cpp's column is left empty when
+llama-cpp-python is not installed.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,11 +39,30 @@ def best_seconds(run: Callable[[], np.ndarray], repeats: int) -> tuple[float, np
     return best, result
 
 
+def threaded_reference(values: np.ndarray, qtype: gguf.GGMLQuantizationType, threads: int) -> np.ndarray:
+    """llama.cpp's bytes for ``values``, its rows cut in ``threads`` parts quantized on as many threads."""
+    bounds = np.linspace(0, len(values), min(threads, len(values)) + 1).astype(int)
+    parts: list[np.ndarray] = [np.empty(0)] * (len(bounds) - 1)
+
+    def run(i: int) -> None:
+        parts[i] = reference_quantize(values[bounds[i] : bounds[i + 1]], qtype)
+
+    helpers = [threading.Thread(target=run, args=(i,)) for i in range(1, len(parts))]
+    for helper in helpers:
+        helper.start()
+    run(0)
+    for helper in helpers:
+        helper.join()
+    return np.concatenate(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--cols", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="threads for each quantizer [1]")
+    parser.add_argument("--types", nargs="+", help="type names to run [all patchable types]")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -48,11 +71,20 @@ def main() -> None:
     have_reference = library_path() is not None
     results = []
     print(f"{'type':6} {'ours MB/s':>10} {'llama.cpp MB/s':>15} {'same blocks':>12}")
-    for qtype in sorted(PATCHABLE_TYPES, key=lambda qtype: qtype.value):
-        ours_s, ours = best_seconds(lambda qtype=qtype: quantize(values, qtype), args.repeats)
-        row = {"type": qtype.name, "ours_mb_s": values.nbytes / ours_s / 1e6, "llama_mb_s": None, "same": None}
+    types = sorted(PATCHABLE_TYPES, key=lambda qtype: qtype.value)
+    if args.types:
+        types = [qtype for qtype in types if qtype.name in set(args.types)]
+    for qtype in types:
+        ours_s = theirs_s = float("inf")
+        for _ in range(args.repeats):
+            seconds, ours = best_seconds(lambda qtype=qtype: quantize(values, qtype, workers=args.threads), 1)
+            ours_s = min(ours_s, seconds)
+            if have_reference:
+                seconds, theirs = best_seconds(lambda qtype=qtype: threaded_reference(values, qtype, args.threads), 1)
+                theirs_s = min(theirs_s, seconds)
+        row = {"type": qtype.name, "threads": args.threads, "ours_mb_s": values.nbytes / ours_s / 1e6,
+               "llama_mb_s": None, "same": None}
         if have_reference:
-            theirs_s, theirs = best_seconds(lambda qtype=qtype: reference_quantize(values, qtype), args.repeats)
             block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
             same = (ours.reshape(-1, block_bytes) == theirs.reshape(-1, block_bytes)).all(axis=1).mean()
             row.update(llama_mb_s=values.nbytes / theirs_s / 1e6, same=float(same))
