@@ -147,6 +147,18 @@ def test_k_quants_match_llama_cpp_on_more_seeds(qtype: gguf.GGMLQuantizationType
         assert matching_block_fraction(quantize(values, qtype), reference_quantize(values, qtype), qtype) == 1.0
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda qtype: qtype.name)
+@requires_llama_cpp
+def test_bytes_match_llama_cpp_across_chunks(qtype: gguf.GGMLQuantizationType) -> None:
+    """More values than one chunk or piece of any quantizer (and than one torch call), ending mid-chunk."""
+    from orthopatch.gguf.plainquants import PIECE_VALUES
+    from orthopatch.gguf.quants import CHUNK_SCALE, CHUNK_VALUES
+
+    values = np.concatenate([make_input(name, seed) for seed in range(5) for name in INPUTS])
+    assert values.size > max(PIECE_VALUES, CHUNK_VALUES * max(CHUNK_SCALE.values())) and values.size % CHUNK_VALUES
+    assert matching_block_fraction(quantize(values, qtype), reference_quantize(values, qtype), qtype) == 1.0
+
+
 IMATRICES: dict[str, Callable[[np.random.Generator], np.ndarray]] = {
     "gamma": lambda rng: rng.gamma(1.0, 1.0, SHAPE[1]),
     "ones": lambda rng: np.ones(SHAPE[1]),
