@@ -230,10 +230,11 @@ def make_qx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None = None) 
             continue
         inverse = -(F32(nmax) + F32(0.1) * F32(step)) / peak
         sum_lx, sum_l2 = fit(signed_levels(inverse))
-        better = (sum_l2 > 0) & (sum_lx * sum_lx > best * sum_l2)
-        chosen_inverse = np.where(better, inverse, chosen_inverse)
-        scale = np.where(better, sum_lx / sum_l2, scale)
-        best = np.where(better, scale * sum_lx, best)
+        better = sum_lx * sum_lx > best * sum_l2
+        better &= sum_l2 > 0
+        np.copyto(chosen_inverse, inverse, where=better)
+        np.divide(sum_lx, sum_l2, out=scale, where=better)
+        np.multiply(scale, sum_lx, out=best, where=better)
     levels = signed_levels(chosen_inverse) + F32(nmax)
     scale = np.where(all_zero, F32(0), scale)
     levels[:, all_zero] = 0
