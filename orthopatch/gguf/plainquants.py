@@ -3,10 +3,10 @@
 Each writes the bytes of ggml's reference quantizer for its type (``quantize_row_*_ref``, and ggml's
 fp32 to fp16/bf16 conversions): a block's scale from its extreme values, then each value scaled,
 offset and truncated to an integer in float32 exactly as the C code does. The work runs over
-:data:`PIECE_VALUES` values at a time, so that a piece and its temporaries stay in the core's cache,
-and uses torch where its CPU kernels beat numpy (the fp16/bf16 conversions and per-block maxima), on
-:data:`TORCH_VALUES` at a time: below torch's parallel grain, so torch computes on the calling thread
-and the number of threads busy is the caller's choice.
+:data:`PIECE_VALUES` values at a time, so that a piece and its temporaries stay in cache, and uses
+torch where its CPU kernels beat numpy (the fp16/bf16 conversions and per-block maxima), on
+:data:`TORCH_VALUES` values per call: below torch's parallel grain, so torch computes on the calling
+thread and the number of threads busy is the caller's choice.
 """
 
 from __future__ import annotations
