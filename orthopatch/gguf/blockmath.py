@@ -367,13 +367,16 @@ def make_qp_quants(x: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.nd
 
 
 def requantized_levels(
-    x: np.ndarray, step: np.ndarray, offset: np.ndarray, low: int, high: int, fallback: np.ndarray
+    x: np.ndarray, step: np.ndarray, offset: np.ndarray | None, low: int, high: int, fallback: np.ndarray
 ) -> np.ndarray:
-    """Levels ``round((x + offset) / step)`` clamped to ``low..high``, shifted to start at 0;
-    ``fallback`` where ``step`` is zero. ``x`` is ``[n, subs, size]``, ``step``/``offset`` ``[n, subs]``."""
+    """Levels ``round((x + offset) / step)`` (``round(x / step)`` without ``offset``) clamped to ``low..high``,
+    shifted to start at 0; ``fallback`` where ``step`` is zero. ``x`` is ``[n, subs, size]``, ``step`` and
+    ``offset`` ``[n, subs]``."""
     usable = step != 0
-    scaled = np.add(x, offset[..., None])
-    scaled /= np.where(usable, step, F32(1))[..., None]  # a zero step's levels are the fallback's
+    divisor = np.where(usable, step, F32(1))[..., None]  # a zero step's levels are the fallback's
+    scaled = np.divide(x, divisor) if offset is None else np.add(x, offset[..., None])
+    if offset is not None:
+        scaled /= divisor
     levels = np.clip(rounded(scaled), low, high, out=scaled)
     levels -= F32(low)
     return np.where(usable[..., None], levels, fallback).astype(np.uint8)

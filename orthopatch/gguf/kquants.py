@@ -109,7 +109,7 @@ def quantize_q3_k(blocks: np.ndarray, importance: np.ndarray | None, _row_mean_s
         [low_nibbles[:, :8] | (low_nibbles[:, 8:] << 4), pack_bits((codes >> 4).reshape(n, 4, 4), 2)], axis=1
     ).astype(np.uint8)
     step = fp16_value(d)[:, None] * (codes - 32).astype(F32)
-    levels = requantized_levels(blocks.reshape(n, 16, 16), step, np.zeros_like(step), -4, 3,
+    levels = requantized_levels(blocks.reshape(n, 16, 16), step, None, -4, 3,
                                 per_super_block(levels, n))  # fmt: skip
     levels = levels.reshape(n, 8, 32)
     hmask = pack_bits(levels > 3, 1)
@@ -200,7 +200,7 @@ def quantize_q6_k(blocks: np.ndarray, importance: np.ndarray | None, _row_mean_s
     codes = (np.minimum(nearest_int(inverse[:, None] * scales), 127) & 0xFF).astype(np.uint8).view(np.int8)
     codes = np.where(all_zero[:, None], np.int8(0), codes)
     step = fp16_value(d)[:, None] * codes.astype(F32)
-    levels = requantized_levels(blocks.reshape(n, 16, 16), step, np.zeros_like(step), -32, 31,
+    levels = requantized_levels(blocks.reshape(n, 16, 16), step, None, -32, 31,
                                 per_super_block(levels, n))  # fmt: skip
     levels = np.where(all_zero[:, None, None], np.uint8(0), levels).reshape(n, 2, 4, 32)
     low = levels & 0xF
