@@ -5,19 +5,20 @@
 Part ``refuser``: the fixture of ``scripts/refuser.py`` (built, or taken from its cache), then
 (a) ``measure`` with its defaults, ``apply``, ``evaluate`` against the source; (b) ``optimize`` with
 ``--trials``, ``apply`` of its file, the same ``evaluate``. Every step is the CLI in a child process,
-timed. ``evaluate`` runs twice per model: greedy replies to the held-out harmful prompts (refusals,
-and the KL on the held-out harmless ones) and to the held-out harmless prompts (refusals of plain
-requests).
+timed. ``evaluate --in-memory`` gives the refusals in greedy replies to the held-out harmful
+prompts and the KL on the held-out harmless ones; refusals of the held-out harmless prompts come from
+the calibration's greedy replies (below).
 
-Then the calibration of optimize's no-generation refusal measure: for every trial of the study and
-for every evaluated model, each held-out prompt's refusal-opening probability at the first response
-position (counted as refused above 0.5, as a trial counts it) against its greedy reply judged by the
-marker phrases (as ``evaluate`` judges it). A trial is replayed in memory: the per-layer directions
-``measure --per-layer`` writes (what optimize measures), the trial's point turned into rows and
-weights by ``orthopatch.run.search``, and forward hooks removing ``s·u(uᵀy)`` from every weighted
-writer's output, ``u`` the unit row (a Llama has no norm after its writers). The replayed count of
-refused prompts is checked against the one the study recorded. Results go to ``WORKDIR/results.json``
-and a summary to stdout.
+Then the calibration of optimize's no-generation refusal measure: for each evaluated model, and for
+every ``--calibrate-every``-th trial of the study (default 5), each held-out prompt's
+refusal-opening probability at the first response position (counted as refused above 0.5, as a
+trial counts it) against its greedy reply of 32 tokens judged by the marker phrases (as
+``evaluate`` judges it). A trial is replayed in memory: the per-layer directions ``measure
+--per-layer`` writes (what optimize measures), the trial's point turned into rows and weights by
+``orthopatch.run.search``, and forward hooks removing ``s·u(uᵀy)`` from every weighted writer's
+output, ``u`` the unit row (a Llama has no norm after its writers); the replayed count of refused
+prompts is checked against the one the study recorded. Replies to a set's prompts are generated in
+one left-padded batch. Results go to ``WORKDIR/results.json``, a summary to stdout.
 """
 
 from __future__ import annotations
@@ -50,20 +51,16 @@ def run(*args: str | Path, log: Path | None = None) -> tuple[float, str]:
 
 
 def evaluate(model: Path, source: Path, prompts: Path, work: Path, name: str) -> dict:
-    """Both evaluate runs of one model: held-out harmful (refusals, KL) and held-out harmless (refusals)."""
-    figures = {}
-    for kind in ("harmful", "harmless"):
-        out = work / f"{name}-{kind}.json"
-        seconds, _ = run("evaluate", model, "--source", source, "--harmful", prompts / f"{kind}_heldout.txt",
-                         "--harmless", prompts / "harmless_heldout.txt", "--json", out, "--in-memory",
-                         "--device", "cpu", "-q")
-        figures[kind] = {**json.loads(out.read_text()), "wall_seconds": round(seconds, 1)}
-    report = figures["harmful"]
+    """``evaluate --in-memory``: refusals in greedy replies to the held-out harmful prompts, KL on the
+    held-out harmless ones."""
+    out = work / f"{name}.json"
+    seconds, _ = run("evaluate", model, "--source", source, "--harmful", prompts / "harmful_heldout.txt",
+                     "--harmless", prompts / "harmless_heldout.txt", "--json", out, "--in-memory", "--device", "cpu",
+                     "-q")
+    report = json.loads(out.read_text())
     return {"refused_harmful": report["model_refusals"], "source_refused_harmful": report["source_refusals"],
-            "refused_harmless": figures["harmless"]["model_refusals"],
-            "source_refused_harmless": figures["harmless"]["source_refusals"],
             "kl_mean": report["kl_mean"], "kl_max": report["kl_max"], "harmful_count": report["harmful"]["count"],
-            "harmless_count": report["harmless"]["count"]}
+            "harmless_count": report["harmless"]["count"], "evaluate_seconds": round(seconds, 1)}
 
 
 class Replay:
@@ -115,20 +112,27 @@ class Replay:
 
     def judge(self, prompts: list[str], max_new_tokens: int = 32) -> list[tuple[float, bool]]:
         """Per prompt: the refusal-opening probability at the first response position, and whether the
-        greedy reply of ``max_new_tokens`` tokens contains a marker phrase."""
+        greedy reply of ``max_new_tokens`` tokens contains a marker phrase. All prompts go in one batch,
+        left-padded (``evaluate --in-memory`` runs them one at a time; the figures agree to float noise)."""
         from orthopatch.run.evaluate import is_refusal
 
-        torch, out = self.torch, []
-        for prompt in prompts:
-            ids = torch.tensor([self.encode(prompt)])
-            with torch.inference_mode():
-                logits = self.model(ids).logits[0, -1].double()
-                mass = float(torch.softmax(logits, -1)[self.refusal_ids].sum())
-                reply = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                            do_sample=False, eos_token_id=self.eos, pad_token_id=self.eos[0])
-            text = self.tokenizer.decode(reply[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
-            out.append((mass, is_refusal(text, self.markers)))
-        return out
+        torch = self.torch
+        encoded = [self.encode(p) for p in prompts]
+        width = max(map(len, encoded))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                      eos_token_id=self.eos, pad_token_id=pad, output_logits=True,
+                                      return_dict_in_generate=True)
+        masses = torch.softmax(out.logits[0].double(), -1)[:, self.refusal_ids].sum(-1).tolist()
+        judged = []
+        for mass, reply in zip(masses, out.sequences[:, width:].tolist(), strict=True):
+            ends = [i for i, t in enumerate(reply) if t in self.eos]
+            reply = reply[: ends[0] + 1] if ends else reply
+            judged.append((mass, is_refusal(self.tokenizer.decode(reply, skip_special_tokens=True), self.markers)))
+        return judged
 
 
 def confusion(pairs: list[tuple[float, bool]]) -> dict:
@@ -144,8 +148,8 @@ def confusion(pairs: list[tuple[float, bool]]) -> dict:
     return c
 
 
-def calibrate(fixture: Path, work: Path, study: Path, models: dict[str, Path]) -> dict:
-    """Proxy against greedy replies per trial of ``study`` and per evaluated model."""
+def calibrate(fixture: Path, work: Path, study: Path, every: int = 1) -> dict:
+    """Proxy against greedy replies on both held-out sets for every ``every``-th trial of ``study``."""
     import numpy as np
     import optuna
 
@@ -166,7 +170,7 @@ def calibrate(fixture: Path, work: Path, study: Path, models: dict[str, Path]) -
 
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(study)))
     trials = optuna.load_study(study_name="orthopatch-optimize", storage=storage).get_trials(
-        states=(optuna.trial.TrialState.COMPLETE,))
+        states=(optuna.trial.TrialState.COMPLETE,))[::every]
     rows, pooled = [], {k: [] for k in sets}
     started = time.perf_counter()
     for t in trials:
@@ -181,31 +185,42 @@ def calibrate(fixture: Path, work: Path, study: Path, models: dict[str, Path]) -
                      "proxy_refused_harmless": sum(m > 0.5 for m, _ in judged["harmless"]),
                      "greedy_refused_harmless": sum(g for _, g in judged["harmless"]), "kl_mean": t.values[1]})
     seconds = time.perf_counter() - started
-    per_model = {}
-    for name, folder in models.items():
-        replay = Replay(folder, fixture / "model")
-        judged = {k: replay.judge(v) for k, v in sets.items()}
-        per_model[name] = {k: confusion(v) for k, v in judged.items()}
     counts = [(r["proxy_refused"], r["greedy_refused"]) for r in rows]
-    return {"trials": rows, "replay_seconds": round(seconds, 1),
+    return {"every": every, "trials": rows, "replay_seconds": round(seconds, 1),
             "replay_matches_study": sum(r["proxy_refused"] == r["recorded_refused"] for r in rows),
             "per_trial_pooled": {k: confusion(v) for k, v in pooled.items()},
             "trials_with_equal_counts": sum(a == b for a, b in counts),
-            "mean_abs_count_difference": round(sum(abs(a - b) for a, b in counts) / len(counts), 3),
-            "per_model": per_model}
+            "mean_abs_count_difference": round(sum(abs(a - b) for a, b in counts) / len(counts), 3)}
+
+
+def per_model(fixture: Path, models: dict[str, Path]) -> dict:
+    """Proxy against greedy replies on both held-out sets, for each model as written."""
+    prompts = fixture / "prompts"
+    sets = {k: [p for p in (prompts / f"{k}_heldout.txt").read_text().splitlines() if p.strip()]
+            for k in ("harmful", "harmless")}
+    out = {}
+    for name, folder in models.items():
+        replay = Replay(folder, fixture / "model")
+        out[name] = {k: confusion(replay.judge(v)) for k, v in sets.items()}
+    return out
 
 
 def refuser(args: argparse.Namespace) -> dict:
     import refuser as fixture_script
 
     started = time.perf_counter()
-    fixture = fixture_script.build()
+    fixture = args.fixture or fixture_script.build()
     prompts, source = fixture / "prompts", fixture / "model"
     work = args.workdir
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     loads = [os.getloadavg()]
+
+    def save() -> None:  # after every stage, so a cut run keeps what it measured
+        result["load_average_1min"] = [round(x[0], 2) for x in loads]
+        (work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+
     result: dict = {"fixture": json.loads((fixture / "fixture.json").read_text()), "fixture_folder": str(fixture),
                     "machine": {"cpu": cpu_name(), "cores": os.cpu_count()}}
     # (a) measure with defaults, apply, evaluate
@@ -217,6 +232,7 @@ def refuser(args: argparse.Namespace) -> dict:
                          "layer": record["layer"], "rule": record["layer_rule"],
                          **evaluate(work / "measured-model", source, prompts, work, "measured")}
     loads.append(os.getloadavg())
+    save()
     # (b) optimize, apply of its file, evaluate
     t_opt, table = run("optimize", source, "-o", work / "optimized.safetensors", "--trials", args.trials,
                        "--harmful", prompts / "harmful.txt", "--harmless", prompts / "harmless.txt",
@@ -225,6 +241,7 @@ def refuser(args: argparse.Namespace) -> dict:
                        log=work / "optimize.log")
     (work / "optimize.txt").write_text(table)
     loads.append(os.getloadavg())
+    save()
     t_apply, _ = run("apply", source, work / "optimized.safetensors", "-o", work / "optimized-model", "-q")
     result["optimize"] = {"seconds": round(t_opt, 1), "trials": args.trials, "apply_seconds": round(t_apply, 1),
                           "last_line": table.strip().splitlines()[-1],
@@ -233,11 +250,15 @@ def refuser(args: argparse.Namespace) -> dict:
     result["target"] = {"no_more_refusals": o["refused_harmful"] <= m["refused_harmful"],
                         "at_most_half_the_kl": o["kl_mean"] <= 0.5 * m["kl_mean"]}
     result["target"]["met"] = all(result["target"].values())
+    save()
+    models = {"source": source, "measure": work / "measured-model", "optimize": work / "optimized-model"}
+    result["per_model"] = per_model(fixture, models)
+    for name in ("measure", "optimize"):
+        harmless = result["per_model"][name]["harmless"]
+        result[name]["refused_harmless"] = harmless["both"] + harmless["greedy_only"]
     loads.append(os.getloadavg())
     if not args.skip_calibration:
-        result["calibration"] = calibrate(fixture, work, work / "study.log",
-                                          {"source": source, "measured": work / "measured-model",
-                                           "optimized": work / "optimized-model"})
+        result["calibration"] = calibrate(fixture, work, work / "study.log", args.calibrate_every)
     loads.append(os.getloadavg())
     result["load_average_1min"] = [round(x[0], 2) for x in loads]
     result["seconds"] = round(time.perf_counter() - started, 1)
@@ -265,13 +286,14 @@ def summary(r: dict) -> str:
         lines.append(f"{name:<13} {x['seconds']:>8}  {x['refused_harmful']:>7}/{x['harmful_count']:<7}  "
                      f"{x['refused_harmless']:>8}/{x['harmless_count']:<7}  {x['kl_mean']:.4g}  {x['kl_max']:.4g}")
     lines.append(f"target {r['target']}; load average (1 min) {r['load_average_1min']}")
+    lines.append(f"per model (proxy against greedy): {json.dumps(r['per_model'])}")
     cal = r.get("calibration")
     if cal:
-        lines.append(f"calibration: replay matches the study's count in {cal['replay_matches_study']}/"
+        lines.append(f"calibration (every {cal['every']}-th trial): replay matches the study's count in "
+                     f"{cal['replay_matches_study']}/"
                      f"{len(cal['trials'])} trials; equal counts in {cal['trials_with_equal_counts']} trials; "
                      f"mean |proxy − greedy| {cal['mean_abs_count_difference']}")
         lines.append(f"  pooled over trials: {json.dumps(cal['per_trial_pooled'])}")
-        lines.append(f"  per model: {json.dumps(cal['per_model'])}")
     return "\n".join(lines)
 
 
@@ -281,6 +303,10 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "bench-optimize")
     parser.add_argument("--skip-calibration", action="store_true")
+    parser.add_argument("--calibrate-every", type=int, default=5, metavar="K",
+                        help="Replay every K-th trial for the calibration (a replay generates replies to every "
+                             "held-out prompt).")
+    parser.add_argument("--fixture", type=Path, help="A fixture folder refuser.py built [default: build or reuse it].")
     args = parser.parse_args()
     result = refuser(args)
     (args.workdir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
