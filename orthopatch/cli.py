@@ -439,6 +439,10 @@ def evaluate_command(model: Path, source: Path, harmless: str | None, harmful: s
 @click.option("--trials", type=int, default=100, show_default=True, help="Trials in the search (in all, when resumed).")
 @click.option("--harmful", metavar="FILE", help="Harmful instructions to measure on [default: the built-in set].")
 @click.option("--harmless", metavar="FILE", help="Harmless instructions to measure on [default: the built-in set].")
+@click.option("--eval-harmful", metavar="FILE", help="Harmful prompts the trials' refusals are judged on, held out "
+              "from the measurement prompts [default: the built-in held-out set]; --limit does not apply.")
+@click.option("--eval-harmless", metavar="FILE",
+              help="Harmless prompts the trials' KL is judged on, likewise [default: the built-in held-out set].")
 @click.option("--study", type=click.Path(path_type=Path),
               help="Keep the search in this file (an Optuna journal; .db: SQLite) and resume it when it exists.")
 @click.option("--max-kl", type=float, help="Choose the fewest refusals among trials with at most this mean KL.")
@@ -452,7 +456,8 @@ def evaluate_command(model: Path, source: Path, harmless: str | None, harmful: s
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @_prompt_options
 def optimize_command(model: Path, out: Path, trials: int, harmful: str | None, harmless: str | None,
-                     study: Path | None, max_kl: float | None, max_new_tokens: int, markers: Path | None,
+                     eval_harmful: str | None, eval_harmless: str | None, study: Path | None,
+                     max_kl: float | None, max_new_tokens: int, markers: Path | None,
                      project_harmless: bool,
                      overwrite: bool, field: str | None, limit: int | None, seed: int, tokenizer: Path | None,
                      device: str, dtype: str, batch_size: int, quiet: bool, debug: bool) -> None:
@@ -469,6 +474,7 @@ def optimize_command(model: Path, out: Path, trials: int, harmful: str | None, h
 
     with _reported(debug):
         options = OptimizeOptions(model=model, out=out, harmful=harmful, harmless=harmless,
+                                  eval_harmful=eval_harmful, eval_harmless=eval_harmless,
                                   choice=PromptChoice(field, limit, seed), trials=trials, seed=seed, study=study,
                                   max_kl=max_kl, max_new_tokens=max_new_tokens, markers=markers,
                                   project_harmless=project_harmless,

@@ -140,6 +140,28 @@ def test_a_study_file_resumes_and_is_refused_for_another_model(searched, tiny_mo
                                                                        "--study", junk))
 
 
+def test_the_judged_prompts_can_be_given(searched, tmp_path):
+    """--eval-harmful/--eval-harmless replace the built-in held-out sets the trials and the confirmation use."""
+    from safetensors import safe_open
+
+    from orthopatch.run.prompts import PromptSet
+
+    folder, _, markers, _ = searched
+    harmful, harmless = tmp_path / "judged_harmful.txt", tmp_path / "judged_harmless.jsonl"
+    chosen = builtin_prompts("harmful_eval").prompts[:5]
+    harmful.write_text("\n".join(chosen) + "\n")
+    harmless.write_text("".join(f'{{"prompt": "{p}"}}\n' for p in builtin_prompts("harmless").prompts[:3]))
+    out = tmp_path / "w.safetensors"
+    result = run_optimize(folder, out, "--seed", 7, "--refusal-markers", markers, "--eval-harmful", harmful,
+                          "--eval-harmless", harmless, trials=3)
+    assert result.exit_code == 0, result.output
+    assert "(source 5/5)" in result.stdout
+    with safe_open(out, "pt") as f:
+        metadata = f.metadata()
+    assert metadata["eval_harmful_sha256"] == PromptSet("", chosen).sha256
+    assert metadata["eval_harmless_sha256"] == PromptSet("", builtin_prompts("harmless").prompts[:3]).sha256
+
+
 def test_bad_input_is_one_line(planted, tmp_path, monkeypatch):
     from tests.helpers import cli, one_error_line
 
@@ -151,6 +173,11 @@ def test_bad_input_is_one_line(planted, tmp_path, monkeypatch):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     assert "empty.txt" in one_error_line(cli("optimize", folder, "-o", out, "--harmful", empty, "--device", "cpu"))
+    for option in ("--eval-harmful", "--eval-harmless"):
+        line = one_error_line(cli("optimize", folder, "-o", out, option, empty, "--device", "cpu"))
+        assert "empty.txt" in line and "no prompts" in line
+        line = one_error_line(cli("optimize", folder, "-o", out, option, tmp_path / "missing.txt", "--device", "cpu"))
+        assert "missing.txt" in line
     monkeypatch.setitem(__import__("sys").modules, "optuna", None)
     assert "pip install 'orthopatch[optimize]'" in one_error_line(cli("optimize", folder, "-o", out))
     assert not out.exists()

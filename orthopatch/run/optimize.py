@@ -31,7 +31,7 @@ from orthopatch.run.chat import decode, encode_set, load_tokenizer
 from orthopatch.run.evaluate import is_refusal, reply_end_ids
 from orthopatch.run.layerwise import LayerwiseModel, RunSettings, make_batches
 from orthopatch.run.measure import _Means, fill_vanishing
-from orthopatch.run.prompts import PromptChoice, builtin_prompts, load_markers
+from orthopatch.run.prompts import PromptChoice, load_markers
 from orthopatch.run.search import Point, TrialFigures, TrialRunner, point_of, refusal_tokens, suggest
 
 INSTALL_HINT = "pip install 'orthopatch[optimize]'"
@@ -51,6 +51,9 @@ class OptimizeOptions:
     out: Path
     harmful: str | None = None  # measurement prompts; None: the built-in set
     harmless: str | None = None
+    #: prompts the trials are judged on; None: the built-in held-out sets. ``--limit`` does not apply.
+    eval_harmful: str | None = None
+    eval_harmless: str | None = None
     choice: PromptChoice = field(default_factory=PromptChoice)
     trials: int = DEFAULT_TRIALS
     seed: int = 0
@@ -211,7 +214,9 @@ def optimize(options: OptimizeOptions, log: Callable[[str], None] | None = None)
     device, dtype = options.run.torch_device(), options.run.torch_dtype()
     harmful = options.choice.choose(options.harmful, "harmful", options.quiet)
     harmless = options.choice.choose(options.harmless, "harmless", options.quiet)
-    judged_harmful, judged_harmless = builtin_prompts("harmful_eval"), builtin_prompts("harmless_eval")
+    judging = PromptChoice(field=options.choice.field)
+    judged_harmful = judging.choose(options.eval_harmful, "harmful_eval", options.quiet)
+    judged_harmless = judging.choose(options.eval_harmless, "harmless_eval", options.quiet)
     markers = load_markers(options.markers)
     tokenizer = load_tokenizer(options.run.tokenizer or options.model)
     with LayerwiseModel(options.model, device=device, dtype=dtype, logits=True) as model:
@@ -288,7 +293,9 @@ def optimize(options: OptimizeOptions, log: Callable[[str], None] | None = None)
                 "refusal_probability": repr(chosen.figures.refusal), "kl_mean": repr(chosen.figures.kl_mean),
                 "kl_max": repr(chosen.figures.kl_max), "greedy_refusals": f"{confirmed}/{len(ids['judged'])}",
                 "source_greedy_refusals": f"{source_refusals}/{len(ids['judged'])}", "harmful_sha256": harmful.sha256,
-                "harmless_sha256": harmless.sha256, "seed": str(options.seed), "orthopatch_version": __version__}
+                "harmless_sha256": harmless.sha256, "eval_harmful_sha256": judged_harmful.sha256,
+                "eval_harmless_sha256": judged_harmless.sha256, "seed": str(options.seed),
+                "orthopatch_version": __version__}
     if options.model_repo:
         metadata["model_repo"] = options.model_repo
     save_weighted_direction(options.out, rows, weights, metadata)
