@@ -254,8 +254,8 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     peak = np.where(all_zero, F32(1), peak)  # their result is zero anyway; keeps the arithmetic finite
     weights = x * x
     weighted_x = weights * x
-    levels = rounded((F32(-nmax) / peak) * x)
-    np.clip(levels, F32(-nmax), F32(nmax - 1), out=levels)
+    inverse = F32(-nmax) / peak
+    levels = nearest_levels(inverse * x, -nmax, nmax - 1, np.abs(inverse * peak))
     sum_lx = running_sum(weighted_x * levels)
     sum_l2 = running_sum(weights * levels * levels)
     # C returns before refining all-zero sub-blocks (their sums are zero: 0/0 proposals). A positive peak
