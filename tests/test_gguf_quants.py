@@ -279,6 +279,65 @@ def test_float32_helpers_round_and_sum_like_c() -> None:
     np.testing.assert_array_equal(running_sum(terms), np.full(3, sequential, np.float32))
 
 
+def _q3_quants_one_by_one(x: np.ndarray, nmax: int) -> tuple[np.float32, np.ndarray]:
+    """ggml's ``make_q3_quants`` (with its refinement) on one sub-block, value by value in float32."""
+    f32 = np.float32
+
+    def nearest(v: np.float32) -> int:
+        return int((np.array([v + f32(12582912.0)], np.float32).view(np.int32)[0] & 0x007FFFFF) - 0x00400000)
+
+    peak = f32(0)
+    for v in x:
+        if abs(v) > abs(peak):
+            peak = v
+    if abs(peak) < f32(1e-15):
+        return f32(0), np.zeros(len(x), np.int32)
+    inverse = f32(-nmax) / peak
+    levels = np.array([max(-nmax, min(nmax - 1, nearest(inverse * v))) for v in x])
+    sum_lx = sum_l2 = f32(0)
+    for v, level in zip(x, levels, strict=True):
+        w = v * v
+        sum_lx, sum_l2 = sum_lx + w * v * f32(level), sum_l2 + w * f32(level) * f32(level)
+    for _sweep in range(5):
+        changed = 0
+        for i, v in enumerate(x):
+            w = v * v
+            without_lx = sum_lx - w * v * f32(levels[i])
+            if without_lx > 0:
+                without_l2 = sum_l2 - w * f32(levels[i]) * f32(levels[i])
+                proposal = max(-nmax, min(nmax - 1, nearest(v * without_l2 / without_lx)))
+                if proposal != levels[i]:
+                    with_lx = without_lx + w * v * f32(proposal)
+                    with_l2 = without_l2 + w * f32(proposal) * f32(proposal)
+                    if with_l2 > 0 and with_lx * with_lx * sum_l2 > sum_lx * sum_lx * with_l2:
+                        levels[i], sum_lx, sum_l2, changed = proposal, with_lx, with_l2, changed + 1
+        if not changed:
+            break
+    return (sum_lx / sum_l2 if sum_l2 > 0 else f32(0)), levels + nmax
+
+
+def test_q3_refinement_matches_ggml_loop_for_either_sign_of_the_peak() -> None:
+    """Q3_K's refinement skips the sub-blocks whose largest magnitude is positive: they must come out as the
+    sequential loop leaves them, like those with a negative one (which the loop does refine)."""
+    from orthopatch.gguf.blockmath import make_q3_quants
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((16, 96)).astype(np.float32)
+    x[:, 32:64] = np.abs(x[:, 32:64])  # positive peaks only
+    x[:, 64:] = -np.abs(x[:, 64:])  # negative peaks only
+    x[3, 90] = np.float32(0)
+    scale, levels = make_q3_quants(np.ascontiguousarray(x), 4)
+    signs = {True: 0, False: 0}
+    for column in range(x.shape[1]):
+        expected_scale, expected_levels = _q3_quants_one_by_one(x[:, column], 4)
+        assert scale[column].view(np.int32) == np.float32(expected_scale).view(np.int32), column
+        np.testing.assert_array_equal(levels[:, column], expected_levels)
+        first_rounding = np.clip(np.rint(np.float32(-4) / x[np.argmax(np.abs(x[:, column])), column] * x[:, column]),
+                                 -4, 3) + 4  # fmt: skip
+        signs[x[np.argmax(np.abs(x[:, column])), column] > 0] += int((expected_levels != first_rounding).any())
+    assert signs[False] > 0 and signs[True] == 0  # refinement moved levels only where the peak is negative
+
+
 def test_quantized_bytes_do_not_alias_the_input() -> None:
     values = make_input("gaussian")
     packed = quantize(values, Q.F32)

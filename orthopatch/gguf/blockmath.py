@@ -254,22 +254,26 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     peak = np.where(all_zero, F32(1), peak)  # their result is zero anyway; keeps the arithmetic finite
     weights = x * x
     weighted_x = weights * x
-    levels = rounded((F32(-nmax) / peak) * x)
-    np.clip(levels, F32(-nmax), F32(nmax - 1), out=levels)
+    inverse = F32(-nmax) / peak
+    levels = nearest_levels(inverse * x, -nmax, nmax - 1, np.abs(inverse * peak))
     sum_lx = running_sum(weighted_x * levels)
     sum_l2 = running_sum(weights * levels * levels)
-    if all_zero.any():  # C returns before refining them (and their sums are zero: 0/0 proposals)
-        active = np.flatnonzero(~all_zero)
-    else:
-        levels, sum_lx, sum_l2, changed = _q3_sweep(x, weights, weighted_x, levels, sum_lx, sum_l2, nmax)
-        active = np.flatnonzero(changed)
-    for _sweep in range(5 if all_zero.any() else 4):
+    # C returns before refining all-zero sub-blocks (their sums are zero: 0/0 proposals). A positive peak
+    # gives every value a level of the opposite sign, so every term of sum_lx is at most zero, and so is
+    # every sum_lx less one term (float32 rounding is monotonic): no proposal passes C's sum_lx > 0.
+    active = np.flatnonzero(~all_zero & ~((peak > 0) & np.isfinite(peak)))
+    values = np.take(x, active, axis=1)  # the sweeps run on the sub-blocks still refined, gathered
+    weight = values * values
+    level, weighted = np.take(levels, active, axis=1), weight * values
+    lx, l2 = sum_lx[active], sum_l2[active]
+    for _sweep in range(5):
         if not active.size:
             break
-        swept = _q3_sweep(x[:, active], weights[:, active], weighted_x[:, active], levels[:, active],
-                          sum_lx[active], sum_l2[active], nmax)  # fmt: skip
-        levels[:, active], sum_lx[active], sum_l2[active], changed = swept
-        active = active[changed]
+        level, lx, l2, changed = _q3_sweep(values, weight, weighted, level, lx, l2, nmax)
+        moved = np.flatnonzero(changed)
+        active, lx, l2 = active[moved], lx[moved], l2[moved]
+        values, weight, weighted, level = (np.take(a, moved, axis=1) for a in (values, weight, weighted, level))
+        levels[:, active], sum_lx[active], sum_l2[active] = level, lx, l2
     scale = np.where(sum_l2 > 0, sum_lx / sum_l2, F32(0))
     scale = np.where(all_zero, F32(0), scale)
     levels = np.where(all_zero, F32(0), levels + F32(nmax))
@@ -287,22 +291,33 @@ def _q3_sweep(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One pass of :func:`make_q3_quants`' refinement over the positions, in order.
 
-    Returns the updated ``(levels, sum_lx, sum_l2)`` and which sub-blocks changed.
+    Returns the updated ``(levels, sum_lx, sum_l2)`` (updated in place) and which sub-blocks changed.
+    Every step writes into buffers allocated once, as this loop runs 16 times per sweep.
     """
-    changed = np.zeros(x.shape[1], bool)
+    count = x.shape[1]
+    changed = np.zeros(count, bool)
+    accept, flag = np.empty(count, bool), np.empty(count, bool)
+    without_lx, without_l2, proposal, with_lx, with_l2, term, other = (np.empty(count, F32) for _ in range(7))
     low, high = F32(-nmax), F32(nmax - 1)
     for i in range(x.shape[0]):
         level, weight, weighted = levels[i], weights[i], weighted_x[i]
-        without_lx = sum_lx - weighted * level
-        without_l2 = sum_l2 - weight * level * level
-        proposal = rounded(x[i] * without_l2 / without_lx)
+        np.subtract(sum_lx, np.multiply(weighted, level, out=term), out=without_lx)
+        np.multiply(np.multiply(weight, level, out=term), level, out=term)
+        np.subtract(sum_l2, term, out=without_l2)
+        np.divide(np.multiply(x[i], without_l2, out=proposal), without_lx, out=proposal)
+        np.rint(proposal, out=proposal)  # nearest_int wherever the result lies in [-2**22, 2**22)
+        if not (proposal.min() >= -_EXACT_SUM_RANGE and proposal.max() < _EXACT_SUM_RANGE):
+            proposal[...] = rounded(x[i] * without_l2 / without_lx)  # huge or non-finite quotients
         np.clip(proposal, low, high, out=proposal)
-        with_lx = without_lx + weighted * proposal
-        with_l2 = without_l2 + weight * proposal * proposal
-        accept = with_lx * with_lx * sum_l2 > sum_lx * sum_lx * with_l2
-        accept &= without_lx > 0
-        accept &= proposal != level
-        accept &= with_l2 > 0
+        np.add(without_lx, np.multiply(weighted, proposal, out=term), out=with_lx)
+        np.multiply(np.multiply(weight, proposal, out=term), proposal, out=term)
+        np.add(without_l2, term, out=with_l2)
+        np.multiply(np.multiply(with_lx, with_lx, out=term), sum_l2, out=term)
+        np.multiply(np.multiply(sum_lx, sum_lx, out=other), with_l2, out=other)
+        np.greater(term, other, out=accept)
+        accept &= np.greater(without_lx, 0, out=flag)
+        accept &= np.not_equal(proposal, level, out=flag)
+        accept &= np.greater(with_l2, 0, out=flag)
         np.copyto(level, proposal, where=accept)
         np.copyto(sum_lx, with_lx, where=accept)
         np.copyto(sum_l2, with_l2, where=accept)
