@@ -95,9 +95,10 @@ def child_search(src: Path, tokenizer: Path, record: Path, trials: int, device: 
 
     study = record.with_suffix(".study.log")
     study.unlink(missing_ok=True)
+    progress = record.with_suffix(".log").open("w")
 
-    def log(message: str) -> None:
-        print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+    def log(message: str) -> None:  # optimize's stage lines, with the time, in a file beside the record
+        print(f"{time.strftime('%H:%M:%S')} {message}", file=progress, flush=True)
 
     result = optimize(OptimizeOptions(model=src, out=record.with_suffix(".safetensors"), trials=trials, study=study,
                                       run=RunSettings(device, dtype, batch_size, tokenizer), quiet=True,
