@@ -41,7 +41,8 @@ MODES = {"70b": "trials", "135m": "search", "demo": "search"}
 
 
 def costs_json(costs: list) -> list[dict]:
-    return [{"seconds": round(c.seconds, 3), "bytes_read": c.bytes_read} for c in costs]
+    return [{"seconds": round(c.seconds, 3), "bytes_read": c.bytes_read, "cpu_seconds": round(c.cpu_seconds, 3)}
+            for c in costs]
 
 
 # -- the children ---------------------------------------------------------------------------------------
@@ -176,19 +177,22 @@ def report(row: dict) -> str:
     lines = [f"{row['preset']} shapes, {row['layers']} layers, {size / 1e9:.2f} GB ({row['device']}, {row['dtype']}; "
              f"caches dropped by {row['cache_drop']}; load average before {row['load_average_before']}, "
              f"after {row['load_average_after']})",
-             f"  measuring pass {row['measuring']['seconds']:.1f} s, "
+             f"  measuring pass {row['measuring']['seconds']:.1f} s ({row['measuring']['cpu_seconds']:.1f} CPU s), "
              f"read {row['measuring']['bytes_read'] / 1e9:.2f} GB",
              f"  {len(trials)} trials: median {statistics.median(per_trial):.2f} s (min {min(per_trial):.2f}, "
-             f"max {max(per_trial):.2f}, total {sum(per_trial):.1f} s); read per trial {max(read) / 1e9:.2f} GB "
-             f"({max(read) / size:.3f} x the checkpoint)"]
+             f"max {max(per_trial):.2f}, total {sum(per_trial):.1f} s; median "
+             f"{statistics.median(t['cpu_seconds'] for t in trials):.1f} CPU s); read per trial "
+             f"{max(read) / 1e9:.2f} GB ({max(read) / size:.3f} x the checkpoint)"]
     if "warm_trial" in row:
         warm = row["warm_trial"]
         lines.append(f"  the last point again, checkpoint in the page cache: {warm['seconds']:.1f} s "
+                     f"({warm['cpu_seconds']:.1f} CPU s) "
                      f"(read {warm['bytes_read'] / 1e9:.2f} GB); disk sequential read {row['disk_read_GBps']:.2f} GB/s")
         lines.append(f"  prompts {row['prompts']}, judged tokens {row['judged_tokens']}, "
                      f"measurement tokens {row['measure_tokens']}, blocks held at once {row['peak_blocks']}")
     if "confirmation" in row:
-        lines.append(f"  confirmation {row['confirmation']['seconds']:.1f} s; whole optimize {row['seconds']:.1f} s "
+        lines.append(f"  confirmation {row['confirmation']['seconds']:.1f} s "
+                     f"({row['confirmation']['cpu_seconds']:.1f} CPU s); whole optimize {row['seconds']:.1f} s "
                      f"({row['seconds'] / 60:.1f} min); chosen trial {row['chosen']}, greedy refusals "
                      f"{row['confirmed']} (source {row['source_refusals']})")
     lines.append(f"  peak RSS {row['peak_rss'] / GIB:.2f} GiB; child wall {row['wall_seconds']:.1f} s")

@@ -144,10 +144,12 @@ class TrialFigures:
 
 @dataclass(frozen=True)
 class PassCost:
-    """What a stage cost: wall seconds, and bytes read from the shards (the reader's count)."""
+    """What a stage cost: wall seconds, bytes read from the shards (the reader's count), and the
+    process's CPU seconds (every thread; on a shared machine the figure that load changes least)."""
 
     seconds: float
     bytes_read: int
+    cpu_seconds: float
 
 
 class CostMeter:
@@ -155,10 +157,11 @@ class CostMeter:
 
     def __init__(self, model: LayerwiseModel):
         self.model = model
-        self.started, self.read = time.monotonic(), model.reader.account.bytes_read
+        self.started, self.read, self.cpu = time.monotonic(), model.reader.account.bytes_read, time.process_time()
 
     def cost(self) -> PassCost:
-        return PassCost(time.monotonic() - self.started, self.model.reader.account.bytes_read - self.read)
+        return PassCost(time.monotonic() - self.started, self.model.reader.account.bytes_read - self.read,
+                        time.process_time() - self.cpu)
 
 
 class TrialRunner:
