@@ -89,8 +89,8 @@ def child_trials(src: Path, tokenizer: Path, record: Path, trials: int, limit: i
 
 
 def child_search(src: Path, tokenizer: Path, record: Path, trials: int, device: str, dtype: str,
-                 batch_size: int) -> None:
-    """The whole ``optimize``, its defaults but ``trials``, with its cost per stage."""
+                 batch_size: int, max_new_tokens: int) -> None:
+    """The whole ``optimize``, its defaults but ``trials`` (and the reply length), with its cost per stage."""
     from orthopatch.run.layerwise import RunSettings
     from orthopatch.run.optimize import OptimizeOptions, optimize
 
@@ -103,7 +103,7 @@ def child_search(src: Path, tokenizer: Path, record: Path, trials: int, device: 
 
     result = optimize(OptimizeOptions(model=src, out=record.with_suffix(".safetensors"), trials=trials, study=study,
                                       run=RunSettings(device, dtype, batch_size, tokenizer), quiet=True,
-                                      overwrite=True), log)
+                                      max_new_tokens=max_new_tokens, overwrite=True), log)
     costs = result.costs
     record.write_text(json.dumps({
         "seconds": result.seconds, "measuring": costs_json([costs.measuring])[0], "trials": costs_json(costs.trials),
@@ -160,7 +160,7 @@ def bench_search(args: argparse.Namespace, shape: LlamaShape) -> dict:
     cache = drop_caches(src)
     load = os.getloadavg()
     run = timed(child("_search", str(src), str(tokenizer), str(record), str(args.trials), args.device, args.dtype,
-                      str(args.batch_size)))
+                      str(args.batch_size), str(args.max_new_tokens)))
     row = json.loads(record.read_text())
     row.update({"preset": args.preset, "layers": shape.layers, "checkpoint_bytes": size, "peak_rss": run.max_rss,
                 "wall_seconds": round(run.seconds, 1), "cache_drop": cache, "device": args.device,
@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> None:
                      device, dtype, int(batch))
         return
     if argv[:1] == ["_search"]:
-        src, tok, record, trials, device, dtype, batch = argv[1:8]
-        child_search(Path(src), Path(tok), Path(record), int(trials), device, dtype, int(batch))
+        src, tok, record, trials, device, dtype, batch, new = argv[1:9]
+        child_search(Path(src), Path(tok), Path(record), int(trials), device, dtype, int(batch), int(new))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="70b", help="tensor shapes [70b]")
@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trials", type=int, help="trials [trials: 2; search: optimize's default, 100]")
     parser.add_argument("--limit", type=int, default=32,
                         help="trials: measurement prompts of each kind in the measuring pass [32]")
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="search: greedy reply length of the confirmation, as optimize's default [32]")
     parser.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"), help="shard size [5GB]")
     parser.add_argument("--order", choices=ORDERS, default="save_pretrained", help="as scripts/bench.py")
     parser.add_argument("--device", default="cpu", help="[cpu]")
