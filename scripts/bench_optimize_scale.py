@@ -48,8 +48,9 @@ def costs_json(costs: list) -> list[dict]:
 # -- the children ---------------------------------------------------------------------------------------
 
 def child_trials(src: Path, tokenizer: Path, record: Path, trials: int, limit: int | None, device: str, dtype: str,
-                 batch_size: int) -> None:
-    """The measuring pass and ``trials`` trials of optimize's runner (cold), then the last point warm."""
+                 batch_size: int, warm: bool) -> None:
+    """The measuring pass and ``trials`` trials of optimize's runner (cold), then (``warm``) the last point
+    again with the checkpoint in the page cache."""
     from bench import drop_caches
 
     from orthopatch.run.chat import load_tokenizer
@@ -76,11 +77,12 @@ def child_trials(src: Path, tokenizer: Path, record: Path, trials: int, limit: i
             points.append(suggest(trial, model.num_layers))
             figures = measured.runner.run(points[-1], measured.directions)
             study.tell(trial, (figures.refusal, figures.kl_mean))
-        measured.runner.run(points[-1], measured.directions)  # the checkpoint now in the page cache
+        if warm:
+            measured.runner.run(points[-1], measured.directions)  # the checkpoint now in the page cache
         costs = measured.runner.costs
         record.write_text(json.dumps({
             "setup_seconds": round(setup, 3), "measuring": costs_json([measured.cost])[0],
-            "trials": costs_json(costs[:-1]), "warm_trial": costs_json(costs[-1:])[0],
+            "trials": costs_json(costs[:trials]), **({"warm_trial": costs_json(costs[trials:])[0]} if warm else {}),
             "prompts": {k: len(v) for k, v in inputs.ids.items()},
             "judged_tokens": sum(map(len, inputs.ids["judged"] + inputs.ids["judged_harmless"])),
             "measure_tokens": sum(map(len, inputs.ids["harmful"] + inputs.ids["harmless"])),
@@ -142,7 +144,7 @@ def bench_trials(args: argparse.Namespace, shape: LlamaShape) -> dict:
     cache = drop_caches(src)
     load = os.getloadavg()
     run = timed(child("_trials", str(src), str(tokenizer), str(record), str(args.trials), str(args.limit),
-                      args.device, args.dtype, str(args.batch_size)))
+                      args.device, args.dtype, str(args.batch_size), "" if args.skip_warm else "warm"))
     row = json.loads(record.read_text())
     block = sum(2 * s[0] * s[1] for n, s in shape.tensors() if n.startswith("model.layers.0.") and len(s) == 2)
     head = 2 * shape.vocab * shape.hidden
@@ -186,8 +188,9 @@ def report(row: dict) -> str:
     if "warm_trial" in row:
         warm = row["warm_trial"]
         lines.append(f"  the last point again, checkpoint in the page cache: {warm['seconds']:.1f} s "
-                     f"({warm['cpu_seconds']:.1f} CPU s) "
-                     f"(read {warm['bytes_read'] / 1e9:.2f} GB); disk sequential read {row['disk_read_GBps']:.2f} GB/s")
+                     f"({warm['cpu_seconds']:.1f} CPU s) (read {warm['bytes_read'] / 1e9:.2f} GB)")
+    if "disk_read_GBps" in row:
+        lines.append(f"  disk sequential read {row['disk_read_GBps']:.2f} GB/s")
         lines.append(f"  prompts {row['prompts']}, judged tokens {row['judged_tokens']}, "
                      f"measurement tokens {row['measure_tokens']}, blocks held at once {row['peak_blocks']}")
     if "confirmation" in row:
@@ -202,9 +205,9 @@ def report(row: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_trials"]:
-        src, tok, record, trials, limit, device, dtype, batch = argv[1:9]
+        src, tok, record, trials, limit, device, dtype, batch, warm = argv[1:10]
         child_trials(Path(src), Path(tok), Path(record), int(trials), None if limit == "None" else int(limit),
-                     device, dtype, int(batch))
+                     device, dtype, int(batch), warm == "warm")
         return
     if argv[:1] == ["_search"]:
         src, tok, record, trials, device, dtype, batch, new = argv[1:9]
@@ -218,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trials", type=int, help="trials [trials: 2; search: optimize's default, 100]")
     parser.add_argument("--limit", type=int, default=32,
                         help="trials: measurement prompts of each kind in the measuring pass [32]")
+    parser.add_argument("--skip-warm", action="store_true",
+                        help="trials: do not run the last point again with the checkpoint in the page cache")
     parser.add_argument("--max-new-tokens", type=int, default=32,
                         help="search: greedy reply length of the confirmation, as optimize's default [32]")
     parser.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"), help="shard size [5GB]")
