@@ -1,12 +1,15 @@
 """Synthetic Llama-shaped checkpoints, written tensor by tensor (for the demo and the benchmark).
 
 The tensors are random but the files are real: sharded safetensors with an index, a
-``config.json`` that transformers reads, and a direction file with a known direction.
+``config.json`` that transformers reads, and a direction file with a known direction. A word-level
+tokenizer over the built-in prompts' words, with a small chat template, is built locally for the
+commands that tokenize prompts (its ids fit any vocabulary of a few thousand tokens or more).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +17,7 @@ from pathlib import Path
 import torch
 
 from orthopatch.io.formats import CONFIG_NAME, INDEX_NAME, PT_METADATA, dtype_name
+from orthopatch.run.prompts import BUILTIN_SETS, builtin_prompts
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class LlamaShape:
     layers: int
     heads: int
     kv_heads: int
+    tied: bool = False  # the output head is the embedding (no ``lm_head.weight``)
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         """Names and shapes in the order Hugging Face Llama checkpoints list them."""
@@ -42,8 +47,8 @@ class LlamaShape:
                 (f"{p}.mlp.up_proj.weight", (i, h)),
                 (f"{p}.mlp.down_proj.weight", (h, i)),
             ]
-        out += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
-        return out
+        out += [("model.norm.weight", (h,))]
+        return out if self.tied else [*out, ("lm_head.weight", (self.vocab, h))]
 
     def config(self) -> dict:
         return {
@@ -51,13 +56,15 @@ class LlamaShape:
             "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
             "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab,
             "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-            "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "hidden_act": "silu", "tie_word_embeddings": self.tied, "torch_dtype": "bfloat16",
         }
 
 
 DEMO = LlamaShape(hidden=256, intermediate=688, vocab=4096, layers=4, heads=8, kv_heads=4)
 LLAMA3_8B = LlamaShape(hidden=4096, intermediate=14336, vocab=128256, layers=32, heads=32, kv_heads=8)
 LLAMA3_70B = LlamaShape(hidden=8192, intermediate=28672, vocab=128256, layers=80, heads=64, kv_heads=8)
+#: SmolLM-135M's shapes (a Llama with tied embeddings): about 135M parameters.
+SMOLLM_135M = LlamaShape(hidden=576, intermediate=1536, vocab=49152, layers=30, heads=9, kv_heads=3, tied=True)
 
 
 #: Values in the pool every tensor's data is cut from: 8 MiB of bf16.
@@ -159,3 +166,45 @@ def write_direction(path: Path, hidden: int, seed: int = 1) -> torch.Tensor:
     r = r / r.norm()
     torch.save(r.to(torch.bfloat16), path)
     return r
+
+
+# -- a tokenizer ------------------------------------------------------------------------------------
+
+CHAT_TEMPLATE = ("{% for m in messages %}<user> {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+SPECIALS = ["<unk>", "<pad>", "<bos>", "<eos>", "<user>", "<assistant>"]
+EXTRA_WORDS = ["sure", "here", "is", "cannot", "sorry", "help", "with", "that"]
+
+
+def words(text: str) -> list[str]:
+    """The word-level tokenizer's pieces of ``text``: lower-cased words and punctuation marks."""
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def vocabulary() -> list[str]:
+    """Special tokens, then every word of the built-in prompt sets, then a few reply words."""
+    seen = dict.fromkeys(SPECIALS)
+    for kind in BUILTIN_SETS:
+        for prompt in builtin_prompts(kind).prompts:
+            seen.update(dict.fromkeys(words(prompt)))
+    seen.update(dict.fromkeys(EXTRA_WORDS))
+    return list(seen)
+
+
+def write_tokenizer(folder: Path, chat_template: bool = True) -> list[str]:
+    """Save a word-level tokenizer over :func:`vocabulary` (ids ``0..len - 1``) with a small chat
+    template into ``folder``, as transformers saves one; returns the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = vocabulary()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>")
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return vocab

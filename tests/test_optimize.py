@@ -162,6 +162,35 @@ def test_the_judged_prompts_can_be_given(searched, tmp_path):
     assert metadata["eval_harmless_sha256"] == PromptSet("", builtin_prompts("harmless").prompts[:3]).sha256
 
 
+def test_each_stage_reports_its_cost(planted, tmp_path):
+    """Each trial reads every block and the head once (never more than the checkpoint); the measuring
+    pass and the confirmation are counted apart."""
+    pytest.importorskip("optuna")
+    from orthopatch.io.safetensors_header import read_header
+    from orthopatch.run.layerwise import RunSettings
+    from orthopatch.run.optimize import OptimizeOptions, optimize
+    from orthopatch.run.prompts import PromptChoice
+
+    folder, _ = planted
+    entries = {}
+    for shard in folder.glob("*.safetensors"):
+        entries.update((e.name, e.nbytes) for e in read_header(shard).tensors)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    blocks = sum(n for name, n in entries.items() if ".layers." in name)
+    head = entries.get("lm_head.weight", entries["model.embed_tokens.weight"])
+    result = optimize(OptimizeOptions(model=folder, out=tmp_path / "w.safetensors", trials=3, max_new_tokens=2,
+                                      choice=PromptChoice(limit=8), run=RunSettings("cpu"), quiet=True))
+    costs = result.costs
+    assert len(costs.trials) == 3
+    for cost in costs.trials:
+        assert blocks + head <= cost.bytes_read <= size and cost.seconds > 0
+    assert len({c.bytes_read for c in costs.trials}) == 1  # nothing is read for one trial and not another
+    assert blocks <= costs.measuring.bytes_read <= 1.1 * size
+    assert costs.confirmation.bytes_read >= 2 * blocks  # the source's and the chosen point's replies
+    total = costs.measuring.seconds + sum(c.seconds for c in costs.trials) + costs.confirmation.seconds
+    assert total <= result.seconds
+
+
 def test_bad_input_is_one_line(planted, tmp_path, monkeypatch):
     from tests.helpers import cli, one_error_line
 

@@ -45,6 +45,23 @@ def test_bench_measure_reports_bytes_read_and_memory(tmp_path):
     assert row["peak_rss"] > 0
 
 
+def test_bench_optimize_scale_reports_each_stage(tmp_path):
+    pytest.importorskip("optuna")
+    work = tmp_path / "work"
+    for mode, extra in (("trials", []), ("search", ["--max-new-tokens", "1"])):
+        out = tmp_path / f"{mode}.json"
+        run_script("bench_optimize_scale.py", "--preset", "demo", "--layers", "2", "--mode", mode, "--trials", "1",
+                   "--limit", "4", *extra, "--folder", str(work), "--json", str(out))
+        row = json.loads(out.read_text())
+        (trial,) = row["trials"]
+        assert 0 < trial["bytes_read"] <= row["checkpoint_bytes"] and trial["seconds"] > 0, row
+        assert row["measuring"]["bytes_read"] > 0 and row["peak_rss"] > 0
+        if mode == "trials":
+            assert row["warm_trial"]["bytes_read"] == trial["bytes_read"] and row["peak_blocks"] == 1
+        else:
+            assert row["trials_run"] == 1 and row["confirmation"]["bytes_read"] > trial["bytes_read"]
+
+
 def test_bench_gguf_reports_every_way_and_the_quantizers(tmp_path):
     out = tmp_path / "bench-gguf.json"
     run_script("bench_gguf.py", "--preset", "tiny", "--layers", "2", "--repeats", "1", "--quant-types", "Q8_0",

@@ -2,49 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
-from orthopatch.run.prompts import BUILTIN_SETS, builtin_prompts
+from orthopatch.synthetic import CHAT_TEMPLATE, EXTRA_WORDS, SPECIALS, vocabulary, words, write_tokenizer
 
-CHAT_TEMPLATE = ("{% for m in messages %}<user> {{ m['content'] }} {% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
-SPECIALS = ["<unk>", "<pad>", "<bos>", "<eos>", "<user>", "<assistant>"]
-EXTRA_WORDS = ["sure", "here", "is", "cannot", "sorry", "help", "with", "that"]
+__all__ = ["CHAT_TEMPLATE", "EXTRA_WORDS", "SPECIALS", "save_tiny_model", "save_tokenizer", "tiny_config",
+           "vocabulary", "words"]
 
-
-def words(text: str) -> list[str]:
-    return re.findall(r"\w+|[^\w\s]", text.lower())
-
-
-def vocabulary() -> list[str]:
-    """Special tokens, then every word of the built-in prompt sets, then a few reply words."""
-    seen = dict.fromkeys(SPECIALS)
-    for kind in BUILTIN_SETS:
-        for prompt in builtin_prompts(kind).prompts:
-            seen.update(dict.fromkeys(words(prompt)))
-    seen.update(dict.fromkeys(EXTRA_WORDS))
-    return list(seen)
-
-
-def save_tokenizer(folder: Path, chat_template: bool = True) -> list[str]:
-    """A word-level tokenizer over :func:`vocabulary` with a small chat template; returns the vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = vocabulary()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>")
-    if chat_template:
-        fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(folder)
-    return vocab
+# The word-level tokenizer lives with the synthetic checkpoints; the tests' names for it.
+save_tokenizer = write_tokenizer
 
 
 def tiny_config(kind: str, vocab_size: int, **overrides):

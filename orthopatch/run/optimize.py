@@ -31,8 +31,17 @@ from orthopatch.run.chat import decode, encode_set, load_tokenizer
 from orthopatch.run.evaluate import is_refusal, reply_end_ids
 from orthopatch.run.layerwise import LayerwiseModel, RunSettings, make_batches
 from orthopatch.run.measure import _Means, fill_vanishing
-from orthopatch.run.prompts import PromptChoice, load_markers
-from orthopatch.run.search import Point, TrialFigures, TrialRunner, point_of, refusal_tokens, suggest
+from orthopatch.run.prompts import PromptChoice, PromptSet, load_markers
+from orthopatch.run.search import (
+    CostMeter,
+    PassCost,
+    Point,
+    TrialFigures,
+    TrialRunner,
+    point_of,
+    refusal_tokens,
+    suggest,
+)
 
 INSTALL_HINT = "pip install 'orthopatch[optimize]'"
 STUDY_NAME = "orthopatch-optimize"
@@ -76,6 +85,16 @@ class Trial:
 
 
 @dataclass(frozen=True)
+class Costs:
+    """What each stage of a search cost (wall seconds, bytes read): the measuring pass, each trial run
+    in this call (none of a resumed study's earlier trials), and the greedy confirmation."""
+
+    measuring: PassCost
+    trials: tuple[PassCost, ...]
+    confirmation: PassCost
+
+
+@dataclass(frozen=True)
 class OptimizeResult:
     chosen: Trial
     front: list[Trial]
@@ -86,6 +105,7 @@ class OptimizeResult:
     trials_run: int
     trials_total: int
     seconds: float
+    costs: Costs
 
 
 def require_optuna() -> Any:
@@ -205,6 +225,73 @@ def format_front(front: list[Trial], chosen: Trial, n_harmful: int) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """The prompts and markers of a search, the prompts tokenized: ``ids`` holds ``harmful`` and
+    ``harmless`` (measured on), ``judged`` (harmful, held out) and ``judged_harmless``."""
+
+    harmful: PromptSet
+    harmless: PromptSet
+    judged_harmful: PromptSet
+    judged_harmless: PromptSet
+    markers: tuple[str, ...]
+    ids: dict[str, list[list[int]]]
+
+    def search_hash(self, options: OptimizeOptions) -> str:
+        """sha256 of everything that gives a study's figures their meaning but the model."""
+        key = [SEARCH_VERSION, self.harmful.sha256, self.harmless.sha256, self.judged_harmful.sha256,
+               self.judged_harmless.sha256, options.project_harmless, self.markers, options.run.dtype]
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+
+def load_inputs(options: OptimizeOptions, tokenizer: Any, model: LayerwiseModel) -> Inputs:
+    """The measurement prompts (the user's or the built-in sets), the held-out judged ones and the
+    refusal markers, tokenized with the model's chat template within its context."""
+    harmful = options.choice.choose(options.harmful, "harmful", options.quiet)
+    harmless = options.choice.choose(options.harmless, "harmless", options.quiet)
+    judging = PromptChoice(field=options.choice.field)
+    judged_harmful = judging.choose(options.eval_harmful, "harmful_eval", options.quiet)
+    judged_harmless = judging.choose(options.eval_harmless, "harmless_eval", options.quiet)
+    sets = (("harmful", harmful), ("harmless", harmless), ("judged", judged_harmful),
+            ("judged_harmless", judged_harmless))
+    ids = {name: encode_set(tokenizer, prompts, model.context_length,
+                            reserve=options.max_new_tokens if name == "judged" else 0) for name, prompts in sets}
+    return Inputs(harmful, harmless, judged_harmful, judged_harmless, load_markers(options.markers), ids)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the measuring pass leaves for the trials: the per-layer directions, a trial runner with the
+    source's distributions, the source's own figures and what the pass cost."""
+
+    directions: np.ndarray  # [n_layers + 1, d] float64 unit rows
+    ablation: ActivationAblation
+    runner: TrialRunner
+    source: TrialFigures
+    cost: PassCost
+
+
+def measuring_pass(model: LayerwiseModel, tokenizer: Any, inputs: Inputs, options: OptimizeOptions) -> Measured:
+    """One pass: the per-layer directions from the measurement prompts and, in the same pass, the
+    source's first-token distributions on the judged prompts."""
+    meter = CostMeter(model)
+    ids, n = inputs.ids, model.num_layers
+    n_measure = len(ids["harmful"]) + len(ids["harmless"])
+    means = _Means(len(ids["harmful"]), options.project_harmless)
+    judged = ids["judged"] + ids["judged_harmless"]
+    final = model.run(make_batches(ids["harmful"] + ids["harmless"] + judged, options.run.batch_size),
+                      lambda layer, states: means(layer, states[:n_measure]))
+    if not means.directions:
+        raise OrthopatchError("the harmful and harmless prompts give the same mean at every layer: no direction",
+                              path=options.model)
+    directions = fill_vanishing(means.directions, n)[0].float().double().numpy()
+    source_logits = model.logits(final[n_measure:]).cpu()
+    ablation = ActivationAblation(model)
+    runner = TrialRunner(model, ablation, make_batches(judged, options.run.batch_size), len(ids["judged"]),
+                         refusal_tokens(tokenizer, inputs.markers), source_logits[len(ids["judged"]):])
+    return Measured(directions, ablation, runner, runner.figures(source_logits), meter.cost())
+
+
 def optimize(options: OptimizeOptions, log: Callable[[str], None] | None = None) -> OptimizeResult:
     """Measure, search, confirm and write the chosen point (see the module's docstring)."""
     log = log or (lambda message: None if options.quiet else print(message, file=sys.stderr))
@@ -212,41 +299,20 @@ def optimize(options: OptimizeOptions, log: Callable[[str], None] | None = None)
     check_options(options)
     optuna = require_optuna()
     device, dtype = options.run.torch_device(), options.run.torch_dtype()
-    harmful = options.choice.choose(options.harmful, "harmful", options.quiet)
-    harmless = options.choice.choose(options.harmless, "harmless", options.quiet)
-    judging = PromptChoice(field=options.choice.field)
-    judged_harmful = judging.choose(options.eval_harmful, "harmful_eval", options.quiet)
-    judged_harmless = judging.choose(options.eval_harmless, "harmless_eval", options.quiet)
-    markers = load_markers(options.markers)
     tokenizer = load_tokenizer(options.run.tokenizer or options.model)
     with LayerwiseModel(options.model, device=device, dtype=dtype, logits=True) as model:
-        context, n = model.context_length, model.num_layers
-        ids = {name: encode_set(tokenizer, prompts, context, reserve=options.max_new_tokens if name == "judged" else 0)
-               for name, prompts in (("harmful", harmful), ("harmless", harmless), ("judged", judged_harmful),
-                                     ("judged_harmless", judged_harmless))}
-        search = hashlib.sha256(json.dumps([SEARCH_VERSION, harmful.sha256, harmless.sha256, judged_harmful.sha256,
-                                            judged_harmless.sha256, options.project_harmless, markers,
-                                            options.run.dtype]).encode()).hexdigest()
-        identity = {"model": model_identity(model), "model_name": options.model.name, "search": search}
+        n = model.num_layers
+        inputs = load_inputs(options, tokenizer, model)
+        ids, markers = inputs.ids, inputs.markers
+        identity = {"model": model_identity(model), "model_name": options.model.name,
+                    "search": inputs.search_hash(options)}
         study = open_study(optuna, options, identity)
 
-        # One pass: the per-layer directions and the source's figures on the judged prompts.
-        n_measure = len(ids["harmful"]) + len(ids["harmless"])
-        means = _Means(len(ids["harmful"]), options.project_harmless)
-        judged = ids["judged"] + ids["judged_harmless"]
         log(f"optimize {options.model}: measuring on {len(ids['harmful'])} harmful and {len(ids['harmless'])} "
             f"harmless prompts, {n} blocks, one at a time on {device}")
-        final = model.run(make_batches(ids["harmful"] + ids["harmless"] + judged, options.run.batch_size),
-                          lambda layer, states: means(layer, states[:n_measure]))
-        if not means.directions:
-            raise OrthopatchError("the harmful and harmless prompts give the same mean at every layer: no direction",
-                                  path=options.model)
-        measured = fill_vanishing(means.directions, n)[0].float().double().numpy()
-        source_logits = model.logits(final[n_measure:]).cpu()
-        ablation = ActivationAblation(model)
-        runner = TrialRunner(model, ablation, make_batches(judged, options.run.batch_size), len(ids["judged"]),
-                             refusal_tokens(tokenizer, markers), source_logits[len(ids["judged"]):])
-        source = runner.figures(source_logits)
+        measuring = measuring_pass(model, tokenizer, inputs, options)
+        measured, runner, ablation, source = measuring.directions, measuring.runner, measuring.ablation, \
+            measuring.source
         log(f"source: refusal-opening probability {source.refusal:.4f}, {source.refused}/{len(ids['judged'])} "
             "harmful prompts refused")
 
@@ -276,6 +342,7 @@ def optimize(options: OptimizeOptions, log: Callable[[str], None] | None = None)
         eos = reply_end_ids(tokenizer, options.model)
         log(f"confirming trial {chosen.number} with greedy replies of {options.max_new_tokens} tokens to "
             f"{len(ids['judged'])} harmful prompts (one pass per token)")
+        meter = CostMeter(model)
 
         def refusals() -> int:
             replies = model.greedy(ids["judged"], options.max_new_tokens, eos)
@@ -288,18 +355,19 @@ def optimize(options: OptimizeOptions, log: Callable[[str], None] | None = None)
         ablation.set(rows.astype(np.float64), weights)
         with ablation.hooked():
             confirmed = refusals()
+        costs = Costs(measuring.cost, tuple(runner.costs), meter.cost())
 
     metadata = {"model": options.model.name, "trial": str(chosen.number), "parameters": chosen.point.to_json(),
                 "refusal_probability": repr(chosen.figures.refusal), "kl_mean": repr(chosen.figures.kl_mean),
                 "kl_max": repr(chosen.figures.kl_max), "greedy_refusals": f"{confirmed}/{len(ids['judged'])}",
-                "source_greedy_refusals": f"{source_refusals}/{len(ids['judged'])}", "harmful_sha256": harmful.sha256,
-                "harmless_sha256": harmless.sha256, "eval_harmful_sha256": judged_harmful.sha256,
-                "eval_harmless_sha256": judged_harmless.sha256, "seed": str(options.seed),
+                "source_greedy_refusals": f"{source_refusals}/{len(ids['judged'])}",
+                "harmful_sha256": inputs.harmful.sha256, "harmless_sha256": inputs.harmless.sha256,
+                "eval_harmful_sha256": inputs.judged_harmful.sha256,
+                "eval_harmless_sha256": inputs.judged_harmless.sha256, "seed": str(options.seed),
                 "orthopatch_version": __version__}
     if options.model_repo:
         metadata["model_repo"] = options.model_repo
     save_weighted_direction(options.out, rows, weights, metadata)
     table = format_front(front, chosen, len(ids["judged"]))
     return OptimizeResult(chosen, front, table, confirmed, source_refusals, len(ids["judged"]), todo, len(trials),
-                          round(time.monotonic() - started, 3))
-
+                          round(time.monotonic() - started, 3), costs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -141,9 +142,31 @@ class TrialFigures:
     kl_max: float
 
 
+@dataclass(frozen=True)
+class PassCost:
+    """What a stage cost: wall seconds, bytes read from the shards (the reader's count), and the
+    process's CPU seconds (every thread; on a shared machine the figure that load changes least)."""
+
+    seconds: float
+    bytes_read: int
+    cpu_seconds: float
+
+
+class CostMeter:
+    """Wall time and bytes read since it was made: ``meter.cost()`` at the end of a stage."""
+
+    def __init__(self, model: LayerwiseModel):
+        self.model = model
+        self.started, self.read, self.cpu = time.monotonic(), model.reader.account.bytes_read, time.process_time()
+
+    def cost(self) -> PassCost:
+        return PassCost(time.monotonic() - self.started, self.model.reader.account.bytes_read - self.read,
+                        time.process_time() - self.cpu)
+
+
 class TrialRunner:
     """Runs trials on one model: prompts tokenized and batched once, the source's harmless
-    distributions computed once, the hooks in place."""
+    distributions computed once, the hooks in place. ``costs`` holds each trial's cost, in order."""
 
     def __init__(self, model: LayerwiseModel, ablation: ActivationAblation, batches: list[Batch], n_harmful: int,
                  refusal_ids: list[int], source_logprobs: torch.Tensor):
@@ -151,6 +174,7 @@ class TrialRunner:
         self.n_harmful = n_harmful
         self.refusal_ids = torch.tensor(refusal_ids, dtype=torch.long)
         self.source_logprobs = source_logprobs  # harmless prompts, float64 log-softmax
+        self.costs: list[PassCost] = []
 
     def figures(self, logits: torch.Tensor) -> TrialFigures:
         """The trial's figures from the next-token logits of every prompt (harmful first)."""
@@ -162,8 +186,11 @@ class TrialRunner:
 
     def run(self, point: Point, measured: np.ndarray) -> TrialFigures:
         """One pass over the blocks with ``point`` applied to the activations."""
+        meter = CostMeter(self.model)
         rows = point.rows(measured).astype(np.float32).astype(np.float64)  # as the written file holds them
         self.ablation.set(rows, point.weights(self.model.num_layers))
         with self.ablation.hooked():
             logits = self.model.logits(self.model.run(self.batches)).cpu()
-        return self.figures(logits)
+        figures = self.figures(logits)
+        self.costs.append(meter.cost())
+        return figures
