@@ -15,12 +15,13 @@ refusal-opening probability at the first response position and whether its most 
 opens a refusal, against its greedy reply of 32 tokens judged by the marker phrases (as ``evaluate``
 judges it). Two counts are compared: the old one (refused when the probability is above 0.5) and the
 one trials keep (``orthopatch.run.search.counts_as_refused``), with a sweep of candidate rules; the
-per-prompt figures and replies go to ``WORKDIR/calibration-prompts.json``. A trial is replayed in memory: the per-layer directions ``measure
---per-layer`` writes (what optimize measures), the trial's point turned into rows and weights by
-``orthopatch.run.search``, and forward hooks removing ``s·u(uᵀy)`` from every weighted writer's
-output, ``u`` the unit row (a Llama has no norm after its writers); the replayed count of refused
-prompts is checked against the one the study recorded. Replies to a set's prompts are generated in
-one left-padded batch. Results go to ``WORKDIR/results.json``, a summary to stdout.
+per-prompt figures and replies go to ``WORKDIR/calibration-prompts.json``. A trial is replayed in
+memory: the per-layer directions ``measure --per-layer`` writes (what optimize measures), the trial's
+point turned into rows and weights by ``orthopatch.run.search``, and forward hooks removing
+``s·u(uᵀy)`` from every weighted writer's output, ``u`` the unit row (a Llama has no norm after its
+writers); the replayed count of refused prompts is checked against the one the study recorded.
+Replies to a set's prompts are generated in one left-padded batch. Results go to
+``WORKDIR/results.json``, a summary to stdout.
 """
 
 from __future__ import annotations
