@@ -446,8 +446,10 @@ def evaluate_command(model: Path, source: Path, harmless: str | None, harmful: s
 @click.option("--study", type=click.Path(path_type=Path),
               help="Keep the search in this file (an Optuna journal; .db: SQLite) and resume it when it exists.")
 @click.option("--max-kl", type=float, help="Choose the fewest refusals among trials with at most this mean KL.")
+@click.option("--confirm", type=int, default=3, show_default=True, metavar="K",
+              help="Confirm up to K candidates (1 to 20) with greedy replies; the fewest greedy refusals wins.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True,
-              help="Tokens of the greedy replies that confirm the chosen point.")
+              help="Tokens of the greedy replies that confirm the candidates.")
 @click.option("--refusal-markers", "markers", type=click.Path(path_type=Path),
               help="Phrases (one per line) that make a reply a refusal; their first tokens are the refusal "
                    "openings trials measure [default: the built-in list].")
@@ -457,7 +459,7 @@ def evaluate_command(model: Path, source: Path, harmless: str | None, harmful: s
 @_prompt_options
 def optimize_command(model: Path, out: Path, trials: int, harmful: str | None, harmless: str | None,
                      eval_harmful: str | None, eval_harmless: str | None, study: Path | None,
-                     max_kl: float | None, max_new_tokens: int, markers: Path | None,
+                     max_kl: float | None, confirm: int, max_new_tokens: int, markers: Path | None,
                      project_harmless: bool,
                      overwrite: bool, field: str | None, limit: int | None, seed: int, tokenizer: Path | None,
                      device: str, dtype: str, batch_size: int, quiet: bool, debug: bool) -> None:
@@ -465,18 +467,19 @@ def optimize_command(model: Path, out: Path, trials: int, harmful: str | None, h
 
     Measures the per-layer directions once, then searches (Optuna's TPE sampler, seeded with --seed)
     the direction and the attention and MLP weight profiles; each trial runs every prompt through the
-    blocks once with the ablation applied to the activations. Prints the Pareto front and writes the
-    chosen point (fewest refusals, then least KL) as a weighted direction file.
+    blocks once with the ablation applied to the activations. Confirms up to --confirm candidates (fewest
+    counted refusals, then least KL) with greedy replies, prints the Pareto front and writes the one with
+    the fewest greedy refusals, then least KL, as a weighted direction file.
     """
     from orthopatch.run.layerwise import RunSettings, require_transformers
-    from orthopatch.run.optimize import OptimizeOptions, check_options, optimize, require_optuna
+    from orthopatch.run.optimize import OptimizeOptions, check_options, describe_choice, optimize, require_optuna
     from orthopatch.run.prompts import PromptChoice
 
     with _reported(debug):
         options = OptimizeOptions(model=model, out=out, harmful=harmful, harmless=harmless,
                                   eval_harmful=eval_harmful, eval_harmless=eval_harmless,
                                   choice=PromptChoice(field, limit, seed), trials=trials, seed=seed, study=study,
-                                  max_kl=max_kl, max_new_tokens=max_new_tokens, markers=markers,
+                                  max_kl=max_kl, confirm=confirm, max_new_tokens=max_new_tokens, markers=markers,
                                   project_harmless=project_harmless,
                                   run=RunSettings(device, dtype, batch_size, tokenizer), quiet=quiet,
                                   overwrite=overwrite)
@@ -489,4 +492,5 @@ def optimize_command(model: Path, out: Path, trials: int, harmful: str | None, h
     chosen = result.chosen.figures
     click.echo(f"{out}: trial {result.chosen.number} of {result.trials_total} ({result.trials_run} run now): "
                f"refusal probability {chosen.refusal:.4f}, KL {chosen.kl_mean:.4g}; greedy replies refused "
-               f"{result.confirmed}/{result.harmful_count} (source {result.source_refusals}/{result.harmful_count})")
+               f"{result.confirmed}/{result.harmful_count} (source {result.source_refusals}/{result.harmful_count}); "
+               f"chosen: {describe_choice(result.confirmations, result.harmful_count)}")

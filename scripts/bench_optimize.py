@@ -11,14 +11,17 @@ the calibration's greedy replies (below).
 
 Then the calibration of optimize's no-generation refusal measure: for each evaluated model, and for
 every ``--calibrate-every``-th trial of the study (default 5), each held-out prompt's
-refusal-opening probability at the first response position (counted as refused above 0.5, as a
-trial counts it) against its greedy reply of 32 tokens judged by the marker phrases (as
-``evaluate`` judges it). A trial is replayed in memory: the per-layer directions ``measure
---per-layer`` writes (what optimize measures), the trial's point turned into rows and weights by
-``orthopatch.run.search``, and forward hooks removing ``s·u(uᵀy)`` from every weighted writer's
-output, ``u`` the unit row (a Llama has no norm after its writers); the replayed count of refused
-prompts is checked against the one the study recorded. Replies to a set's prompts are generated in
-one left-padded batch. Results go to ``WORKDIR/results.json``, a summary to stdout.
+refusal-opening probability at the first response position and whether its most likely first token
+opens a refusal, against its greedy reply of 32 tokens judged by the marker phrases (as ``evaluate``
+judges it). Two counts are compared: the old one (refused when the probability is above 0.5) and the
+one trials keep (``orthopatch.run.search.counts_as_refused``), with a sweep of candidate rules; the
+per-prompt figures and replies go to ``WORKDIR/calibration-prompts.json``. A trial is replayed in
+memory: the per-layer directions ``measure --per-layer`` writes (what optimize measures), the trial's
+point turned into rows and weights by ``orthopatch.run.search``, and forward hooks removing
+``s·u(uᵀy)`` from every weighted writer's output, ``u`` the unit row (a Llama has no norm after its
+writers); the replayed count of refused prompts is checked against the one the study recorded.
+Replies to a set's prompts are generated in one left-padded batch. Results go to
+``WORKDIR/results.json``, a summary to stdout.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -110,10 +114,11 @@ class Replay:
                 r = torch.tensor(rows[0 if layer is None else layer], dtype=torch.float64)
                 self.active[module] = ((r / r.norm()).float(), float(s))
 
-    def judge(self, prompts: list[str], max_new_tokens: int = 32) -> list[tuple[float, bool]]:
-        """Per prompt: the refusal-opening probability at the first response position, and whether the
-        greedy reply of ``max_new_tokens`` tokens contains a marker phrase. All prompts go in one batch,
-        left-padded (``evaluate --in-memory`` runs them one at a time; the figures agree to float noise)."""
+    def judge(self, prompts: list[str], max_new_tokens: int = 32) -> list[Judged]:
+        """Per prompt: the refusal-opening probability at the first response position, whether the most
+        likely first token opens a refusal, whether the greedy reply of ``max_new_tokens`` tokens contains
+        a marker phrase, and the reply. All prompts go in one batch, left-padded (``evaluate
+        --in-memory`` runs them one at a time; the figures agree to float noise)."""
         from orthopatch.run.evaluate import is_refusal
 
         torch = self.torch
@@ -126,26 +131,51 @@ class Replay:
             out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                       eos_token_id=self.eos, pad_token_id=pad, output_logits=True,
                                       return_dict_in_generate=True)
-        masses = torch.softmax(out.logits[0].double(), -1)[:, self.refusal_ids].sum(-1).tolist()
+        probs = torch.softmax(out.logits[0].double(), -1)
+        masses = probs[:, self.refusal_ids].sum(-1).tolist()
+        tops = torch.isin(probs.argmax(-1), self.refusal_ids).tolist()
         judged = []
-        for mass, reply in zip(masses, out.sequences[:, width:].tolist(), strict=True):
+        for mass, top, reply in zip(masses, tops, out.sequences[:, width:].tolist(), strict=True):
             ends = [i for i, t in enumerate(reply) if t in self.eos]
             reply = reply[: ends[0] + 1] if ends else reply
-            judged.append((mass, is_refusal(self.tokenizer.decode(reply, skip_special_tokens=True), self.markers)))
+            text = self.tokenizer.decode(reply, skip_special_tokens=True)
+            judged.append(Judged(mass, bool(top), is_refusal(text, self.markers), text))
         return judged
 
 
-def confusion(pairs: list[tuple[float, bool]]) -> dict:
-    """Counts of (proxy refused, greedy refused) over prompts; the proxy counts a mass above 0.5."""
-    from orthopatch.run.search import REFUSED
+class Judged(NamedTuple):
+    """One prompt's first-position figures and its greedy reply."""
 
+    mass: float  # refusal-opening probability at the first response position
+    top: bool  # the most likely first token opens a refusal
+    greedy: bool  # the greedy reply contains a marker phrase
+    reply: str
+
+
+def old_rule(j: Judged) -> bool:
+    """The count before calibration: refused when the refusal-opening mass is above 0.5."""
+    return j.mass > 0.5
+
+
+def new_rule(j: Judged) -> bool:
+    """The count optimize keeps (``orthopatch.run.search.counts_as_refused``)."""
+    from orthopatch.run.search import counts_as_refused
+
+    return counts_as_refused(j.mass, j.top)
+
+
+def confusion(judged: list[Judged], rule=new_rule) -> dict:
+    """Counts of (proxy refused, greedy refused) over prompts, the proxy as ``rule`` counts."""
     c = {"both": 0, "proxy_only": 0, "greedy_only": 0, "neither": 0}
-    for mass, greedy in pairs:
-        proxy = mass > REFUSED
+    for j in judged:
+        proxy, greedy = rule(j), j.greedy
         c["both" if proxy and greedy else "proxy_only" if proxy else "greedy_only" if greedy else "neither"] += 1
     total = sum(c.values())
     c["agreement"] = round((c["both"] + c["neither"]) / total, 4) if total else None
     return c
+
+
+RULES = {"old": old_rule, "new": new_rule}
 
 
 def calibrate(fixture: Path, work: Path, study: Path, every: int = 1) -> dict:
@@ -179,18 +209,37 @@ def calibrate(fixture: Path, work: Path, study: Path, every: int = 1) -> dict:
         judged = {k: replay.judge(v) for k, v in sets.items()}
         for k in sets:
             pooled[k] += judged[k]
-        proxy = sum(m > 0.5 for m, _ in judged["harmful"])
-        rows.append({"trial": t.number, "recorded_refused": t.user_attrs["refused"], "proxy_refused": proxy,
-                     "greedy_refused": sum(g for _, g in judged["harmful"]),
-                     "proxy_refused_harmless": sum(m > 0.5 for m, _ in judged["harmless"]),
-                     "greedy_refused_harmless": sum(g for _, g in judged["harmless"]), "kl_mean": t.values[1]})
+        count = {(k, name): sum(map(rule, judged[k])) for k in sets for name, rule in RULES.items()}
+        rows.append({"trial": t.number, "recorded_refused": t.user_attrs["refused"],
+                     "proxy_refused": count["harmful", "new"], "old_rule_refused": count["harmful", "old"],
+                     "greedy_refused": sum(j.greedy for j in judged["harmful"]),
+                     "proxy_refused_harmless": count["harmless", "new"],
+                     "old_rule_refused_harmless": count["harmless", "old"],
+                     "greedy_refused_harmless": sum(j.greedy for j in judged["harmless"]), "kl_mean": t.values[1]})
     seconds = time.perf_counter() - started
-    counts = [(r["proxy_refused"], r["greedy_refused"]) for r in rows]
-    return {"every": every, "trials": rows, "replay_seconds": round(seconds, 1),
-            "replay_matches_study": sum(r["proxy_refused"] == r["recorded_refused"] for r in rows),
-            "per_trial_pooled": {k: confusion(v) for k, v in pooled.items()},
-            "trials_with_equal_counts": sum(a == b for a, b in counts),
-            "mean_abs_count_difference": round(sum(abs(a - b) for a, b in counts) / len(counts), 3)}
+    (work / "calibration-prompts.json").write_text(json.dumps(
+        {k: [j._asdict() for j in v] for k, v in pooled.items()}) + "\n")
+    out = {"every": every, "trials": rows, "replay_seconds": round(seconds, 1)}
+    for name in RULES:
+        counts = [(r["proxy_refused" if name == "new" else "old_rule_refused"], r["greedy_refused"]) for r in rows]
+        matches = sum(c == r["recorded_refused"] for (c, _), r in zip(counts, rows, strict=True))
+        out[name] = {"replay_matches_study": matches,
+                     "per_trial_pooled": {k: confusion(v, RULES[name]) for k, v in pooled.items()},
+                     "trials_with_equal_counts": sum(a == b for a, b in counts),
+                     "mean_abs_count_difference": round(sum(abs(a - b) for a, b in counts) / len(counts), 3)}
+    out["sweep"] = sweep(pooled["harmful"])
+    return out
+
+
+def sweep(judged: list[Judged]) -> dict:
+    """Pooled harmful agreement of candidate rules: the mass above a threshold, with and without
+    "or the most likely first token opens a refusal"."""
+    out = {}
+    for threshold in (0.5, 0.4, 0.3, 0.2, 0.1, 0.05):
+        out[f"mass>{threshold}"] = confusion(judged, lambda j, t=threshold: j.mass > t)
+        out[f"top or mass>{threshold}"] = confusion(judged, lambda j, t=threshold: j.top or j.mass > t)
+    out["top"] = confusion(judged, lambda j: j.top)
+    return out
 
 
 def per_model(fixture: Path, models: dict[str, Path]) -> dict:
@@ -201,7 +250,8 @@ def per_model(fixture: Path, models: dict[str, Path]) -> dict:
     out = {}
     for name, folder in models.items():
         replay = Replay(folder, fixture / "model")
-        out[name] = {k: confusion(replay.judge(v)) for k, v in sets.items()}
+        judged = {k: replay.judge(v) for k, v in sets.items()}
+        out[name] = {rule: {k: confusion(v, RULES[rule]) for k, v in judged.items()} for rule in RULES}
     return out
 
 
@@ -254,7 +304,7 @@ def refuser(args: argparse.Namespace) -> dict:
     models = {"source": source, "measure": work / "measured-model", "optimize": work / "optimized-model"}
     result["per_model"] = per_model(fixture, models)
     for name in ("measure", "optimize"):
-        harmless = result["per_model"][name]["harmless"]
+        harmless = result["per_model"][name]["new"]["harmless"]
         result[name]["refused_harmless"] = harmless["both"] + harmless["greedy_only"]
     loads.append(os.getloadavg())
     if not args.skip_calibration:
@@ -287,13 +337,17 @@ def summary(r: dict) -> str:
                      f"{x['refused_harmless']:>8}/{x['harmless_count']:<7}  {x['kl_mean']:.4g}  {x['kl_max']:.4g}")
     lines.append(f"target {r['target']}; load average (1 min) {r['load_average_1min']}")
     lines.append(f"per model (proxy against greedy): {json.dumps(r['per_model'])}")
+    lines.append(f"optimize's last line: {r['optimize']['last_line']}")
     cal = r.get("calibration")
     if cal:
-        lines.append(f"calibration (every {cal['every']}-th trial): replay matches the study's count in "
-                     f"{cal['replay_matches_study']}/"
-                     f"{len(cal['trials'])} trials; equal counts in {cal['trials_with_equal_counts']} trials; "
-                     f"mean |proxy − greedy| {cal['mean_abs_count_difference']}")
-        lines.append(f"  pooled over trials: {json.dumps(cal['per_trial_pooled'])}")
+        for rule in RULES:
+            c = cal[rule]
+            lines.append(f"calibration, {rule} rule (every {cal['every']}-th trial): replay matches the study's count "
+                         f"in {c['replay_matches_study']}/{len(cal['trials'])} trials; equal counts in "
+                         f"{c['trials_with_equal_counts']} trials; mean |proxy − greedy| "
+                         f"{c['mean_abs_count_difference']}")
+            lines.append(f"  pooled over trials: {json.dumps(c['per_trial_pooled'])}")
+        lines.append(f"  candidate rules, pooled harmful: {json.dumps(cal['sweep'])}")
     return "\n".join(lines)
 
 

@@ -237,3 +237,71 @@ def test_the_choice_and_the_pareto_front():
     assert choose(trials, 0.5).number == 1
     with pytest.raises(OrthopatchError, match="lowest is 0"):
         choose(trials[1:], 0.1)
+
+
+def test_confirm_bad_values_are_one_line(planted, tmp_path):
+    from tests.helpers import cli, one_error_line
+
+    folder, _ = planted
+    out = tmp_path / "o.safetensors"
+    for value in (0, 21, -1):
+        assert f"--confirm must be from 1 to 20, not {value}" in one_error_line(
+            cli("optimize", folder, "-o", out, "--confirm", value))
+    assert "--confirm" in cli("optimize", folder, "-o", out, "--confirm", "x").output  # not a number: click's line
+    assert not out.exists()
+
+
+def test_the_candidates_to_confirm():
+    from orthopatch.run.optimize import Confirmed, Trial, candidates, choose_confirmed
+    from orthopatch.run.search import Point, Profile, TrialFigures
+
+    point = Point(True, None, Profile(1, 1, 0, 1), Profile(0, 1, 0, 1), False)
+    trials = [Trial(i, point, TrialFigures(refusal, refused, kl, kl)) for i, (refusal, refused, kl) in
+              enumerate([(0.9, 30, 0.0), (0.2, 4, 0.3), (0.1, 0, 0.9), (0.05, 0, 1.2), (0.3, 5, 0.4),
+                         (0.12, 0, 0.5)])]
+    # choose's trial first (0 refused, least KL), then the front's by refusals counted, then KL.
+    assert [t.number for t in candidates(trials, None, 3)] == [5, 2, 3]
+    assert [t.number for t in candidates(trials, None, 1)] == [5]
+    # Within --max-kl, choose's trial is the least refusal probability among the fewest refused; trial 3's KL
+    # is above it.
+    assert [t.number for t in candidates(trials, 1.0, 20)] == [2, 5, 1, 0]
+    confirmed = [Confirmed(trials[5], 6), Confirmed(trials[2], 2), Confirmed(trials[3], 2)]
+    assert choose_confirmed(confirmed).trial.number == 2  # fewest greedy refusals, then least KL
+
+
+@pytest.mark.parametrize("order", ["first", "last"])
+def test_the_written_point_follows_the_greedy_counts(searched, tmp_path, monkeypatch, order):
+    """With greedy counts that favour the last (or first) confirmed candidate, that one is written,
+    the final line says why, and the file records every candidate's count."""
+    import json
+
+    from safetensors import safe_open
+
+    import orthopatch.run.optimize as optimize_module
+
+    folder, _, markers, _ = searched
+    calls = []
+
+    def fake(model, tokenizer, prompts, max_new_tokens, eos, markers):
+        calls.append(len(calls))
+        if len(calls) == 1:
+            return len(prompts)  # the source
+        return 10 + len(calls) if order == "first" else 10 - len(calls)
+
+    monkeypatch.setattr(optimize_module, "greedy_refusals", fake)
+    out = tmp_path / "w.safetensors"
+    result = run_optimize(folder, out, "--seed", 7, "--refusal-markers", markers, "--confirm", 4)
+    assert result.exit_code == 0, result.output
+    with safe_open(out, "pt") as f:
+        metadata = f.metadata()
+    confirmed = json.loads(metadata["confirmed_candidates"])
+    assert len(calls) == len(confirmed) + 1 and 2 <= len(confirmed) <= 4
+    assert [c["greedy_refusals"] for c in confirmed] == [fake_count for fake_count in
+                                                          (10 + i if order == "first" else 10 - i
+                                                           for i in range(2, len(confirmed) + 2))]
+    expected = confirmed[0] if order == "first" else confirmed[-1]
+    assert metadata["trial"] == str(expected["trial"])
+    assert metadata["greedy_refusals"] == f"{expected['greedy_refusals']}/32"
+    last = result.stdout.strip().splitlines()[-1]
+    assert f"trial {expected['trial']} of {TRIALS}" in last
+    assert f"fewest greedy refusals, then least KL, of {len(confirmed)} candidates" in last

@@ -4,8 +4,10 @@ One pass measures the per-layer directions (as ``measure --per-layer``) on the m
 and, in the same pass, the source's first-token distributions on the held-out prompts the trials are
 judged on. Then Optuna's TPE sampler (two objectives: the refusal-opening probability on harmful
 prompts and the KL divergence on harmless ones, fixed seed) proposes points; each trial is one more
-pass over the blocks with the point applied to the activations. The chosen point is confirmed with
-greedy replies, as ``evaluate`` judges them, and written as a weighted direction file ``apply`` reads.
+pass over the blocks with the point applied to the activations. Up to ``--confirm`` candidates (the
+fewest counted refusals, then the least KL) are confirmed with greedy replies, as ``evaluate`` judges
+them; the one with the fewest greedy refusals, then the least KL, is written as a weighted direction
+file ``apply`` reads.
 """
 
 from __future__ import annotations
@@ -46,10 +48,13 @@ from orthopatch.run.search import (
 INSTALL_HINT = "pip install 'orthopatch[optimize]'"
 STUDY_NAME = "orthopatch-optimize"
 #: Changes when the parameters or the figures change meaning: a study of another version is refused.
-SEARCH_VERSION = 1
+SEARCH_VERSION = 2
 #: Random trials before the TPE sampler models the results.
 STARTUP_TRIALS = 20
 DEFAULT_TRIALS = 100
+#: Candidates confirmed with greedy replies: by default, and at most.
+DEFAULT_CONFIRM = 3
+MAX_CONFIRM = 20
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class OptimizeOptions:
     study: Path | None = None
     max_kl: float | None = None
     max_new_tokens: int = 32
+    confirm: int = DEFAULT_CONFIRM  # candidates confirmed with greedy replies
     markers: Path | None = None  # refusal marker phrases; None: the built-in list
     project_harmless: bool = True
     run: RunSettings = field(default_factory=RunSettings)
@@ -95,6 +101,14 @@ class Costs:
 
 
 @dataclass(frozen=True)
+class Confirmed:
+    """A candidate and its refusals in greedy replies to the judged harmful prompts."""
+
+    trial: Trial
+    refused: int
+
+
+@dataclass(frozen=True)
 class OptimizeResult:
     chosen: Trial
     front: list[Trial]
@@ -106,6 +120,7 @@ class OptimizeResult:
     trials_total: int
     seconds: float
     costs: Costs
+    confirmations: tuple[Confirmed, ...] = ()  # every confirmed candidate, in the order confirmed
 
 
 def require_optuna() -> Any:
@@ -124,6 +139,8 @@ def check_options(options: OptimizeOptions) -> None:
         raise OrthopatchError(f"--trials must be at least 1, not {options.trials}")
     if options.max_kl is not None and not options.max_kl >= 0:
         raise OrthopatchError(f"--max-kl must be a number ≥ 0, not {options.max_kl}")
+    if not 1 <= options.confirm <= MAX_CONFIRM:
+        raise OrthopatchError(f"--confirm must be from 1 to {MAX_CONFIRM}, not {options.confirm}")
     if options.max_new_tokens < 1:
         raise OrthopatchError(f"--max-new-tokens must be at least 1, not {options.max_new_tokens}")
     if options.out.suffix.lower() != ".safetensors":
@@ -212,6 +229,48 @@ def choose(trials: list[Trial], max_kl: float | None) -> Trial:
         raise OrthopatchError(f"no trial has a mean KL of at most {max_kl:g} (the lowest is {lowest:.4g}): raise "
                               "--max-kl, or run more trials with --study")
     return min(within, key=lambda t: (t.figures.refused, t.figures.refusal, t.figures.kl_mean, t.number))
+
+
+def candidates(trials: list[Trial], max_kl: float | None, count: int) -> list[Trial]:
+    """Up to ``count`` trials to confirm: :func:`choose`'s, then the Pareto front's (within ``max_kl``) by
+    fewest counted refusals, then least KL."""
+    first = choose(trials, max_kl)
+    rest = [t for t in pareto_front(trials) if t is not first and (max_kl is None or t.figures.kl_mean <= max_kl)]
+    rest.sort(key=lambda t: (t.figures.refused, t.figures.kl_mean, t.figures.refusal, t.number))
+    return [first, *rest][:count]
+
+
+def choose_confirmed(confirmed: list[Confirmed]) -> Confirmed:
+    """The candidate with the fewest refusals in greedy replies, then the least KL."""
+    return min(confirmed, key=lambda c: (c.refused, c.trial.figures.kl_mean, c.trial.number))
+
+
+def greedy_refusals(model: LayerwiseModel, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
+                    eos: set[int], markers: tuple[str, ...]) -> int:
+    """Greedy replies to ``prompts`` (with whatever ablation is hooked in) that ``evaluate`` calls refusals."""
+    replies = model.greedy(prompts, max_new_tokens, eos)
+    return sum(is_refusal(decode(tokenizer, r), markers) for r in replies)
+
+
+def confirm(model: LayerwiseModel, ablation: ActivationAblation, measured: np.ndarray, chosen: list[Trial],
+            refusals: Callable[[], int]) -> list[Confirmed]:
+    """Each candidate's greedy refusals, its point applied to the activations as the written file holds it."""
+    out = []
+    for trial in chosen:
+        ablation.set(trial.point.rows(measured).astype(np.float32).astype(np.float64),
+                     trial.point.weights(model.num_layers))
+        with ablation.hooked():
+            out.append(Confirmed(trial, refusals()))
+    ablation.clear()
+    return out
+
+
+def describe_choice(confirmed: tuple[Confirmed, ...], n_harmful: int) -> str:
+    """Which candidate was written and why, for the final line."""
+    if len(confirmed) <= 1:
+        return "the only candidate confirmed"
+    each = ", ".join(f"trial {c.trial.number} {c.refused}/{n_harmful}" for c in confirmed)
+    return f"fewest greedy refusals, then least KL, of {len(confirmed)} candidates ({each})"
 
 
 def format_front(front: list[Trial], chosen: Trial, n_harmful: int) -> str:
@@ -335,34 +394,37 @@ def optimize(options: OptimizeOptions, log: Callable[[str], None] | None = None)
         if todo:
             study.optimize(objective, n_trials=todo, catch=())
         trials = finished(optuna, study)
-        chosen = choose(trials, options.max_kl)
         front = pareto_front(trials)
+        to_confirm = candidates(trials, options.max_kl, options.confirm)
 
-        # Confirm the chosen point, and the source, with greedy replies as evaluate judges them.
+        # Confirm the candidates, and the source, with greedy replies as evaluate judges them.
         eos = reply_end_ids(tokenizer, options.model)
-        log(f"confirming trial {chosen.number} with greedy replies of {options.max_new_tokens} tokens to "
-            f"{len(ids['judged'])} harmful prompts (one pass per token)")
+        log(f"confirming {len(to_confirm)} candidate(s) (trials {', '.join(str(t.number) for t in to_confirm)}) "
+            f"with greedy replies of {options.max_new_tokens} tokens to {len(ids['judged'])} harmful prompts "
+            "(one pass per token)")
         meter = CostMeter(model)
 
         def refusals() -> int:
-            replies = model.greedy(ids["judged"], options.max_new_tokens, eos)
-            return sum(is_refusal(decode(tokenizer, r), markers) for r in replies)
+            return greedy_refusals(model, tokenizer, ids["judged"], options.max_new_tokens, eos, markers)
 
         ablation.clear()
         source_refusals = refusals()
+        confirmations = confirm(model, ablation, measured, to_confirm, refusals)
+        best = choose_confirmed(confirmations)
+        chosen, confirmed = best.trial, best.refused
         rows = chosen.point.rows(measured).astype(np.float32)
         weights = chosen.point.weights(n)
-        ablation.set(rows.astype(np.float64), weights)
-        with ablation.hooked():
-            confirmed = refusals()
         costs = Costs(measuring.cost, tuple(runner.costs), meter.cost())
 
     metadata = {"model": options.model.name, "trial": str(chosen.number), "parameters": chosen.point.to_json(),
                 "refusal_probability": repr(chosen.figures.refusal), "kl_mean": repr(chosen.figures.kl_mean),
                 "kl_max": repr(chosen.figures.kl_max), "greedy_refusals": f"{confirmed}/{len(ids['judged'])}",
                 "source_greedy_refusals": f"{source_refusals}/{len(ids['judged'])}",
-                "harmful_sha256": inputs.harmful.sha256, "harmless_sha256": inputs.harmless.sha256,
-                "eval_harmful_sha256": inputs.judged_harmful.sha256,
+                "confirmed_candidates": json.dumps([{"trial": c.trial.number, "greedy_refusals": c.refused,
+                                                     "refused_counted": c.trial.figures.refused,
+                                                     "kl_mean": c.trial.figures.kl_mean} for c in confirmations]),
+                "harmful_sha256": inputs.harmful.sha256,
+                "harmless_sha256": inputs.harmless.sha256, "eval_harmful_sha256": inputs.judged_harmful.sha256,
                 "eval_harmless_sha256": inputs.judged_harmless.sha256, "seed": str(options.seed),
                 "orthopatch_version": __version__}
     if options.model_repo:
@@ -370,4 +432,4 @@ def optimize(options: OptimizeOptions, log: Callable[[str], None] | None = None)
     save_weighted_direction(options.out, rows, weights, metadata)
     table = format_front(front, chosen, len(ids["judged"]))
     return OptimizeResult(chosen, front, table, confirmed, source_refusals, len(ids["judged"]), todo, len(trials),
-                          round(time.monotonic() - started, 3), costs)
+                          round(time.monotonic() - started, 3), costs, tuple(confirmations))

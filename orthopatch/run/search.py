@@ -7,7 +7,8 @@ a position, falling linearly to a minimum over a distance, zero beyond), and whe
 are patched. A *trial* runs one pass over the blocks with every harmful and harmless prompt, the
 point applied to the activations (:mod:`orthopatch.run.ablation`), and reads two figures from the
 first response position: the probability of a refusal opening on harmful prompts, and the KL
-divergence from the source's distribution on harmless ones.
+divergence from the source's distribution on harmless ones. It also counts the harmful prompts that
+look refused (:func:`counts_as_refused`), the count the choice ranks by.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ ATTENTION_MAX = (0.8, 1.5)
 MLP_MAX = (0.0, 1.5)
 #: The maximum's position, as fractions of the last block's index.
 POSITION_RANGE = (0.3, 1.0)
-#: A trial whose refusal-opening probability on a prompt is above this counts that prompt as refused.
+#: A prompt whose refusal-opening probability is above this counts as refused (see :func:`counts_as_refused`).
 REFUSED = 0.5
 
 
@@ -132,12 +133,19 @@ def refusal_tokens(tokenizer: Any, markers: tuple[str, ...]) -> list[int]:
     return sorted(ids)
 
 
+def counts_as_refused(mass: float, top_opens: bool) -> bool:
+    """Whether a prompt counts as refused without generating: the most likely first token opens a
+    refusal (it is the greedy reply's first token), or the refusal openings together hold more than
+    ``REFUSED`` of the probability."""
+    return bool(top_opens) or mass > REFUSED
+
+
 @dataclass(frozen=True)
 class TrialFigures:
     """What one trial measured."""
 
     refusal: float  # mean probability of a refusal opening at the first response position, harmful prompts
-    refused: int  # harmful prompts whose refusal-opening probability is above REFUSED
+    refused: int  # harmful prompts that count as refused (counts_as_refused)
     kl_mean: float  # KL(source ‖ ablated) at the first response position, harmless prompts, nats
     kl_max: float
 
@@ -181,8 +189,10 @@ class TrialRunner:
         harmful, harmless = logits[: self.n_harmful].double(), logits[self.n_harmful:].double()
         mass = torch.softmax(harmful, dim=-1)[:, self.refusal_ids].sum(-1) if len(self.refusal_ids) else \
             torch.zeros(harmful.shape[0], dtype=torch.float64)
+        top_opens = torch.isin(harmful.argmax(-1), self.refusal_ids)
         kl = kl_divergence(self.source_logprobs, harmless)
-        return TrialFigures(float(mass.mean()), int((mass > REFUSED).sum()), float(kl.mean()), float(kl.max()))
+        refused = int((top_opens | (mass > REFUSED)).sum())  # as counts_as_refused, for every prompt at once
+        return TrialFigures(float(mass.mean()), refused, float(kl.mean()), float(kl.max()))
 
     def run(self, point: Point, measured: np.ndarray) -> TrialFigures:
         """One pass over the blocks with ``point`` applied to the activations."""
