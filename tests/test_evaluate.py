@@ -156,6 +156,38 @@ def test_streamed_greedy_replies_equal_transformers_generate(tiny_models, family
     assert streamed.bytes_read > 6 * open_checkpoint(folder).total_bytes * 0.5  # one pass per token
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_prompts_of_one_length_share_a_batch_and_end_apart(tiny_models, family):
+    """Prompts of equal length are generated together; one that ends keeps its reply, the others go on,
+    and every reply equals transformers' prompt-by-prompt one."""
+    from orthopatch.run.chat import encode_set, load_tokenizer
+    from orthopatch.run.evaluate import InMemoryRunner, StreamedRunner
+    from orthopatch.run.prompts import builtin_prompts
+
+    folder = tiny_models(family)
+    prompts = encode_set(load_tokenizer(folder), builtin_prompts("harmful_eval").sample(6, 1), None)
+    shortest = min(len(p) for p in prompts)
+    prompts = prompts + [p[:shortest - 1] + p[-1:] for p in prompts[:4]]  # four of one length
+    streamed = StreamedRunner(folder, torch.device("cpu"), torch.float32, batch_size=2)
+    in_memory = InMemoryRunner(folder, torch.device("cpu"), torch.float32)
+    free = in_memory.greedy(prompts, 5, eos=set())
+    batches_per_pass = []
+    run = streamed.model.run
+
+    def counting(batches, *args, **kwargs):
+        batches_per_pass.append(len(batches))
+        return run(batches, *args, **kwargs)
+
+    streamed.model.run = counting
+    assert streamed.greedy(prompts, 5, eos=set()) == free
+    assert batches_per_pass == [len({len(p) for p in prompts})] * 5
+    # a token of the last short prompt's reply that another prompt of its length never generates
+    stop = next(t for t in free[-1] if any(t not in r for r in free[-4:-1]))
+    expected = [r[: next((i + 1 for i, t in enumerate(r) if t == stop), len(r))] for r in free]
+    assert len(expected[-1]) < 5 and any(len(r) == 5 for r in expected[-4:-1])
+    assert streamed.greedy(prompts, 5, eos={stop}) == expected
+
+
 # -- figures that are not numbers ---------------------------------------------------------------------
 
 def test_nan_is_an_error_in_evaluate_and_a_warning_in_apply_evaluate(tiny_models, tmp_path):

@@ -7,7 +7,7 @@
 - Refusal rate on harmful prompts held out from measurement: greedy generation of
   ``max_new_tokens`` tokens; a reply containing a marker phrase (case-insensitive) is a refusal.
   Streamed, every generated token is one more pass over the weights (the checkpoint is read once per
-  token; each prompt keeps its own key-value cache, so a pass computes only the new token);
+  token; prompts of one length share a key-value cache, so a pass computes only the new tokens);
   ``in_memory`` loads each model whole with transformers and generates with its cache.
 """
 

@@ -444,23 +444,36 @@ class LayerwiseModel:
     @torch.inference_mode()
     def greedy(self, prompts: list[list[int]], max_new_tokens: int, eos: set[int]) -> list[list[int]]:
         """Greedy replies: each generated token is one pass over every block (the weights are read
-        once per token). Each prompt is its own batch with its own key-value cache, so a pass
-        computes only the new token."""
-        caches = [self._new_cache() for _ in prompts]
+        once per token). Prompts of the same length share a batch and a key-value cache, so a pass
+        computes only the new token of each, with no padding; a prompt's tokens after its end are
+        dropped, and a batch leaves the passes when all its prompts have ended."""
         keyword = self._cache_keyword()
-        feed = [list(p) for p in prompts]
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(len(p), []).append(i)
+        going = [(members, self._new_cache()) for _, members in sorted(groups.items(), reverse=True)]
+        feed = {i: list(prompts[i]) for i in range(len(prompts))}
         replies: list[list[int]] = [[] for _ in prompts]
-        going = list(range(len(prompts)))
+        ended: set[int] = set()
         for _ in range(max_new_tokens):
             if not going:
                 break
-            batches = [Batch(torch.tensor([feed[i]]), torch.tensor([len(feed[i])]), (k,)) for k, i in enumerate(going)]
-            final = self.run(batches, forward=[{keyword: caches[i], "use_cache": True} for i in going])
+            batches, first = [], 0
+            for members, _cache in going:
+                ids = torch.tensor([feed[i] for i in members])
+                batches.append(Batch(ids, torch.full((len(members),), ids.shape[1]),
+                                     tuple(range(first, first + len(members)))))
+                first += len(members)
+            final = self.run(batches, forward=[{keyword: cache, "use_cache": True} for _, cache in going])
             tokens = self.logits(final).argmax(-1).tolist()
-            for i, token in zip(going, tokens, strict=True):
-                replies[i].append(token)
+            order = [i for members, _ in going for i in members]
+            for i, token in zip(order, tokens, strict=True):
                 feed[i] = [token]
-            going = [i for i, t in zip(going, tokens, strict=True) if t not in eos]
+                if i not in ended:
+                    replies[i].append(token)
+                    if token in eos:
+                        ended.add(i)
+            going = [(members, cache) for members, cache in going if not ended.issuperset(members)]
         return replies
 
     # -- the output head ---------------------------------------------------------------------------
