@@ -166,22 +166,22 @@ def _first_minimum(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return high, low
 
 
-def _q4_1(blocks: np.ndarray) -> np.ndarray:
+def _with_minimum(blocks: np.ndarray, top: int, top_bit: int | None, fifth_bits: bool) -> np.ndarray:
+    """Q4_1 (``top`` 15) and Q5_1 (31): a step and the block's minimum, levels ``0..top`` above it."""
     high, low = _first_minimum(blocks)
-    step = (high - low) / F32(15)
+    step = (high - low) / F32(top)
     step += F32(0)  # C's max and min are the same element in an all-zero block: +0.0, whatever its sign
     shifted = blocks - low[:, None]
     shifted *= _inverse(step)
-    return _blocks_out(_header(step, low), _levels(shifted, 0.5, 4), False)
+    return _blocks_out(_header(step, low), _levels(shifted, 0.5, top_bit), fifth_bits)
+
+
+def _q4_1(blocks: np.ndarray) -> np.ndarray:
+    return _with_minimum(blocks, 15, 4, False)
 
 
 def _q5_1(blocks: np.ndarray) -> np.ndarray:
-    high, low = _first_minimum(blocks)
-    step = (high - low) / F32(31)
-    step += F32(0)  # C's max and min are the same element in an all-zero block: +0.0, whatever its sign
-    shifted = blocks - low[:, None]
-    shifted *= _inverse(step)
-    return _blocks_out(_header(step, low), _levels(shifted, 0.5, None), True)
+    return _with_minimum(blocks, 31, None, True)
 
 
 PieceQuantizer = Callable[[np.ndarray], np.ndarray]
