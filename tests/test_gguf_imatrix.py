@@ -9,6 +9,7 @@ import hashlib
 import json
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -257,18 +258,27 @@ HOSTILE = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(HOSTILE))
-def test_hostile_legacy_files_are_one_line_and_write_nothing(case: str, tmp_path: Path) -> None:
+def _refused_in_one_line(tmp_path: Path, write_bad: Callable[[], Path], names_tensor: bool) -> None:
+    """``apply --imatrix`` with the file ``write_bad`` writes: one line naming it (and the tensor), nothing written."""
     src = write_gguf(tmp_path / "tiny.gguf", Q.Q4_0)
     r_path, _ = direction(tmp_path / "refusal_dir.pth")
-    bad = tmp_path / "bad.dat"
-    bad.write_bytes(HOSTILE[case])
+    bad = write_bad()
     before = sorted(p.name for p in tmp_path.iterdir())
     line = one_error_line(cli("apply", src, r_path, "--imatrix", bad))
-    assert "bad.dat" in line
-    if case == "wrong nval for the tensor":
+    assert bad.name in line
+    if names_tensor:
         assert "blk.0.ffn_down.weight" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_legacy_files_are_one_line_and_write_nothing(case: str, tmp_path: Path) -> None:
+    def write_bad() -> Path:
+        bad = tmp_path / "bad.dat"
+        bad.write_bytes(HOSTILE[case])
+        return bad
+
+    _refused_in_one_line(tmp_path, write_bad, case == "wrong nval for the tensor")
 
 
 def _gguf_case(case: str, path: Path) -> Path:
@@ -302,15 +312,8 @@ def _gguf_case(case: str, path: Path) -> Path:
 @pytest.mark.parametrize("case", ["no metadata", "sums without counts", "counts not F32", "infinite count",
                                   "wrong length for the tensor", "truncated"])
 def test_hostile_gguf_files_are_one_line_and_write_nothing(case: str, tmp_path: Path) -> None:
-    src = write_gguf(tmp_path / "tiny.gguf", Q.Q4_0)
-    r_path, _ = direction(tmp_path / "refusal_dir.pth")
-    bad = _gguf_case(case, tmp_path / "bad.gguf.imatrix")
-    before = sorted(p.name for p in tmp_path.iterdir())
-    line = one_error_line(cli("apply", src, r_path, "--imatrix", bad))
-    assert "bad.gguf.imatrix" in line
-    if case == "wrong length for the tensor":
-        assert "blk.0.ffn_down.weight" in line
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    _refused_in_one_line(tmp_path, lambda: _gguf_case(case, tmp_path / "bad.gguf.imatrix"),
+                         case == "wrong length for the tensor")
 
 
 def test_imatrix_with_a_safetensors_model_is_refused(tmp_path: Path) -> None:
