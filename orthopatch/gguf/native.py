@@ -1,0 +1,166 @@
+"""The C quantizers: built once per machine from the package's own sources, loaded through ctypes.
+
+ggml's quantizers keep each block in registers; numpy has to make whole-array passes for every step
+of a scale search, and is slower than llama.cpp's quantizer on most types. The sources in ``csrc/``
+hold the same rules as :mod:`orthopatch.gguf.plainquants` and :mod:`orthopatch.gguf.kquants`, written
+in C, and write the same bytes (the tests compare both with llama.cpp). They are compiled with the
+system's C compiler the first time a process needs them, into a cache folder keyed by the sources,
+flags and compiler, so later runs only load the library. Every float operation is an IEEE float32
+operation in the order written (``-ffp-contract=off``, no ``-ffast-math``), so the bytes depend on
+neither the CPU nor the compiler's vector width. Where no compiler works, or ``ORTHOPATCH_NATIVE=0``
+is set, the numpy quantizers run instead: the same bytes, more slowly. A ctypes call releases the
+GIL, so row ranges quantized on several threads run in parallel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+SOURCE_DIR = Path(__file__).with_name("csrc")
+
+FLAGS = ("-O2", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing", "-fPIC",
+         "-shared", "-fvisibility=hidden")  # fmt: skip
+"""Compiler flags. ``-ffp-contract=off`` keeps ``a * b + c`` two roundings, as numpy and ggml's reference
+code compute it; no ``-march``, so a library in a shared cache runs on every CPU of the architecture."""
+
+DISABLE_VARIABLE = "ORTHOPATCH_NATIVE"
+"""Set to ``0`` to use the numpy quantizers even where the C ones can be built."""
+
+CACHE_VARIABLE = "ORTHOPATCH_CACHE_DIR"
+"""Folder for the built library; default ``$XDG_CACHE_HOME/orthopatch`` or ``~/.cache/orthopatch``."""
+
+COMPILERS = ("cc", "gcc", "clang")
+"""Compilers tried in order when ``CC`` names none."""
+
+BuiltQuantizer = Callable[[np.ndarray], np.ndarray]
+"""Float32 values (whole blocks, C order, 1-D) to their bytes."""
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def enabled() -> bool:
+    """Whether the C quantizers are wanted (``ORTHOPATCH_NATIVE`` is not ``0``)."""
+    return os.environ.get(DISABLE_VARIABLE, "1").strip() not in ("0", "false", "no", "off")
+
+
+def unavailable_reason() -> str | None:
+    """Why the C quantizers are not used in this process, or None when they are."""
+    if not enabled():
+        return f"{DISABLE_VARIABLE}=0 is set"
+    _library()
+    return _state.get("reason")  # type: ignore[return-value]
+
+
+def native_quantizer(type_name: str, block_values: int, block_bytes: int) -> BuiltQuantizer | None:
+    """The C quantizer for GGML type ``type_name`` (blocks of ``block_values`` values in ``block_bytes``
+    bytes), or None when there is none or the C quantizers are not available."""
+    if not enabled():
+        return None
+    library = _library()
+    if library is None:
+        return None
+    try:
+        function = getattr(library, f"orthopatch_quantize_{type_name.lower()}")
+    except AttributeError:
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    function.restype = None
+
+    def quantize(values: np.ndarray) -> np.ndarray:
+        flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+        blocks = flat.size // block_values
+        if blocks * block_values != flat.size:
+            raise ValueError(f"{type_name} needs a whole number of {block_values}-value blocks, not {flat.size} values")
+        out = np.empty(blocks * block_bytes, np.uint8)
+        if blocks:
+            function(flat.ctypes.data, out.ctypes.data, blocks)
+        return out
+
+    return quantize
+
+
+def _library() -> ctypes.CDLL | None:
+    """The loaded library, built on first use; None (with ``_state["reason"]``) when it cannot be."""
+    with _lock:
+        if "library" not in _state:
+            try:
+                _state["library"] = ctypes.CDLL(str(_built_library()))
+            except (OSError, subprocess.SubprocessError) as error:
+                _state["library"] = None
+                _state["reason"] = str(error).splitlines()[0] if str(error) else type(error).__name__
+                print(f"orthopatch: the C quantizers are unavailable ({_state['reason']}); "
+                      "the numpy ones write the same bytes, more slowly", file=sys.stderr)  # fmt: skip
+        return _state["library"]  # type: ignore[return-value]
+
+
+def _compiler() -> list[str]:
+    """The compiler command: ``$CC`` (which may carry flags), else the first of :data:`COMPILERS` found."""
+    named = os.environ.get("CC", "").split()
+    if named:
+        return named
+    for name in COMPILERS:
+        if shutil.which(name):
+            return [name]
+    raise OSError("no C compiler found (set CC, or install cc, gcc or clang)")
+
+
+def _sources() -> list[Path]:
+    return sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in (".c", ".h"))
+
+
+def cache_dir() -> Path:
+    """Where the built library is kept."""
+    named = os.environ.get(CACHE_VARIABLE)
+    if named:
+        return Path(named)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "orthopatch"
+
+
+def _built_library() -> Path:
+    """The library for these sources, flags and compiler: from the cache, or compiled into it now."""
+    compiler = _compiler()
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60, check=True)
+    key = hashlib.sha256()
+    for part in (platform.machine(), sys.platform, " ".join(compiler), version.stdout, " ".join(FLAGS)):
+        key.update(part.encode() + b"\0")
+    for source in _sources():
+        key.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    folder = cache_dir()
+    target = folder / f"quants-{key.hexdigest()[:20]}.so"
+    if target.exists():
+        _check_owned(target)
+        return target
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as scratch:
+        built = Path(scratch) / target.name
+        sources = [str(p) for p in _sources() if p.suffix == ".c"]
+        result = subprocess.run([*compiler, *FLAGS, "-o", str(built), *sources, "-lm"],
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        if result.returncode != 0:
+            detail = (result.stderr.strip().splitlines() or ["no message"])[0]
+            raise OSError(f"{compiler[0]} failed: {detail}")
+        os.replace(built, target)  # whole or absent: a concurrent build replaces it with the same bytes
+    return target
+
+
+def _check_owned(path: Path) -> None:
+    """Refuse a cached library that someone else could have written."""
+    info = path.stat()
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise OSError(f"{path} belongs to another user")
+    if info.st_mode & 0o022:
+        raise OSError(f"{path} is writable by others")
