@@ -8,6 +8,10 @@
  */
 #include "ggml_float.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #define SUPER_BLOCK 256
 #define SUB_SIZE 16
 #define SUBS (SUPER_BLOCK / SUB_SIZE)
@@ -206,13 +210,113 @@ OP_EXPORT void orthopatch_quantize_q3_k(const float *x, uint8_t *out, int64_t n_
     }
 }
 
+/* make_qx_quants for QX_LANES sub-blocks at once: lane s of every vector belongs to sub-block s, and each
+ * lane's arithmetic is qx_quants' in the same order, so the lanes' chains of sums run side by side. */
+#define QX_LANES 4
+typedef float lanes_f __attribute__((vector_size(4 * QX_LANES)));
+typedef int32_t lanes_i __attribute__((vector_size(4 * QX_LANES)));
+
+static inline lanes_f splat(float value) {
+    lanes_f v;
+    for (int s = 0; s < QX_LANES; s++) {
+        v[s] = value;
+    }
+    return v;
+}
+
+static inline lanes_i splat_int(int32_t value) {
+    lanes_i v;
+    for (int s = 0; s < QX_LANES; s++) {
+        v[s] = value;
+    }
+    return v;
+}
+
+/* a where mask is set, else b. */
+static inline lanes_f pick(lanes_i mask, lanes_f a, lanes_f b) {
+    return (lanes_f)(((lanes_i)a & mask) | ((lanes_i)b & ~mask));
+}
+
+/* nearest_int of values below 2**22 in magnitude (there the magic-number sum rounds exactly), clamped to
+ * low..high, as floats. */
+static inline lanes_f rounded_levels(lanes_f v, lanes_f low, lanes_f high) {
+    const lanes_f magic = splat(12582912.0f);
+    lanes_f r = (v + magic) - magic;
+#if defined(__SSE2__) && QX_LANES == 4
+    return _mm_min_ps(_mm_max_ps(r, low), high); /* r is finite: the same as the comparisons below */
+#else
+    r = pick(r < low, low, r);
+    return pick(r > high, high, r);
+#endif
+}
+
+/* qx_quants of the sub-blocks whose values are the lanes of xt [position]: their scales, and their levels
+ * 0..2*nmax-1 as floats [position]. Every |inverse * x| is at most about nmax + 1, so rounded_levels applies. */
+static void qx_quants_lanes(const lanes_f *xt, int nmax, lanes_f *scale_out, lanes_f *levels_out) {
+    const lanes_f low = splat((float)-nmax), high = splat((float)(nmax - 1)), zero = splat(0.0f);
+    const lanes_i no_sign = splat_int(0x7FFFFFFF);
+    lanes_f peak = zero, largest = zero;
+    lanes_f w[SUB_SIZE], wx[SUB_SIZE];
+    for (int i = 0; i < SUB_SIZE; i++) { /* the first largest magnitude: a `>` scan in each lane */
+        lanes_f magnitude = (lanes_f)((lanes_i)xt[i] & no_sign);
+        lanes_i larger = magnitude > largest;
+        largest = pick(larger, magnitude, largest);
+        peak = pick(larger, xt[i], peak);
+        w[i] = xt[i] * xt[i];
+        wx[i] = w[i] * xt[i];
+    }
+    lanes_i all_zero = largest < splat(ALL_ZERO_EPS);
+    peak = pick(all_zero, splat(1.0f), peak); /* their result is zero; this keeps the arithmetic finite */
+
+    lanes_f chosen = low / peak, scale = zero, best = zero;
+    for (int step = -10; step <= 9; step++) { /* -10 stands for the first trial, at nmax / peak */
+        if (step == 0) {
+            continue;
+        }
+        lanes_f inverse = step == -10 ? chosen : -splat((float)nmax + 0.1f * (float)step) / peak;
+        lanes_f l = rounded_levels(inverse * xt[0], low, high);
+        lanes_f lx = wx[0] * l, l2 = w[0] * l * l;
+        for (int i = 1; i < SUB_SIZE; i++) {
+            l = rounded_levels(inverse * xt[i], low, high);
+            lx += wx[i] * l;
+            l2 += w[i] * l * l;
+        }
+        if (step == -10) {
+            scale = pick(l2 != zero, lx / l2, zero);
+            best = scale * lx;
+            continue;
+        }
+        lanes_i better = (lx * lx > best * l2) & (l2 > zero);
+        chosen = pick(better, inverse, chosen);
+        scale = pick(better, lx / l2, scale);
+        best = pick(better, scale * lx, best);
+    }
+    *scale_out = pick(all_zero, zero, scale);
+    const lanes_f offset = splat((float)nmax);
+    for (int i = 0; i < SUB_SIZE; i++) {
+        levels_out[i] = pick(all_zero, zero, rounded_levels(chosen * xt[i], low, high) + offset);
+    }
+}
+
 /* Q6_K: 16 sub-blocks of 16, 6-bit levels (low nibbles in ql, high pairs in qh), signed 8-bit scales, fp16 d. */
 OP_EXPORT void orthopatch_quantize_q6_k(const float *x, uint8_t *out, int64_t n_blocks) {
     for (int64_t b = 0; b < n_blocks; b++, x += SUPER_BLOCK, out += Q6_K_BYTES) {
         float scales[SUBS];
         uint8_t levels[SUPER_BLOCK];
-        for (int j = 0; j < SUBS; j++) {
-            scales[j] = qx_quants(x + SUB_SIZE * j, 32, levels + SUB_SIZE * j);
+        for (int group = 0; group < SUBS; group += QX_LANES) {
+            lanes_f xt[SUB_SIZE], found[SUB_SIZE], scale;
+            for (int i = 0; i < SUB_SIZE; i++) { /* [position][sub-block] */
+                for (int s = 0; s < QX_LANES; s++) {
+                    xt[i][s] = x[SUB_SIZE * (group + s) + i];
+                }
+            }
+            qx_quants_lanes(xt, 32, &scale, found);
+            for (int s = 0; s < QX_LANES; s++) {
+                scales[group + s] = scale[s];
+                for (int i = 0; i < SUB_SIZE; i++) {
+                    levels[SUB_SIZE * (group + s) + i] = (uint8_t)found[i][s];
+                }
+            }
         }
         float max_scale = first_largest_magnitude(scales, SUBS);
         if (fabsf(max_scale) < ALL_ZERO_EPS) { /* nothing to scale: an all-zero block */
