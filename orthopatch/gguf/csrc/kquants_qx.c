@@ -1,10 +1,14 @@
 /* Q3_K and Q6_K without an importance matrix: the rules of orthopatch.gguf.kquants.quantize_q3_k and
- * quantize_q6_k (with make_q3_quants and make_qx_quants of orthopatch.gguf.blockmath), one 16-value
- * sub-block at a time.
+ * quantize_q6_k (with make_q3_quants and make_qx_quants of orthopatch.gguf.blockmath), on 16-value
+ * sub-blocks held on the stack.
  *
  * Every float operation is the one the numpy code makes, in its order: sums run in index order from the
  * first term, products group left to right as written there, and nearest_int rounds half to even. The
- * bytes are ggml's block layouts.
+ * largest-magnitude scans are C `>` scans, which pass over NaN (values past about 1.8e19 square to inf,
+ * and a sub-block's sums can then be NaN), as ggml's do. The bytes are ggml's block layouts.
+ *
+ * The scale searches run LANES sub-blocks side by side: lane s of every vector belongs to sub-block s and
+ * makes that sub-block's operations in that order, so the lanes' chains of dependent sums overlap.
  */
 #include "ggml_float.h"
 
@@ -19,6 +23,10 @@
 
 #define Q3_K_BYTES 110 /* hmask 32, qs 64, scales 12, d 2 */
 #define Q6_K_BYTES 210 /* ql 128, qh 64, scales 16, d 2 */
+
+#define LANES 4
+typedef float lanes_f __attribute__((vector_size(4 * LANES)));
+typedef int32_t lanes_i __attribute__((vector_size(4 * LANES)));
 
 static inline int clamp_int(int value, int low, int high) {
     return value < low ? low : (value > high ? high : value);
@@ -37,16 +45,84 @@ static inline float first_largest_magnitude(const float *x, int n) {
     return peak;
 }
 
-/* Rounded levels of inverse * x in -nmax..nmax-1 and their weighted sums (weights x², given as w and w * x). */
-static inline void qx_trial(const float *x, const float *w, const float *wx, float inverse, int nmax, int *levels,
-                            float *sum_lx, float *sum_l2) {
-    for (int i = 0; i < SUB_SIZE; i++) {
-        levels[i] = clamp_int(op_nearest_int(inverse * x[i]), -nmax, nmax - 1);
+static inline lanes_f splat(float value) {
+    lanes_f v;
+    for (int s = 0; s < LANES; s++) {
+        v[s] = value;
     }
-    float l = (float)levels[0];
-    float lx = wx[0] * l, l2 = w[0] * l * l;
+    return v;
+}
+
+static inline lanes_i splat_int(int32_t value) {
+    lanes_i v;
+    for (int s = 0; s < LANES; s++) {
+        v[s] = value;
+    }
+    return v;
+}
+
+/* a where mask is set, else b. */
+static inline lanes_f pick(lanes_i mask, lanes_f a, lanes_f b) {
+    return (lanes_f)(((lanes_i)a & mask) | ((lanes_i)b & ~mask));
+}
+
+/* nearest_int of values below 2**22 in magnitude (there the magic-number sum rounds exactly), clamped to
+ * low..high, as floats. */
+static inline lanes_f rounded_levels(lanes_f v, lanes_f low, lanes_f high) {
+    const lanes_f magic = splat(12582912.0f);
+    lanes_f r = (v + magic) - magic;
+#if defined(__SSE2__) && LANES == 4
+    return _mm_min_ps(_mm_max_ps(r, low), high); /* r is finite: the same as the comparisons below */
+#else
+    r = pick(r < low, low, r);
+    return pick(r > high, high, r);
+#endif
+}
+
+/* Sub-blocks first + s (s < LANES) of a super-block as lanes, [position]. */
+static inline void gather_lanes(const float *x, int first, lanes_f *xt) {
+    for (int i = 0; i < SUB_SIZE; i++) {
+        for (int s = 0; s < LANES; s++) {
+            xt[i][s] = x[SUB_SIZE * (first + s) + i];
+        }
+    }
+}
+
+/* Lanes' levels [position] back into per-sub-block order, from sub-block first on. */
+static inline void scatter_levels(const lanes_f *found, int first, uint8_t *levels) {
+    for (int s = 0; s < LANES; s++) {
+        for (int i = 0; i < SUB_SIZE; i++) {
+            levels[SUB_SIZE * (first + s) + i] = (uint8_t)found[i][s];
+        }
+    }
+}
+
+/* The start of both searches: each lane's first largest magnitude (a `>` scan), the weights w = x² and
+ * w * x, and which lanes are all zero (their peak is set to 1, which keeps their arithmetic finite; their
+ * results are zero). */
+static inline lanes_i weights_and_peak(const lanes_f *xt, lanes_f *w, lanes_f *wx, lanes_f *peak) {
+    const lanes_i no_sign = splat_int(0x7FFFFFFF);
+    lanes_f largest = splat(0.0f), found = splat(0.0f);
+    for (int i = 0; i < SUB_SIZE; i++) {
+        lanes_f magnitude = (lanes_f)((lanes_i)xt[i] & no_sign);
+        lanes_i larger = magnitude > largest;
+        largest = pick(larger, magnitude, largest);
+        found = pick(larger, xt[i], found);
+        w[i] = xt[i] * xt[i];
+        wx[i] = w[i] * xt[i];
+    }
+    lanes_i all_zero = largest < splat(ALL_ZERO_EPS);
+    *peak = pick(all_zero, splat(1.0f), found);
+    return all_zero;
+}
+
+/* Levels of inverse * x in low..high, as floats [position], and their sums Σ w x l and Σ w l l in order. */
+static inline void trial(const lanes_f *xt, const lanes_f *w, const lanes_f *wx, lanes_f inverse, lanes_f low,
+                         lanes_f high, lanes_f *levels, lanes_f *sum_lx, lanes_f *sum_l2) {
+    lanes_f l = levels[0] = rounded_levels(inverse * xt[0], low, high);
+    lanes_f lx = wx[0] * l, l2 = w[0] * l * l;
     for (int i = 1; i < SUB_SIZE; i++) {
-        l = (float)levels[i];
+        l = levels[i] = rounded_levels(inverse * xt[i], low, high);
         lx += wx[i] * l;
         l2 += w[i] * l * l;
     }
@@ -54,95 +130,137 @@ static inline void qx_trial(const float *x, const float *w, const float *wx, flo
     *sum_l2 = l2;
 }
 
-/* make_qx_quants weighted by x²: the signed scale of one sub-block, its levels 0..2*nmax-1 in out. Tries
- * 18 inverse scales around nmax / peak besides the first, keeping the least-squares fit that explains the
- * most weighted energy. */
-static float qx_quants(const float *x, int nmax, uint8_t *out) {
-    float peak = first_largest_magnitude(x, SUB_SIZE);
-    if (fabsf(peak) < ALL_ZERO_EPS) {
-        memset(out, 0, SUB_SIZE);
-        return 0.0f;
+/* The sums of trial, without its levels, for two groups of lanes at once: their chains of dependent additions
+ * interleave, so neither waits on the other's latency. */
+static inline void trial_sums_pair(const lanes_f (*xt)[SUB_SIZE], lanes_f (*w)[SUB_SIZE],
+                                   lanes_f (*wx)[SUB_SIZE], const lanes_f *inverse, lanes_f low, lanes_f high,
+                                   lanes_f *sum_lx, lanes_f *sum_l2) {
+    lanes_f a = rounded_levels(inverse[0] * xt[0][0], low, high);
+    lanes_f b = rounded_levels(inverse[1] * xt[1][0], low, high);
+    lanes_f lx_a = wx[0][0] * a, l2_a = w[0][0] * a * a;
+    lanes_f lx_b = wx[1][0] * b, l2_b = w[1][0] * b * b;
+    for (int i = 1; i < SUB_SIZE; i++) {
+        a = rounded_levels(inverse[0] * xt[0][i], low, high);
+        b = rounded_levels(inverse[1] * xt[1][i], low, high);
+        lx_a += wx[0][i] * a;
+        lx_b += wx[1][i] * b;
+        l2_a += w[0][i] * a * a;
+        l2_b += w[1][i] * b * b;
     }
-    float w[SUB_SIZE], wx[SUB_SIZE];
-    for (int i = 0; i < SUB_SIZE; i++) {
-        w[i] = x[i] * x[i];
-        wx[i] = w[i] * x[i];
+    sum_lx[0] = lx_a, sum_l2[0] = l2_a;
+    sum_lx[1] = lx_b, sum_l2[1] = l2_b;
+}
+
+/* make_qx_quants weighted by x²: the signed scales of two groups of LANES sub-blocks (xt [group][position])
+ * and their levels 0..2*nmax-1 as floats [group][position]. Tries 18 inverse scales around nmax / peak
+ * besides the first, keeping the least-squares fit that explains the most weighted energy. Every
+ * |inverse * x| is at most about nmax + 1, so rounded_levels applies. */
+static void qx_quants_pair(lanes_f (*xt)[SUB_SIZE], int nmax, lanes_f *scale_out,
+                           lanes_f (*levels_out)[SUB_SIZE]) {
+    const lanes_f low = splat((float)-nmax), high = splat((float)(nmax - 1)), zero = splat(0.0f);
+    lanes_f w[2][SUB_SIZE], wx[2][SUB_SIZE], peak[2], chosen[2], scale[2], best[2], lx[2], l2[2];
+    lanes_i all_zero[2];
+    for (int g = 0; g < 2; g++) {
+        all_zero[g] = weights_and_peak(xt[g], w[g], wx[g], &peak[g]);
+        chosen[g] = low / peak[g];
     }
-    int levels[SUB_SIZE], best_levels[SUB_SIZE];
-    float sum_lx, sum_l2;
-    qx_trial(x, w, wx, (float)(-nmax) / peak, nmax, best_levels, &sum_lx, &sum_l2);
-    float scale = sum_l2 != 0.0f ? sum_lx / sum_l2 : 0.0f;
-    float best = scale * sum_lx;
+    trial_sums_pair(xt, w, wx, chosen, low, high, lx, l2);
+    for (int g = 0; g < 2; g++) {
+        scale[g] = pick(l2[g] != zero, lx[g] / l2[g], zero);
+        best[g] = scale[g] * lx[g];
+    }
     for (int step = -9; step <= 9; step++) {
         if (step == 0) {
             continue;
         }
-        float inverse = -((float)nmax + 0.1f * (float)step) / peak;
-        qx_trial(x, w, wx, inverse, nmax, levels, &sum_lx, &sum_l2);
-        if (sum_lx * sum_lx > best * sum_l2 && sum_l2 > 0.0f) {
-            scale = sum_lx / sum_l2;
-            best = scale * sum_lx;
-            memcpy(best_levels, levels, sizeof levels);
+        lanes_f inverse[2], factor = -splat((float)nmax + 0.1f * (float)step);
+        inverse[0] = factor / peak[0];
+        inverse[1] = factor / peak[1];
+        trial_sums_pair(xt, w, wx, inverse, low, high, lx, l2);
+        for (int g = 0; g < 2; g++) {
+            lanes_i better = (lx[g] * lx[g] > best[g] * l2[g]) & (l2[g] > zero);
+            chosen[g] = pick(better, inverse[g], chosen[g]);
+            scale[g] = pick(better, lx[g] / l2[g], scale[g]);
+            best[g] = pick(better, scale[g] * lx[g], best[g]);
         }
     }
-    for (int i = 0; i < SUB_SIZE; i++) {
-        out[i] = (uint8_t)(best_levels[i] + nmax);
+    const lanes_f offset = splat((float)nmax);
+    for (int g = 0; g < 2; g++) {
+        scale_out[g] = pick(all_zero[g], zero, scale[g]);
+        for (int i = 0; i < SUB_SIZE; i++) {
+            levels_out[g][i] = pick(all_zero[g], zero, rounded_levels(chosen[g] * xt[g][i], low, high) + offset);
+        }
     }
-    return scale;
 }
 
-/* make_q3_quants: the signed scale of one sub-block and its levels 0..2*nmax-1 in out. Rounds at
- * nmax / peak, then up to five sweeps move each level, in order, to the one the current fit prefers when
- * that explains more weighted energy (weights x²); a sweep that changes nothing ends the refinement. */
-static float q3_quants(const float *x, int nmax, uint8_t *out) {
-    float peak = first_largest_magnitude(x, SUB_SIZE);
-    if (fabsf(peak) < ALL_ZERO_EPS) {
-        memset(out, 0, SUB_SIZE);
-        return 0.0f;
-    }
-    float w[SUB_SIZE], wx[SUB_SIZE];
-    int levels[SUB_SIZE];
-    float sum_lx, sum_l2;
+/* make_q3_quants' refinement of one sub-block x from its first rounding (levels, sum_lx = Σ w x l and
+ * sum_l2 = Σ w l l, weights w = x²): up to five sweeps move each level, in order, to the one the current
+ * fit prefers when that explains more weighted energy; a sweep that changes nothing ends it. */
+static void q3_refine(const float *x, int nmax, float *levels, float *sum_lx, float *sum_l2) {
+    float w[SUB_SIZE], wx[SUB_SIZE], lx = *sum_lx, l2 = *sum_l2;
     for (int i = 0; i < SUB_SIZE; i++) {
         w[i] = x[i] * x[i];
         wx[i] = w[i] * x[i];
     }
-    qx_trial(x, w, wx, (float)(-nmax) / peak, nmax, levels, &sum_lx, &sum_l2);
-    /* A positive finite peak gives every value a level of the opposite sign: every partial sum_lx is at
-     * most zero and no proposal can pass, so the sweeps are skipped. */
-    if (!(peak > 0.0f && isfinite(peak))) {
-        for (int sweep = 0; sweep < 5; sweep++) {
-            int changed = 0;
-            for (int i = 0; i < SUB_SIZE; i++) {
-                float level = (float)levels[i];
-                float without_lx = sum_lx - wx[i] * level;
-                if (!(without_lx > 0.0f)) {
-                    continue;
-                }
-                float without_l2 = sum_l2 - w[i] * level * level;
-                int proposal = clamp_int(op_nearest_int(x[i] * without_l2 / without_lx), -nmax, nmax - 1);
-                if (proposal == levels[i]) {
-                    continue;
-                }
-                float p = (float)proposal;
-                float with_lx = without_lx + wx[i] * p;
-                float with_l2 = without_l2 + w[i] * p * p;
-                if (with_l2 > 0.0f && with_lx * with_lx * sum_l2 > sum_lx * sum_lx * with_l2) {
-                    levels[i] = proposal;
-                    sum_lx = with_lx;
-                    sum_l2 = with_l2;
-                    changed = 1;
-                }
+    for (int sweep = 0; sweep < 5; sweep++) {
+        int changed = 0;
+        for (int i = 0; i < SUB_SIZE; i++) {
+            float level = levels[i];
+            float without_lx = lx - wx[i] * level;
+            if (!(without_lx > 0.0f)) {
+                continue;
             }
-            if (!changed) {
-                break;
+            float without_l2 = l2 - w[i] * level * level;
+            float proposal = (float)clamp_int(op_nearest_int(x[i] * without_l2 / without_lx), -nmax, nmax - 1);
+            if (proposal == level) {
+                continue;
+            }
+            float with_lx = without_lx + wx[i] * proposal;
+            float with_l2 = without_l2 + w[i] * proposal * proposal;
+            if (with_l2 > 0.0f && with_lx * with_lx * l2 > lx * lx * with_l2) {
+                levels[i] = proposal;
+                lx = with_lx;
+                l2 = with_l2;
+                changed = 1;
             }
         }
+        if (!changed) {
+            break;
+        }
     }
+    *sum_lx = lx;
+    *sum_l2 = l2;
+}
+
+/* make_q3_quants: the signed scales of LANES sub-blocks (xt [position], x in their own order) and their
+ * levels 0..2*nmax-1 as floats [position]. Rounds at nmax / peak, then refines each sub-block on its own
+ * (q3_refine). A positive finite peak gives every value a level of the opposite sign: every partial
+ * Σ w x l is then at most zero, no proposal can pass, and those sub-blocks are not refined. */
+static void q3_quants_lanes(const lanes_f *xt, const float *x, int nmax, lanes_f *scale_out, lanes_f *levels_out) {
+    const lanes_f low = splat((float)-nmax), high = splat((float)(nmax - 1)), zero = splat(0.0f);
+    lanes_f w[SUB_SIZE], wx[SUB_SIZE], levels[SUB_SIZE], peak, lx, l2;
+    lanes_i all_zero = weights_and_peak(xt, w, wx, &peak);
+    trial(xt, w, wx, low / peak, low, high, levels, &lx, &l2);
+    for (int s = 0; s < LANES; s++) {
+        if (!(peak[s] < 0.0f || peak[s] == INFINITY)) { /* all-zero lanes have peak 1 */
+            continue;
+        }
+        float own[SUB_SIZE], own_lx = lx[s], own_l2 = l2[s];
+        for (int i = 0; i < SUB_SIZE; i++) {
+            own[i] = levels[i][s];
+        }
+        q3_refine(x + SUB_SIZE * s, nmax, own, &own_lx, &own_l2);
+        for (int i = 0; i < SUB_SIZE; i++) {
+            levels[i][s] = own[i];
+        }
+        lx[s] = own_lx;
+        l2[s] = own_l2;
+    }
+    *scale_out = pick(all_zero, zero, pick(l2 > zero, lx / l2, zero));
+    const lanes_f offset = splat((float)nmax);
     for (int i = 0; i < SUB_SIZE; i++) {
-        out[i] = (uint8_t)(levels[i] + nmax);
+        levels_out[i] = pick(all_zero, zero, levels[i] + offset);
     }
-    return sum_l2 > 0.0f ? sum_lx / sum_l2 : 0.0f;
 }
 
 /* Levels round(x / step) in low..high, shifted to start at 0; the searched levels stay where step is 0. */
@@ -165,8 +283,12 @@ OP_EXPORT void orthopatch_quantize_q3_k(const float *x, uint8_t *out, int64_t n_
     for (int64_t b = 0; b < n_blocks; b++, x += SUPER_BLOCK, out += Q3_K_BYTES) {
         float scales[SUBS];
         uint8_t levels[SUPER_BLOCK];
-        for (int j = 0; j < SUBS; j++) {
-            scales[j] = q3_quants(x + SUB_SIZE * j, 4, levels + SUB_SIZE * j);
+        for (int first = 0; first < SUBS; first += LANES) {
+            lanes_f xt[SUB_SIZE], found[SUB_SIZE], scale;
+            gather_lanes(x, first, xt);
+            q3_quants_lanes(xt, x + SUB_SIZE * first, 4, &scale, found);
+            memcpy(scales + first, &scale, sizeof scale);
+            scatter_levels(found, first, levels);
         }
         float max_scale = first_largest_magnitude(scales, SUBS);
         int codes[SUBS] = {0};
@@ -210,113 +332,19 @@ OP_EXPORT void orthopatch_quantize_q3_k(const float *x, uint8_t *out, int64_t n_
     }
 }
 
-/* make_qx_quants for QX_LANES sub-blocks at once: lane s of every vector belongs to sub-block s, and each
- * lane's arithmetic is qx_quants' in the same order, so the lanes' chains of sums run side by side. */
-#define QX_LANES 4
-typedef float lanes_f __attribute__((vector_size(4 * QX_LANES)));
-typedef int32_t lanes_i __attribute__((vector_size(4 * QX_LANES)));
-
-static inline lanes_f splat(float value) {
-    lanes_f v;
-    for (int s = 0; s < QX_LANES; s++) {
-        v[s] = value;
-    }
-    return v;
-}
-
-static inline lanes_i splat_int(int32_t value) {
-    lanes_i v;
-    for (int s = 0; s < QX_LANES; s++) {
-        v[s] = value;
-    }
-    return v;
-}
-
-/* a where mask is set, else b. */
-static inline lanes_f pick(lanes_i mask, lanes_f a, lanes_f b) {
-    return (lanes_f)(((lanes_i)a & mask) | ((lanes_i)b & ~mask));
-}
-
-/* nearest_int of values below 2**22 in magnitude (there the magic-number sum rounds exactly), clamped to
- * low..high, as floats. */
-static inline lanes_f rounded_levels(lanes_f v, lanes_f low, lanes_f high) {
-    const lanes_f magic = splat(12582912.0f);
-    lanes_f r = (v + magic) - magic;
-#if defined(__SSE2__) && QX_LANES == 4
-    return _mm_min_ps(_mm_max_ps(r, low), high); /* r is finite: the same as the comparisons below */
-#else
-    r = pick(r < low, low, r);
-    return pick(r > high, high, r);
-#endif
-}
-
-/* qx_quants of the sub-blocks whose values are the lanes of xt [position]: their scales, and their levels
- * 0..2*nmax-1 as floats [position]. Every |inverse * x| is at most about nmax + 1, so rounded_levels applies. */
-static void qx_quants_lanes(const lanes_f *xt, int nmax, lanes_f *scale_out, lanes_f *levels_out) {
-    const lanes_f low = splat((float)-nmax), high = splat((float)(nmax - 1)), zero = splat(0.0f);
-    const lanes_i no_sign = splat_int(0x7FFFFFFF);
-    lanes_f peak = zero, largest = zero;
-    lanes_f w[SUB_SIZE], wx[SUB_SIZE];
-    for (int i = 0; i < SUB_SIZE; i++) { /* the first largest magnitude: a `>` scan in each lane */
-        lanes_f magnitude = (lanes_f)((lanes_i)xt[i] & no_sign);
-        lanes_i larger = magnitude > largest;
-        largest = pick(larger, magnitude, largest);
-        peak = pick(larger, xt[i], peak);
-        w[i] = xt[i] * xt[i];
-        wx[i] = w[i] * xt[i];
-    }
-    lanes_i all_zero = largest < splat(ALL_ZERO_EPS);
-    peak = pick(all_zero, splat(1.0f), peak); /* their result is zero; this keeps the arithmetic finite */
-
-    lanes_f chosen = low / peak, scale = zero, best = zero;
-    for (int step = -10; step <= 9; step++) { /* -10 stands for the first trial, at nmax / peak */
-        if (step == 0) {
-            continue;
-        }
-        lanes_f inverse = step == -10 ? chosen : -splat((float)nmax + 0.1f * (float)step) / peak;
-        lanes_f l = rounded_levels(inverse * xt[0], low, high);
-        lanes_f lx = wx[0] * l, l2 = w[0] * l * l;
-        for (int i = 1; i < SUB_SIZE; i++) {
-            l = rounded_levels(inverse * xt[i], low, high);
-            lx += wx[i] * l;
-            l2 += w[i] * l * l;
-        }
-        if (step == -10) {
-            scale = pick(l2 != zero, lx / l2, zero);
-            best = scale * lx;
-            continue;
-        }
-        lanes_i better = (lx * lx > best * l2) & (l2 > zero);
-        chosen = pick(better, inverse, chosen);
-        scale = pick(better, lx / l2, scale);
-        best = pick(better, scale * lx, best);
-    }
-    *scale_out = pick(all_zero, zero, scale);
-    const lanes_f offset = splat((float)nmax);
-    for (int i = 0; i < SUB_SIZE; i++) {
-        levels_out[i] = pick(all_zero, zero, rounded_levels(chosen * xt[i], low, high) + offset);
-    }
-}
-
 /* Q6_K: 16 sub-blocks of 16, 6-bit levels (low nibbles in ql, high pairs in qh), signed 8-bit scales, fp16 d. */
 OP_EXPORT void orthopatch_quantize_q6_k(const float *x, uint8_t *out, int64_t n_blocks) {
     for (int64_t b = 0; b < n_blocks; b++, x += SUPER_BLOCK, out += Q6_K_BYTES) {
         float scales[SUBS];
         uint8_t levels[SUPER_BLOCK];
-        for (int group = 0; group < SUBS; group += QX_LANES) {
-            lanes_f xt[SUB_SIZE], found[SUB_SIZE], scale;
-            for (int i = 0; i < SUB_SIZE; i++) { /* [position][sub-block] */
-                for (int s = 0; s < QX_LANES; s++) {
-                    xt[i][s] = x[SUB_SIZE * (group + s) + i];
-                }
-            }
-            qx_quants_lanes(xt, 32, &scale, found);
-            for (int s = 0; s < QX_LANES; s++) {
-                scales[group + s] = scale[s];
-                for (int i = 0; i < SUB_SIZE; i++) {
-                    levels[SUB_SIZE * (group + s) + i] = (uint8_t)found[i][s];
-                }
-            }
+        for (int first = 0; first < SUBS; first += 2 * LANES) {
+            lanes_f xt[2][SUB_SIZE], found[2][SUB_SIZE], scale[2];
+            gather_lanes(x, first, xt[0]);
+            gather_lanes(x, first + LANES, xt[1]);
+            qx_quants_pair(xt, 32, scale, found);
+            memcpy(scales + first, scale, sizeof scale);
+            scatter_levels(found[0], first, levels);
+            scatter_levels(found[1], first + LANES, levels);
         }
         float max_scale = first_largest_magnitude(scales, SUBS);
         if (fabsf(max_scale) < ALL_ZERO_EPS) { /* nothing to scale: an all-zero block */
