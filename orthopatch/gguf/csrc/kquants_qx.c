@@ -132,7 +132,7 @@ static inline void trial(const lanes_f *xt, const lanes_f *w, const lanes_f *wx,
 
 /* The sums of trial, without its levels, for two groups of lanes at once: their chains of dependent additions
  * interleave, so neither waits on the other's latency. */
-static inline void trial_sums_pair(const lanes_f (*xt)[SUB_SIZE], lanes_f (*w)[SUB_SIZE],
+static inline void trial_sums_pair(lanes_f (*xt)[SUB_SIZE], lanes_f (*w)[SUB_SIZE],
                                    lanes_f (*wx)[SUB_SIZE], const lanes_f *inverse, lanes_f low, lanes_f high,
                                    lanes_f *sum_lx, lanes_f *sum_l2) {
     lanes_f a = rounded_levels(inverse[0] * xt[0][0], low, high);
