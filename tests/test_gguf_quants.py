@@ -175,6 +175,21 @@ def test_k_quants_match_llama_cpp_where_squares_overflow(qtype: gguf.GGMLQuantiz
     assert matching_block_fraction(ours, reference_quantize(values, qtype), qtype) == 1.0
 
 
+@pytest.mark.parametrize("qtype", [Q.Q3_K, Q.Q6_K], ids=lambda qtype: qtype.name)
+@requires_llama_cpp
+def test_signed_scale_k_quants_match_llama_cpp_on_non_finite_values(
+    qtype: gguf.GGMLQuantizationType, backend: str
+) -> None:
+    """An inf or NaN in a sub-block makes its first rounding meet inf and NaN, which nearest_int's bit trick
+    turns into levels of its own; the rest of the super-block is quantized as usual."""
+    values = np.random.default_rng(3).standard_normal((4, 1024)).astype(np.float32)
+    values[0, 5], values[1, 300], values[2, 7] = np.inf, -np.inf, np.nan
+    values[3, ::50], values[3, 1::70] = np.inf, -np.nan
+    with np.errstate(all="ignore"):
+        ours = quantize(values, qtype)
+    assert matching_block_fraction(ours, reference_quantize(values, qtype), qtype) == 1.0
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda qtype: qtype.name)
 @requires_llama_cpp
 def test_bytes_match_llama_cpp_across_chunks(qtype: gguf.GGMLQuantizationType, backend: str) -> None:

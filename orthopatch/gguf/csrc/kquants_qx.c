@@ -66,17 +66,37 @@ static inline lanes_f pick(lanes_i mask, lanes_f a, lanes_f b) {
     return (lanes_f)(((lanes_i)a & mask) | ((lanes_i)b & ~mask));
 }
 
-/* nearest_int of values below 2**22 in magnitude (there the magic-number sum rounds exactly), clamped to
- * low..high, as floats. */
-static inline lanes_f rounded_levels(lanes_f v, lanes_f low, lanes_f high) {
+/* nearest_int of v clamped to low..high, as floats. Below 2**22 in magnitude the magic-number sum rounds
+ * exactly, as rint; exact takes op_nearest_int's bit trick instead, which also covers inf and NaN (from
+ * non-finite values in a sub-block). Inlined with a constant exact, each caller gets one of the two. */
+__attribute__((always_inline)) static inline lanes_f rounded_levels(lanes_f v, lanes_f low, lanes_f high, int exact) {
     const lanes_f magic = splat(12582912.0f);
-    lanes_f r = (v + magic) - magic;
+    lanes_f r;
+    if (exact) {
+        lanes_i n = ((lanes_i)(v + magic) & splat_int(0x007FFFFF)) - splat_int(0x00400000);
+        r = __builtin_convertvector(n, lanes_f);
+    } else {
+        r = (v + magic) - magic;
+    }
 #if defined(__SSE2__) && LANES == 4
     return _mm_min_ps(_mm_max_ps(r, low), high); /* r is finite: the same as the comparisons below */
 #else
     r = pick(r < low, low, r);
     return pick(r > high, high, r);
 #endif
+}
+
+/* Whether every value of n positions of lanes is finite. */
+static inline int all_finite(const lanes_f *xt, int n) {
+    lanes_i special = splat_int(0);
+    for (int i = 0; i < n; i++) {
+        special |= ((lanes_i)xt[i] & splat_int(0x7F800000)) == splat_int(0x7F800000);
+    }
+    int any = 0;
+    for (int s = 0; s < LANES; s++) {
+        any |= special[s];
+    }
+    return !any;
 }
 
 /* Sub-blocks first + s (s < LANES) of a super-block as lanes, [position]. */
@@ -117,12 +137,13 @@ static inline lanes_i weights_and_peak(const lanes_f *xt, lanes_f *w, lanes_f *w
 }
 
 /* Levels of inverse * x in low..high, as floats [position], and their sums Σ w x l and Σ w l l in order. */
-static inline void trial(const lanes_f *xt, const lanes_f *w, const lanes_f *wx, lanes_f inverse, lanes_f low,
-                         lanes_f high, lanes_f *levels, lanes_f *sum_lx, lanes_f *sum_l2) {
-    lanes_f l = levels[0] = rounded_levels(inverse * xt[0], low, high);
+__attribute__((always_inline)) static inline void trial(const lanes_f *xt, const lanes_f *w, const lanes_f *wx,
+                                                       lanes_f inverse, lanes_f low, lanes_f high, int exact,
+                                                       lanes_f *levels, lanes_f *sum_lx, lanes_f *sum_l2) {
+    lanes_f l = levels[0] = rounded_levels(inverse * xt[0], low, high, exact);
     lanes_f lx = wx[0] * l, l2 = w[0] * l * l;
     for (int i = 1; i < SUB_SIZE; i++) {
-        l = levels[i] = rounded_levels(inverse * xt[i], low, high);
+        l = levels[i] = rounded_levels(inverse * xt[i], low, high, exact);
         lx += wx[i] * l;
         l2 += w[i] * l * l;
     }
@@ -132,16 +153,17 @@ static inline void trial(const lanes_f *xt, const lanes_f *w, const lanes_f *wx,
 
 /* The sums of trial, without its levels, for two groups of lanes at once: their chains of dependent additions
  * interleave, so neither waits on the other's latency. */
-static inline void trial_sums_pair(lanes_f (*xt)[SUB_SIZE], lanes_f (*w)[SUB_SIZE],
-                                   lanes_f (*wx)[SUB_SIZE], const lanes_f *inverse, lanes_f low, lanes_f high,
-                                   lanes_f *sum_lx, lanes_f *sum_l2) {
-    lanes_f a = rounded_levels(inverse[0] * xt[0][0], low, high);
-    lanes_f b = rounded_levels(inverse[1] * xt[1][0], low, high);
+__attribute__((always_inline)) static inline void trial_sums_pair(lanes_f (*xt)[SUB_SIZE], lanes_f (*w)[SUB_SIZE],
+                                                                 lanes_f (*wx)[SUB_SIZE], const lanes_f *inverse,
+                                                                 lanes_f low, lanes_f high, int exact,
+                                                                 lanes_f *sum_lx, lanes_f *sum_l2) {
+    lanes_f a = rounded_levels(inverse[0] * xt[0][0], low, high, exact);
+    lanes_f b = rounded_levels(inverse[1] * xt[1][0], low, high, exact);
     lanes_f lx_a = wx[0][0] * a, l2_a = w[0][0] * a * a;
     lanes_f lx_b = wx[1][0] * b, l2_b = w[1][0] * b * b;
     for (int i = 1; i < SUB_SIZE; i++) {
-        a = rounded_levels(inverse[0] * xt[0][i], low, high);
-        b = rounded_levels(inverse[1] * xt[1][i], low, high);
+        a = rounded_levels(inverse[0] * xt[0][i], low, high, exact);
+        b = rounded_levels(inverse[1] * xt[1][i], low, high, exact);
         lx_a += wx[0][i] * a;
         lx_b += wx[1][i] * b;
         l2_a += w[0][i] * a * a;
@@ -154,9 +176,10 @@ static inline void trial_sums_pair(lanes_f (*xt)[SUB_SIZE], lanes_f (*w)[SUB_SIZ
 /* make_qx_quants weighted by x²: the signed scales of two groups of LANES sub-blocks (xt [group][position])
  * and their levels 0..2*nmax-1 as floats [group][position]. Tries 18 inverse scales around nmax / peak
  * besides the first, keeping the least-squares fit that explains the most weighted energy. Every
- * |inverse * x| is at most about nmax + 1, so rounded_levels applies. */
-static void qx_quants_pair(lanes_f (*xt)[SUB_SIZE], int nmax, lanes_f *scale_out,
-                           lanes_f (*levels_out)[SUB_SIZE]) {
+ * |inverse * x| of finite values is at most about nmax + 1, so the fast rounding applies unless exact is
+ * set (some value is not finite). */
+__attribute__((always_inline)) static inline void qx_quants_pair(lanes_f (*xt)[SUB_SIZE], int nmax, int exact,
+                                                                lanes_f *scale_out, lanes_f (*levels_out)[SUB_SIZE]) {
     const lanes_f low = splat((float)-nmax), high = splat((float)(nmax - 1)), zero = splat(0.0f);
     lanes_f w[2][SUB_SIZE], wx[2][SUB_SIZE], peak[2], chosen[2], scale[2], best[2], lx[2], l2[2];
     lanes_i all_zero[2];
@@ -164,7 +187,7 @@ static void qx_quants_pair(lanes_f (*xt)[SUB_SIZE], int nmax, lanes_f *scale_out
         all_zero[g] = weights_and_peak(xt[g], w[g], wx[g], &peak[g]);
         chosen[g] = low / peak[g];
     }
-    trial_sums_pair(xt, w, wx, chosen, low, high, lx, l2);
+    trial_sums_pair(xt, w, wx, chosen, low, high, exact, lx, l2);
     for (int g = 0; g < 2; g++) {
         scale[g] = pick(l2[g] != zero, lx[g] / l2[g], zero);
         best[g] = scale[g] * lx[g];
@@ -176,7 +199,7 @@ static void qx_quants_pair(lanes_f (*xt)[SUB_SIZE], int nmax, lanes_f *scale_out
         lanes_f inverse[2], factor = -splat((float)nmax + 0.1f * (float)step);
         inverse[0] = factor / peak[0];
         inverse[1] = factor / peak[1];
-        trial_sums_pair(xt, w, wx, inverse, low, high, lx, l2);
+        trial_sums_pair(xt, w, wx, inverse, low, high, exact, lx, l2);
         for (int g = 0; g < 2; g++) {
             lanes_i better = (lx[g] * lx[g] > best[g] * l2[g]) & (l2[g] > zero);
             chosen[g] = pick(better, inverse[g], chosen[g]);
@@ -188,7 +211,7 @@ static void qx_quants_pair(lanes_f (*xt)[SUB_SIZE], int nmax, lanes_f *scale_out
     for (int g = 0; g < 2; g++) {
         scale_out[g] = pick(all_zero[g], zero, scale[g]);
         for (int i = 0; i < SUB_SIZE; i++) {
-            levels_out[g][i] = pick(all_zero[g], zero, rounded_levels(chosen[g] * xt[g][i], low, high) + offset);
+            levels_out[g][i] = pick(all_zero[g], zero, rounded_levels(chosen[g] * xt[g][i], low, high, exact) + offset);
         }
     }
 }
@@ -237,10 +260,15 @@ static void q3_refine(const float *x, int nmax, float *levels, float *sum_lx, fl
  * (q3_refine). A positive finite peak gives every value a level of the opposite sign: every partial
  * Σ w x l is then at most zero, no proposal can pass, and those sub-blocks are not refined. */
 static void q3_quants_lanes(const lanes_f *xt, const float *x, int nmax, lanes_f *scale_out, lanes_f *levels_out) {
+    int exact = !all_finite(xt, SUB_SIZE);
     const lanes_f low = splat((float)-nmax), high = splat((float)(nmax - 1)), zero = splat(0.0f);
     lanes_f w[SUB_SIZE], wx[SUB_SIZE], levels[SUB_SIZE], peak, lx, l2;
     lanes_i all_zero = weights_and_peak(xt, w, wx, &peak);
-    trial(xt, w, wx, low / peak, low, high, levels, &lx, &l2);
+    if (exact) {
+        trial(xt, w, wx, low / peak, low, high, 1, levels, &lx, &l2);
+    } else {
+        trial(xt, w, wx, low / peak, low, high, 0, levels, &lx, &l2);
+    }
     for (int s = 0; s < LANES; s++) {
         if (!(peak[s] < 0.0f || peak[s] == INFINITY)) { /* all-zero lanes have peak 1 */
             continue;
@@ -341,7 +369,11 @@ OP_EXPORT void orthopatch_quantize_q6_k(const float *x, uint8_t *out, int64_t n_
             lanes_f xt[2][SUB_SIZE], found[2][SUB_SIZE], scale[2];
             gather_lanes(x, first, xt[0]);
             gather_lanes(x, first + LANES, xt[1]);
-            qx_quants_pair(xt, 32, scale, found);
+            if (all_finite(xt[0], SUB_SIZE) && all_finite(xt[1], SUB_SIZE)) {
+                qx_quants_pair(xt, 32, 0, scale, found);
+            } else {
+                qx_quants_pair(xt, 32, 1, scale, found);
+            }
             memcpy(scales + first, scale, sizeof scale);
             scatter_levels(found[0], first, levels);
             scatter_levels(found[1], first + LANES, levels);
