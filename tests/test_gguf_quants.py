@@ -160,6 +160,36 @@ def test_k_quants_match_llama_cpp_on_more_seeds(qtype: gguf.GGMLQuantizationType
         assert matching_block_fraction(quantize(values, qtype), reference_quantize(values, qtype), qtype) == 1.0
 
 
+@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda qtype: qtype.name)
+@requires_llama_cpp
+def test_k_quants_match_llama_cpp_where_squares_overflow(qtype: gguf.GGMLQuantizationType, backend: str) -> None:
+    """Values past about 1.8e19 square to inf, so a sub-block's sums, and its scale, can be NaN: ggml's scans
+    for the largest scale pass over NaN, and so must ours."""
+    rng = np.random.default_rng(7)
+    values = (rng.standard_normal((8, 1024)) * 1e3).astype(np.float32)
+    values[:4, ::97] = rng.choice(np.array([1e38, -1e38, 3e37, -2e20], np.float32), size=values[:4, ::97].shape)
+    values[4:6] *= np.float32(1e34)
+    values[6:] = (10.0 ** rng.uniform(-30, 30, (2, 64, 1)) * rng.standard_normal((2, 64, 16))).reshape(2, 1024)
+    with np.errstate(all="ignore"):
+        ours = quantize(values, qtype)
+    assert matching_block_fraction(ours, reference_quantize(values, qtype), qtype) == 1.0
+
+
+@pytest.mark.parametrize("qtype", [Q.Q3_K, Q.Q6_K], ids=lambda qtype: qtype.name)
+@requires_llama_cpp
+def test_signed_scale_k_quants_match_llama_cpp_on_non_finite_values(
+    qtype: gguf.GGMLQuantizationType, backend: str
+) -> None:
+    """An inf or NaN in a sub-block makes its first rounding meet inf and NaN, which nearest_int's bit trick
+    turns into levels of its own; the rest of the super-block is quantized as usual."""
+    values = np.random.default_rng(3).standard_normal((4, 1024)).astype(np.float32)
+    values[0, 5], values[1, 300], values[2, 7] = np.inf, -np.inf, np.nan
+    values[3, ::50], values[3, 1::70] = np.inf, -np.nan
+    with np.errstate(all="ignore"):
+        ours = quantize(values, qtype)
+    assert matching_block_fraction(ours, reference_quantize(values, qtype), qtype) == 1.0
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda qtype: qtype.name)
 @requires_llama_cpp
 def test_bytes_match_llama_cpp_across_chunks(qtype: gguf.GGMLQuantizationType, backend: str) -> None:

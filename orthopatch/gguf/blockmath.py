@@ -86,10 +86,15 @@ def first_largest_magnitude(values: np.ndarray, axis: int) -> np.ndarray:
     """The value of largest magnitude along ``axis`` of 2-D ``values``, the first one on ties (a C ``>`` scan).
 
     The largest and the smallest value settle it unless the magnitude occurs with both signs (or is
-    zero); only those lines are searched for their first largest magnitude.
+    zero); only those lines are searched for their first largest magnitude. A C scan passes over NaN (a
+    scale whose sums overflowed), so lines holding one are settled again with their NaNs as zeros.
     """
     high, low = values.max(axis=axis), values.min(axis=axis)
     result = np.where(-low > high, low, high)
+    with_nan = np.flatnonzero(np.isnan(result))
+    if with_nan.size:
+        lines = np.take(values, with_nan, axis=1 - axis)
+        result[with_nan] = first_largest_magnitude(np.where(np.isnan(lines), F32(0), lines), axis)
     even = np.flatnonzero(-low == high)
     if even.size:
         lines = np.take(values, even, axis=1 - axis)
