@@ -16,7 +16,7 @@
 #endif
 
 #define QK_K 256
-#define LANES 8
+#define LANES 4
 #define MAX_POSITIONS 32
 
 typedef float vf __attribute__((vector_size(4 * LANES)));
@@ -24,22 +24,25 @@ typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-ALWAYS_INLINE vf vf_splat(float v) { return (vf){v, v, v, v, v, v, v, v}; }
-ALWAYS_INLINE vi vi_splat(int32_t v) { return (vi){v, v, v, v, v, v, v, v}; }
+ALWAYS_INLINE vf vf_splat(float v) { return (vf){v, v, v, v}; }
+ALWAYS_INLINE vi vi_splat(int32_t v) { return (vi){v, v, v, v}; }
 
 /* Lanes of `yes` where `mask` is set (all ones), of `no` elsewhere: bits are moved, not values. */
 ALWAYS_INLINE vf vf_select(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
 
 ALWAYS_INLINE vf vf_abs(vf v) { return (vf)((vi)v & vi_splat(0x7FFFFFFF)); }
 
+/* Each lane clamped to 0..nmax (|level| <= 2**22), by sign shifts rather than compares. */
+ALWAYS_INLINE vi clamped(vi level, int nmax) {
+    level &= ~(level >> 31);
+    vi excess = level - vi_splat(nmax);
+    return level - (excess & ~(excess >> 31));
+}
+
 /* op_nearest_int of each lane, clamped to 0..nmax afterwards, as float32. */
 ALWAYS_INLINE vf clamped_levels(vf scaled, int nmax) {
     vi level = ((vi)(scaled + vf_splat(12582912.0f)) & vi_splat(0x007FFFFF)) - vi_splat(0x00400000);
-    level &= ~(level >> 31); /* negative to 0 */
-    vi top = vi_splat(nmax);
-    vi over = level > top;
-    level = (over & top) | (~over & level);
-    return __builtin_convertvector(level, vf);
+    return __builtin_convertvector(clamped(level, nmax), vf);
 }
 
 /* Result of the search for the eight sub-blocks of a group, one per lane. */
@@ -151,10 +154,7 @@ ALWAYS_INLINE void requantized_levels(const float *x, int size, float step, floa
         memcpy(&values, x + i, sizeof values);
         vi level = ((vi)((values + offset_v) / step_v + vf_splat(12582912.0f)) & vi_splat(0x007FFFFF))
                    - vi_splat(0x00400000);
-        level &= ~(level >> 31);
-        vi top = vi_splat(nmax);
-        vi over = level > top;
-        level = (over & top) | (~over & level);
+        level = clamped(level, nmax);
         for (int k = 0; k < LANES; k++) {
             levels[i + k] = (uint8_t)level[k];
         }
@@ -169,11 +169,11 @@ static void put_fp16(uint8_t *out, uint16_t bits) { memcpy(out, &bits, sizeof bi
  * Block: scales[16], qs[64], d, dmin (84 bytes). */
 OP_EXPORT void orthopatch_quantize_q2_k(const float *x, uint8_t *out, int64_t n_blocks) {
     for (int64_t b = 0; b < n_blocks; b++, x += QK_K, out += 84) {
-        struct qkx_fit fits[2];
+        struct qkx_fit fits[16 / LANES];
         float scales[16], mins[16];
-        for (int g = 0; g < 2; g++) {
+        for (int g = 0; g < 16 / LANES; g++) {
             vf values[16], weights[16];
-            by_position(x + g * 128, 16, values);
+            by_position(x + g * LANES * 16, 16, values);
             for (int i = 0; i < 16; i++) {
                 weights[i] = vf_abs(values[i]);
             }
@@ -232,32 +232,40 @@ OP_EXPORT void orthopatch_quantize_q2_k(const float *x, uint8_t *out, int64_t n_
 /* What Q4_K and Q5_K share: 8 sub-blocks of 32 with 6-bit scale and min codes against fp16 d, dmin.
  * Writes d, dmin and the 12 code bytes to out[0..16) and the levels (0..nmax) of the 256 values. */
 ALWAYS_INLINE void q45_k_levels(const float *x, int nmax, float rmin, int nstep, uint8_t *out, uint8_t *levels) {
-    vf values[32], weights[32];
-    by_position(x, 32, values);
-    vf sum_x2 = vf_splat(0.0f);
-    for (int i = 0; i < 32; i++) {
-        sum_x2 += values[i] * values[i];
+    struct qkx_fit fits[8 / LANES];
+    float scales[8], mins[8];
+    for (int g = 0; g < 8 / LANES; g++) {
+        vf values[32], weights[32];
+        by_position(x + g * LANES * 32, 32, values);
+        vf sum_x2 = vf_splat(0.0f);
+        for (int i = 0; i < 32; i++) {
+            sum_x2 += values[i] * values[i];
+        }
+        vf mean_square = sum_x2 / vf_splat(32.0f), rms;
+        for (int k = 0; k < LANES; k++) {
+            rms[k] = sqrtf(mean_square[k]);
+        }
+        for (int i = 0; i < 32; i++) {
+            weights[i] = rms + vf_abs(values[i]);
+        }
+        fits[g] = qkx_search(values, weights, 32, nmax, rmin, 0.1f, nstep, 0);
+        for (int k = 0; k < LANES; k++) {
+            scales[g * LANES + k] = fits[g].scale[k];
+            mins[g * LANES + k] = fits[g].the_min[k];
+        }
     }
-    vf mean_square = sum_x2 / vf_splat(32.0f), rms;
-    for (int k = 0; k < LANES; k++) {
-        rms[k] = sqrtf(mean_square[k]);
-    }
-    for (int i = 0; i < 32; i++) {
-        weights[i] = rms + vf_abs(values[i]);
-    }
-    struct qkx_fit fit = qkx_search(values, weights, 32, nmax, rmin, 0.1f, nstep, 0);
 
     float max_scale = 0.0f, max_min = 0.0f;
     for (int j = 0; j < 8; j++) {
-        if (fit.scale[j] > max_scale) max_scale = fit.scale[j];
-        if (fit.the_min[j] > max_min) max_min = fit.the_min[j];
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
     }
     float inverse_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
     float inverse_min = max_min > 0 ? 63.0f / max_min : 0.0f;
     uint8_t scale_codes[8], min_codes[8];
     for (int j = 0; j < 8; j++) {
-        uint8_t s = (uint8_t)op_nearest_int(inverse_scale * fit.scale[j]);
-        uint8_t m = (uint8_t)op_nearest_int(inverse_min * fit.the_min[j]);
+        uint8_t s = (uint8_t)op_nearest_int(inverse_scale * scales[j]);
+        uint8_t m = (uint8_t)op_nearest_int(inverse_min * mins[j]);
         scale_codes[j] = s < 63 ? s : 63;
         min_codes[j] = m < 63 ? m : 63;
     }
@@ -277,7 +285,7 @@ ALWAYS_INLINE void q45_k_levels(const float *x, int nmax, float rmin, int nstep,
     for (int j = 0; j < 8; j++) { /* codes are at most 63, so they unpack to themselves */
         float step = d_value * (float)scale_codes[j];
         if (step == 0.0f) {
-            searched_levels(x + 32 * j, 32, &fit, j, nmax, levels + 32 * j);
+            searched_levels(x + 32 * j, 32, &fits[j / LANES], j % LANES, nmax, levels + 32 * j);
             continue;
         }
         requantized_levels(x + 32 * j, 32, step, dmin_value * (float)min_codes[j], nmax, levels + 32 * j);
