@@ -30,6 +30,16 @@ ALWAYS_INLINE vi vi_splat(int32_t v) { return (vi){v, v, v, v}; }
 /* Lanes of `yes` where `mask` is set (all ones), of `no` elsewhere: bits are moved, not values. */
 ALWAYS_INLINE vf vf_select(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
 
+/* Larger and smaller of each lane pair, for values that are neither NaN nor -0 (whole numbers here). */
+#if defined(__SSE2__) && LANES == 4
+#include <emmintrin.h>
+ALWAYS_INLINE vf vf_max(vf a, vf b) { return (vf)_mm_max_ps((__m128)a, (__m128)b); }
+ALWAYS_INLINE vf vf_min(vf a, vf b) { return (vf)_mm_min_ps((__m128)a, (__m128)b); }
+#else
+ALWAYS_INLINE vf vf_max(vf a, vf b) { return vf_select(a > b, a, b); }
+ALWAYS_INLINE vf vf_min(vf a, vf b) { return vf_select(a < b, a, b); }
+#endif
+
 ALWAYS_INLINE vf vf_abs(vf v) { return (vf)((vi)v & vi_splat(0x7FFFFFFF)); }
 
 /* Each lane clamped to 0..nmax (|level| <= 2**22), by sign shifts rather than compares. */
@@ -39,10 +49,12 @@ ALWAYS_INLINE vi clamped(vi level, int nmax) {
     return level - (excess & ~(excess >> 31));
 }
 
-/* op_nearest_int of each lane, clamped to 0..nmax afterwards, as float32. */
+/* op_nearest_int of each lane, clamped to 0..nmax afterwards, as float32. The integer lies within
+ * +-2**22, so it converts exactly and clamping after the conversion gives the same value. */
 ALWAYS_INLINE vf clamped_levels(vf scaled, int nmax) {
     vi level = ((vi)(scaled + vf_splat(12582912.0f)) & vi_splat(0x007FFFFF)) - vi_splat(0x00400000);
-    return __builtin_convertvector(clamped(level, nmax), vf);
+    vf value = __builtin_convertvector(level, vf);
+    return vf_min(vf_max(value, vf_splat(0.0f)), vf_splat((float)nmax));
 }
 
 /* Result of the search for the eight sub-blocks of a group, one per lane. */
