@@ -16,7 +16,9 @@
 #endif
 
 #define QK_K 256
-#define LANES 4
+#define LANES 4  /* sub-blocks per vector */
+#define GROUPS 2 /* vectors searched together */
+#define WIDTH (LANES * GROUPS) /* sub-blocks per search: Q4_K's and Q5_K's eight, half of Q2_K's */
 #define MAX_POSITIONS 32
 
 typedef float vf __attribute__((vector_size(4 * LANES)));
@@ -57,100 +59,133 @@ ALWAYS_INLINE vf clamped_levels(vf scaled, int nmax) {
     return vf_min(vf_max(value, vf_splat(0.0f)), vf_splat((float)nmax));
 }
 
-/* Result of the search for the eight sub-blocks of a group, one per lane. */
+/* Over the vectors of a search, unrolled so that their state stays in registers. */
+#define FOR_GROUPS(g) _Pragma("GCC unroll 4") for (int g = 0; g < GROUPS; g++)
+
+/* Result of the search for WIDTH sub-blocks: sub-block s in lane s % LANES of vector s / LANES. */
 struct qkx_fit {
-    vf scale;   /* 0 for a flat sub-block */
-    vf the_min; /* minus the fitted offset (the sub-block's minimum when flat), sign of zero kept */
-    vf inverse; /* the inverse scale and offset whose rounding gave the chosen levels */
-    vf offset;
-    vi flat;    /* all values equal: the levels are all 0 */
+    vf scale[GROUPS];   /* 0 for a flat sub-block */
+    vf the_min[GROUPS]; /* minus the fitted offset (the sub-block's minimum when flat), sign of zero kept */
+    vf inverse[GROUPS]; /* the inverse scale and offset whose rounding gave the chosen levels */
+    vf offset[GROUPS];
+    vi flat[GROUPS];    /* all values equal: the levels are all 0 */
 };
 
-/* ggml's make_qkx2_quants on eight sub-blocks: x[i] and w[i] hold position i of every lane's sub-block.
- * Fits x ≈ scale * L + offset (offset <= 0, L in 0..nmax) by weighted least squares on the rounding of
- * nstep + 1 inverse scales around nmax / (max - offset), each trial starting from the offset found so
- * far, and keeps the fit of least weighted error (absolute with use_mad, squared otherwise). */
-ALWAYS_INLINE struct qkx_fit qkx_search(const vf *x, const vf *w, int n, int nmax, float rmin, float rdelta,
-                                        int nstep, int use_mad) {
+/* ggml's make_qkx2_quants on WIDTH sub-blocks of n values: x[i * GROUPS + g] and w[i * GROUPS + g] hold
+ * position i of the sub-blocks of vector g. Fits x ≈ scale * L + offset (offset <= 0, L in 0..nmax) by
+ * weighted least squares on the rounding of nstep + 1 inverse scales around nmax / (max - offset), each
+ * trial starting from the offset found so far, and keeps the fit of least weighted error (absolute with
+ * use_mad, squared otherwise). The loops over g only interleave independent sub-blocks. */
+ALWAYS_INLINE void qkx_search(const vf *x, const vf *w, int n, int nmax, float rmin, float rdelta, int nstep,
+                              int use_mad, struct qkx_fit *fit) {
     const vf zero = vf_splat(0.0f), one = vf_splat(1.0f);
-    vf low = x[0], high = x[0], sum_w = w[0], sum_x = w[0] * x[0];
+    vf low[GROUPS], high[GROUPS], sum_w[GROUPS], sum_x[GROUPS];
+    vi flat[GROUPS];
+    FOR_GROUPS(g) {
+        low[g] = high[g] = x[g];
+        sum_w[g] = w[g];
+        sum_x[g] = w[g] * x[g];
+    }
     for (int i = 1; i < n; i++) { /* C's scans: the first of equal minima, so a zero keeps its sign */
-        low = vf_select(x[i] < low, x[i], low);
-        high = vf_select(x[i] > high, x[i], high);
-        sum_w += w[i];
-        sum_x += w[i] * x[i];
+        FOR_GROUPS(g) {
+            vf xi = x[i * GROUPS + g], wi = w[i * GROUPS + g];
+            low[g] = vf_select(xi < low[g], xi, low[g]);
+            high[g] = vf_select(xi > high[g], xi, high[g]);
+            sum_w[g] += wi;
+            sum_x[g] += wi * xi;
+        }
     }
-    low = vf_select(low > zero, zero, low);
-    vi flat = high == low; /* no scale; a unit span keeps their arithmetic finite, the result is overridden */
 
-    vf offset = low;
-    vf inverse = vf_splat((float)nmax) / vf_select(flat, one, high - offset);
-    vf scale = one / inverse;
-    vf best = zero;
+    vf offset[GROUPS], inverse[GROUPS], scale[GROUPS], best[GROUPS], chosen_inverse[GROUPS], chosen_offset[GROUPS];
+    FOR_GROUPS(g) {
+        low[g] = vf_select(low[g] > zero, zero, low[g]);
+        flat[g] = high[g] == low[g]; /* no scale; a unit span keeps their arithmetic finite until overridden */
+        offset[g] = low[g];
+        inverse[g] = vf_splat((float)nmax) / vf_select(flat[g], one, high[g] - offset[g]);
+        scale[g] = one / inverse[g];
+        best[g] = zero;
+        chosen_inverse[g] = inverse[g];
+        chosen_offset[g] = offset[g];
+    }
     for (int i = 0; i < n; i++) {
-        vf diff = scale * clamped_levels(inverse * (x[i] - offset), nmax) + offset - x[i];
-        diff = use_mad ? vf_abs(diff) : diff * diff;
-        best += w[i] * diff;
+        FOR_GROUPS(g) {
+            vf xi = x[i * GROUPS + g];
+            vf diff = scale[g] * clamped_levels(inverse[g] * (xi - offset[g]), nmax) + offset[g] - xi;
+            diff = use_mad ? vf_abs(diff) : diff * diff;
+            best[g] += w[i * GROUPS + g] * diff;
+        }
     }
-    vf chosen_inverse = inverse, chosen_offset = offset;
 
-    vf levels[MAX_POSITIONS];
+    vf levels[MAX_POSITIONS * GROUPS];
     for (int step = 0; step <= nstep; step++) {
         float factor = rmin + rdelta * (float)step + (float)nmax;
-        inverse = vf_splat(factor) / vf_select(flat, one, high - offset);
-        vf sum_l = zero, sum_l2 = zero, sum_xl = zero;
-        for (int i = 0; i < n; i++) {
-            vf level = clamped_levels(inverse * (x[i] - offset), nmax);
-            levels[i] = level;
-            vf weighted = w[i] * level;
-            sum_l += weighted;
-            sum_l2 += weighted * level;
-            sum_xl += weighted * x[i];
+        vf sum_l[GROUPS], sum_l2[GROUPS], sum_xl[GROUPS];
+        FOR_GROUPS(g) {
+            inverse[g] = vf_splat(factor) / vf_select(flat[g], one, high[g] - offset[g]);
+            sum_l[g] = sum_l2[g] = sum_xl[g] = zero;
         }
-        vf det = sum_w * sum_l2 - sum_l * sum_l;
-        vf trial_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
-        vf trial_offset = (sum_l2 * sum_x - sum_l * sum_xl) / det;
-        vi clamp = trial_offset > zero; /* a positive offset is refitted as zero, with the scale alone */
-        trial_offset = vf_select(clamp, zero, trial_offset);
-        trial_scale = vf_select(clamp, sum_xl / sum_l2, trial_scale);
-        vf error = zero;
         for (int i = 0; i < n; i++) {
-            vf diff = trial_scale * levels[i] + trial_offset - x[i];
-            diff = use_mad ? vf_abs(diff) : diff * diff;
-            error += w[i] * diff;
+            FOR_GROUPS(g) {
+                vf xi = x[i * GROUPS + g];
+                vf level = clamped_levels(inverse[g] * (xi - offset[g]), nmax);
+                levels[i * GROUPS + g] = level;
+                vf weighted = w[i * GROUPS + g] * level;
+                sum_l[g] += weighted;
+                sum_l2[g] += weighted * level;
+                sum_xl[g] += weighted * xi;
+            }
         }
-        vi better = (error < best) & (det > zero);
-        best = vf_select(better, error, best);
-        chosen_inverse = vf_select(better, inverse, chosen_inverse);
-        chosen_offset = vf_select(better, offset, chosen_offset);
-        scale = vf_select(better, trial_scale, scale);
-        offset = vf_select(better, trial_offset, offset);
+        vf det[GROUPS], trial_scale[GROUPS], trial_offset[GROUPS], error[GROUPS];
+        FOR_GROUPS(g) {
+            det[g] = sum_w[g] * sum_l2[g] - sum_l[g] * sum_l[g];
+            trial_scale[g] = (sum_w[g] * sum_xl[g] - sum_x[g] * sum_l[g]) / det[g];
+            trial_offset[g] = (sum_l2[g] * sum_x[g] - sum_l[g] * sum_xl[g]) / det[g];
+            vi clamp = trial_offset[g] > zero; /* a positive offset is refitted as zero, with the scale alone */
+            trial_offset[g] = vf_select(clamp, zero, trial_offset[g]);
+            trial_scale[g] = vf_select(clamp, sum_xl[g] / sum_l2[g], trial_scale[g]);
+            error[g] = zero;
+        }
+        for (int i = 0; i < n; i++) {
+            FOR_GROUPS(g) {
+                vf diff = trial_scale[g] * levels[i * GROUPS + g] + trial_offset[g] - x[i * GROUPS + g];
+                diff = use_mad ? vf_abs(diff) : diff * diff;
+                error[g] += w[i * GROUPS + g] * diff;
+            }
+        }
+        FOR_GROUPS(g) {
+            vi better = (error[g] < best[g]) & (det[g] > zero);
+            best[g] = vf_select(better, error[g], best[g]);
+            chosen_inverse[g] = vf_select(better, inverse[g], chosen_inverse[g]);
+            chosen_offset[g] = vf_select(better, offset[g], chosen_offset[g]);
+            scale[g] = vf_select(better, trial_scale[g], scale[g]);
+            offset[g] = vf_select(better, trial_offset[g], offset[g]);
+        }
     }
-    struct qkx_fit fit;
-    fit.scale = vf_select(flat, zero, scale);
-    fit.the_min = -vf_select(flat, low, offset);
-    fit.inverse = chosen_inverse;
-    fit.offset = chosen_offset;
-    fit.flat = flat;
-    return fit;
+    FOR_GROUPS(g) {
+        fit->scale[g] = vf_select(flat[g], zero, scale[g]);
+        fit->the_min[g] = -vf_select(flat[g], low[g], offset[g]);
+        fit->inverse[g] = chosen_inverse[g];
+        fit->offset[g] = chosen_offset[g];
+        fit->flat[g] = flat[g];
+    }
 }
 
-/* Eight sub-blocks of `size` values from `x` (sub-block k at x + k * size) laid out by position. */
+/* WIDTH sub-blocks of `size` values from `x` (sub-block s at x + s * size) laid out by position. */
 ALWAYS_INLINE void by_position(const float *x, int size, vf *out) {
-    for (int k = 0; k < LANES; k++) {
+    for (int s = 0; s < WIDTH; s++) {
         for (int i = 0; i < size; i++) {
-            out[i][k] = x[k * size + i];
+            out[i * GROUPS + s / LANES][s % LANES] = x[s * size + i];
         }
     }
 }
 
-/* The levels of the search for lane k, kept where the stored scale is zero. */
-static void searched_levels(const float *x, int size, const struct qkx_fit *fit, int k, int nmax, uint8_t *levels) {
-    if (fit->flat[k]) {
+/* The levels of the search for sub-block s of a fit, kept where the stored scale is zero. */
+static void searched_levels(const float *x, int size, const struct qkx_fit *fit, int s, int nmax, uint8_t *levels) {
+    if (fit->flat[s / LANES][s % LANES]) {
         memset(levels, 0, (size_t)size);
         return;
     }
-    float inverse = fit->inverse[k], offset = fit->offset[k];
+    float inverse = fit->inverse[s / LANES][s % LANES], offset = fit->offset[s / LANES][s % LANES];
     for (int i = 0; i < size; i++) {
         int level = op_nearest_int(inverse * (x[i] - offset));
         levels[i] = (uint8_t)(level < 0 ? 0 : level > nmax ? nmax : level);
@@ -181,18 +216,18 @@ static void put_fp16(uint8_t *out, uint16_t bits) { memcpy(out, &bits, sizeof bi
  * Block: scales[16], qs[64], d, dmin (84 bytes). */
 OP_EXPORT void orthopatch_quantize_q2_k(const float *x, uint8_t *out, int64_t n_blocks) {
     for (int64_t b = 0; b < n_blocks; b++, x += QK_K, out += 84) {
-        struct qkx_fit fits[16 / LANES];
+        struct qkx_fit fits[16 / WIDTH];
         float scales[16], mins[16];
-        for (int g = 0; g < 16 / LANES; g++) {
-            vf values[16], weights[16];
-            by_position(x + g * LANES * 16, 16, values);
-            for (int i = 0; i < 16; i++) {
+        for (int f = 0; f < 16 / WIDTH; f++) {
+            vf values[16 * GROUPS], weights[16 * GROUPS];
+            by_position(x + f * WIDTH * 16, 16, values);
+            for (int i = 0; i < 16 * GROUPS; i++) {
                 weights[i] = vf_abs(values[i]);
             }
-            fits[g] = qkx_search(values, weights, 16, 3, -0.5f, 0.1f, 15, 1);
-            for (int k = 0; k < LANES; k++) {
-                scales[g * LANES + k] = fits[g].scale[k];
-                mins[g * LANES + k] = fits[g].the_min[k];
+            qkx_search(values, weights, 16, 3, -0.5f, 0.1f, 15, 1, &fits[f]);
+            for (int s = 0; s < WIDTH; s++) {
+                scales[f * WIDTH + s] = fits[f].scale[s / LANES][s % LANES];
+                mins[f * WIDTH + s] = fits[f].the_min[s / LANES][s % LANES];
             }
         }
         float max_scale = 0.0f, max_min = 0.0f;
@@ -222,7 +257,7 @@ OP_EXPORT void orthopatch_quantize_q2_k(const float *x, uint8_t *out, int64_t n_
         for (int j = 0; j < 16; j++) {
             float step = d_value * (float)(codes[j] & 0xF);
             if (step == 0.0f) {
-                searched_levels(x + 16 * j, 16, &fits[j / LANES], j % LANES, 3, levels + 16 * j);
+                searched_levels(x + 16 * j, 16, &fits[j / WIDTH], j % WIDTH, 3, levels + 16 * j);
                 continue;
             }
             requantized_levels(x + 16 * j, 16, step, dmin_value * (float)(codes[j] >> 4), 3, levels + 16 * j);
@@ -244,27 +279,27 @@ OP_EXPORT void orthopatch_quantize_q2_k(const float *x, uint8_t *out, int64_t n_
 /* What Q4_K and Q5_K share: 8 sub-blocks of 32 with 6-bit scale and min codes against fp16 d, dmin.
  * Writes d, dmin and the 12 code bytes to out[0..16) and the levels (0..nmax) of the 256 values. */
 ALWAYS_INLINE void q45_k_levels(const float *x, int nmax, float rmin, int nstep, uint8_t *out, uint8_t *levels) {
-    struct qkx_fit fits[8 / LANES];
+    struct qkx_fit fit;
     float scales[8], mins[8];
-    for (int g = 0; g < 8 / LANES; g++) {
-        vf values[32], weights[32];
-        by_position(x + g * LANES * 32, 32, values);
+    vf values[32 * GROUPS], weights[32 * GROUPS];
+    by_position(x, 32, values);
+    for (int g = 0; g < GROUPS; g++) {
         vf sum_x2 = vf_splat(0.0f);
         for (int i = 0; i < 32; i++) {
-            sum_x2 += values[i] * values[i];
+            sum_x2 += values[i * GROUPS + g] * values[i * GROUPS + g];
         }
         vf mean_square = sum_x2 / vf_splat(32.0f), rms;
         for (int k = 0; k < LANES; k++) {
             rms[k] = sqrtf(mean_square[k]);
         }
         for (int i = 0; i < 32; i++) {
-            weights[i] = rms + vf_abs(values[i]);
+            weights[i * GROUPS + g] = rms + vf_abs(values[i * GROUPS + g]);
         }
-        fits[g] = qkx_search(values, weights, 32, nmax, rmin, 0.1f, nstep, 0);
-        for (int k = 0; k < LANES; k++) {
-            scales[g * LANES + k] = fits[g].scale[k];
-            mins[g * LANES + k] = fits[g].the_min[k];
-        }
+    }
+    qkx_search(values, weights, 32, nmax, rmin, 0.1f, nstep, 0, &fit);
+    for (int s = 0; s < 8; s++) {
+        scales[s] = fit.scale[s / LANES][s % LANES];
+        mins[s] = fit.the_min[s / LANES][s % LANES];
     }
 
     float max_scale = 0.0f, max_min = 0.0f;
@@ -297,7 +332,7 @@ ALWAYS_INLINE void q45_k_levels(const float *x, int nmax, float rmin, int nstep,
     for (int j = 0; j < 8; j++) { /* codes are at most 63, so they unpack to themselves */
         float step = d_value * (float)scale_codes[j];
         if (step == 0.0f) {
-            searched_levels(x + 32 * j, 32, &fits[j / LANES], j % LANES, nmax, levels + 32 * j);
+            searched_levels(x + 32 * j, 32, &fit, j, nmax, levels + 32 * j);
             continue;
         }
         requantized_levels(x + 32 * j, 32, step, dmin_value * (float)min_codes[j], nmax, levels + 32 * j);
