@@ -4,19 +4,15 @@
  * numpy make_qkx_quants); the super-block stores them as small integer codes of two fp16 steps, and
  * the levels are rounded again with the stored, fp16-rounded scale and min.
  *
- * The search runs on eight sub-blocks at once, one per lane of a vector. Every lane performs the
- * float32 operations of the scalar search in its order (each sum runs over the positions in index
- * order, within its lane), so the bytes do not change; the lanes only let eight independent chains
- * of additions overlap where one sub-block alone would wait on every addition.
+ * The search runs on eight sub-blocks at once, one per lane of two four-lane vectors. Every lane
+ * performs the float32 operations of the scalar search in its order (each sum runs over the positions
+ * in index order, within its lane), so the bytes do not change; the lanes only let eight independent
+ * chains of additions overlap where one sub-block alone would wait on every addition.
  */
 #include "ggml_float.h"
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi" /* the 32-byte vectors never cross a non-inlined call */
-#endif
-
 #define QK_K 256
-#define LANES 4  /* sub-blocks per vector */
+#define LANES 4  /* sub-blocks per vector (16 bytes: SSE2 on x86-64, NEON on ARM) */
 #define GROUPS 2 /* vectors searched together */
 #define WIDTH (LANES * GROUPS) /* sub-blocks per search: Q4_K's and Q5_K's eight, half of Q2_K's */
 #define MAX_POSITIONS 32
@@ -33,7 +29,7 @@ ALWAYS_INLINE vi vi_splat(int32_t v) { return (vi){v, v, v, v}; }
 ALWAYS_INLINE vf vf_select(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
 
 /* Larger and smaller of each lane pair, for values that are neither NaN nor -0 (whole numbers here). */
-#if defined(__SSE2__) && LANES == 4
+#if defined(__SSE2__)
 #include <emmintrin.h>
 ALWAYS_INLINE vf vf_max(vf a, vf b) { return (vf)_mm_max_ps((__m128)a, (__m128)b); }
 ALWAYS_INLINE vf vf_min(vf a, vf b) { return (vf)_mm_min_ps((__m128)a, (__m128)b); }
