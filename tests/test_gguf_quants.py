@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 
+from orthopatch.gguf import native
 from orthopatch.gguf.quants import IMATRIX_TYPES, PATCHABLE_TYPES, dequantize, quantize
 from tests.llama_ref import reference_quantize, requires_llama_cpp
 
@@ -127,10 +128,22 @@ def squared_error(values: np.ndarray, packed: np.ndarray, qtype: gguf.GGMLQuanti
 # ---------------------------------------------------------------- against llama.cpp
 
 
+@pytest.fixture(params=["c", "numpy"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the C quantizers and again with the numpy ones (``ORTHOPATCH_NATIVE=0``)."""
+    if request.param == "numpy":
+        monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
+    else:
+        monkeypatch.delenv(native.DISABLE_VARIABLE, raising=False)
+        if (reason := native.unavailable_reason()) is not None:
+            pytest.skip(f"the C quantizers are unavailable here: {reason}")
+    return request.param
+
+
 @pytest.mark.parametrize("input_name", list(INPUTS))
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda qtype: qtype.name)
 @requires_llama_cpp
-def test_bytes_match_llama_cpp(qtype: gguf.GGMLQuantizationType, input_name: str) -> None:
+def test_bytes_match_llama_cpp(qtype: gguf.GGMLQuantizationType, input_name: str, backend: str) -> None:
     values = make_input(input_name)
     theirs = reference_quantize(values, qtype)
     ours = quantize(values, qtype)
@@ -141,7 +154,7 @@ def test_bytes_match_llama_cpp(qtype: gguf.GGMLQuantizationType, input_name: str
 
 @pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda qtype: qtype.name)
 @requires_llama_cpp
-def test_k_quants_match_llama_cpp_on_more_seeds(qtype: gguf.GGMLQuantizationType) -> None:
+def test_k_quants_match_llama_cpp_on_more_seeds(qtype: gguf.GGMLQuantizationType, backend: str) -> None:
     for seed in range(1, 4):
         values = np.concatenate([make_input(name, seed) for name in INPUTS])
         assert matching_block_fraction(quantize(values, qtype), reference_quantize(values, qtype), qtype) == 1.0
@@ -149,7 +162,7 @@ def test_k_quants_match_llama_cpp_on_more_seeds(qtype: gguf.GGMLQuantizationType
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda qtype: qtype.name)
 @requires_llama_cpp
-def test_bytes_match_llama_cpp_across_chunks(qtype: gguf.GGMLQuantizationType) -> None:
+def test_bytes_match_llama_cpp_across_chunks(qtype: gguf.GGMLQuantizationType, backend: str) -> None:
     """More values than one chunk or piece of any quantizer (and than one torch call), ending mid-chunk."""
     from orthopatch.gguf.plainquants import PIECE_VALUES
     from orthopatch.gguf.quants import CHUNK_SCALE, CHUNK_VALUES
@@ -346,7 +359,7 @@ def test_quantized_bytes_do_not_alias_the_input() -> None:
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda qtype: qtype.name)
-def test_threads_write_the_same_bytes(qtype: gguf.GGMLQuantizationType) -> None:
+def test_threads_write_the_same_bytes(qtype: gguf.GGMLQuantizationType, backend: str) -> None:
     values = make_input("heavy_tailed")[:7]  # an odd row count: parts of unequal size
     alone = quantize(values, qtype)
     for workers in (2, 3, 16):

@@ -30,7 +30,7 @@ import numpy as np
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
 
-FLAGS = ("-O2", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing", "-fPIC",
+FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing", "-fPIC",
          "-shared", "-fvisibility=hidden")  # fmt: skip
 """Compiler flags. ``-ffp-contract=off`` keeps ``a * b + c`` two roundings, as numpy and ggml's reference
 code compute it; no ``-march``, so a library in a shared cache runs on every CPU of the architecture."""

@@ -3,10 +3,11 @@
 A patched GGUF tensor is stored again in the type it came in, and must be the file llama.cpp's own
 ``llama-quantize`` would have written from the same float values. This module is the public entry
 point: it lists the types that can be patched, checks the input, and cuts rows into cache-sized
-chunks for the per-type quantizers. F32 is copied; without an importance matrix, F16, BF16 and the
-legacy 32-value blocks come from :mod:`orthopatch.gguf.plainquants`; the k-quants, and the legacy
-types weighted by an importance matrix, come from :mod:`orthopatch.gguf.kquants`. Dequantizing is
-gguf-py's.
+chunks for the per-type quantizers. F32 is copied. Without an importance matrix, the C quantizers of
+:mod:`orthopatch.gguf.native` run where they could be built; otherwise (and with an importance matrix)
+F16, BF16 and the legacy 32-value blocks come from :mod:`orthopatch.gguf.plainquants`, the k-quants
+and the weighted legacy types from :mod:`orthopatch.gguf.kquants`: the same bytes either way.
+Dequantizing is gguf-py's.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from orthopatch.gguf.kquants import (
     quantize_q5_k,
     quantize_q6_k,
 )
+from orthopatch.gguf.native import native_quantizer
 from orthopatch.gguf.plainquants import PLAIN_TYPES, quantize_plain
 
 Q = gguf.GGMLQuantizationType
@@ -99,7 +101,10 @@ def _quantize_rows(values: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix
     if rows.shape[1] % block_values:
         raise ValueError(f"{qtype.name} needs rows of a multiple of {block_values} values, not {rows.shape[1]}")
     importance = _checked_importance(imatrix, rows.shape[1]) if qtype in IMATRIX_TYPES else None
-    if qtype in _K_QUANTIZERS:
+    built = None if importance is not None else native_quantizer(qtype.name, *gguf.GGML_QUANT_SIZES[qtype])
+    if built is not None:
+        packed = built(rows)
+    elif qtype in _K_QUANTIZERS:
         packed = _quantize_in_chunks(rows, SUPER_BLOCK, _K_QUANTIZERS[qtype], importance,
                                      chunk_values=CHUNK_VALUES * CHUNK_SCALE.get(qtype, 1))
     elif importance is not None:

@@ -12,6 +12,14 @@
 
 #define OP_EXPORT __attribute__((visibility("default")))
 
+/* Hot loops get an AVX2 version beside the baseline one, picked when the library loads: wider vectors
+ * only, the same IEEE float32 operations (FMA contraction stays off), so the same bytes on either. */
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 6)
+#define OP_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define OP_VECTOR_CLONES
+#endif
+
 /* ggml's nearest_int: adding 1.5 * 2**23 leaves the rounded integer (half to even) in the low bits. */
 static inline int op_nearest_int(float value) {
     float shifted = value + 12582912.0f;

@@ -1,0 +1,113 @@
+"""The C quantizers: the same bytes as the numpy ones on hostile inputs, built once and cached, refused
+from a cache others can write, and replaced by the numpy ones, with a one-line note, where no compiler works."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from orthopatch.gguf import native
+from orthopatch.gguf.quants import PATCHABLE_TYPES, quantize
+
+Q = gguf.GGMLQuantizationType
+REPO = Path(__file__).resolve().parents[1]
+
+NATIVE_TYPES = sorted(PATCHABLE_TYPES - {Q.F32, Q.F16}, key=lambda qtype: qtype.value)
+"""Types with a C quantizer: F32 is a copy, and torch's float16 conversion is faster than a C loop."""
+
+
+def _a_compiler() -> str | None:
+    return os.environ.get("CC") or next(filter(shutil.which, native.COMPILERS), None)
+
+
+def test_the_c_quantizers_build_where_a_compiler_exists() -> None:
+    if _a_compiler() is None:
+        pytest.skip("no C compiler on this machine: the numpy quantizers are the only ones")
+    os.environ.pop(native.DISABLE_VARIABLE, None)
+    assert native.unavailable_reason() is None
+    for qtype in NATIVE_TYPES:
+        assert native.native_quantizer(qtype.name, *gguf.GGML_QUANT_SIZES[qtype]) is not None, qtype.name
+
+
+def _hostile_rows(seed: int) -> np.ndarray:
+    """Rows of 1024 values mixing every kind of block: heavy tails, all zeros with both signs of zero,
+    float32 subnormals, constants, exact ties, huge magnitudes, one outlier, fp16-subnormal scales."""
+    rng = np.random.default_rng(seed)
+    rows = rng.standard_t(2.5, size=(12, 1024)).astype(np.float32)
+    rows[1] = 0.0
+    rows[1, rng.random(1024) < 0.5] = -0.0
+    rows[2] = (rng.standard_normal(1024) * 1e-41).astype(np.float32)
+    rows[3] = np.float32(0.75)
+    rows[4] = np.round(rng.standard_normal(1024) * 4) / 8
+    rows[5] = (rng.standard_normal(1024) * 1e37).astype(np.float32)
+    rows[6] = (rng.standard_normal(1024) * 1e-6).astype(np.float32)
+    rows[7, rng.integers(0, 1024)] = 3e4
+    rows[8] = np.abs(rows[8])
+    rows[9] = -np.abs(rows[9])
+    rows[10, ::2] = -rows[10, 1::2]  # each magnitude with both signs
+    rows[11, rng.random(1024) < 0.9] = 0.0
+    return rows
+
+
+@pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda qtype: qtype.name)
+def test_c_and_numpy_quantizers_write_the_same_bytes(qtype: gguf.GGMLQuantizationType,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    if native.unavailable_reason() is not None:
+        pytest.skip(f"the C quantizers are unavailable here: {native.unavailable_reason()}")
+    values = np.concatenate([_hostile_rows(seed) for seed in range(3)])
+    with np.errstate(all="ignore"):
+        built = quantize(values, qtype)
+        monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
+        reference = quantize(values, qtype)
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    differing = np.flatnonzero((built.reshape(-1, block_bytes) != reference.reshape(-1, block_bytes)).any(axis=1))
+    assert differing.size == 0, f"{differing.size} blocks differ, the first at block {differing[:1]}"
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **env})
+
+
+_QUANTIZE_AND_REPORT = """
+import numpy as np
+from orthopatch.gguf import native, quants
+values = np.linspace(-3, 3, 4096, dtype=np.float32).reshape(4, 1024)
+print(native.unavailable_reason())
+print(quants.quantize(values, quants.Q.Q4_K).tobytes().hex()[:64])
+"""
+
+
+def test_without_a_compiler_the_numpy_quantizers_run_with_a_note(tmp_path: Path) -> None:
+    no_compiler = _run(_QUANTIZE_AND_REPORT, CC=str(tmp_path / "no-such-cc"), ORTHOPATCH_CACHE_DIR=str(tmp_path))
+    assert no_compiler.returncode == 0, no_compiler.stderr
+    reason, packed = no_compiler.stdout.splitlines()
+    assert "no-such-cc" in reason
+    notes = [line for line in no_compiler.stderr.splitlines() if "C quantizers" in line]
+    assert len(notes) == 1 and "same bytes" in notes[0]
+    disabled = _run(_QUANTIZE_AND_REPORT, ORTHOPATCH_NATIVE="0", ORTHOPATCH_CACHE_DIR=str(tmp_path))
+    assert disabled.stdout.splitlines() == ["ORTHOPATCH_NATIVE=0 is set", packed]
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_the_library_is_built_once_and_a_cache_others_can_write_is_refused(tmp_path: Path) -> None:
+    if _a_compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    first = _run(_QUANTIZE_AND_REPORT, ORTHOPATCH_CACHE_DIR=str(tmp_path))
+    assert first.returncode == 0 and first.stdout.splitlines()[0] == "None", first.stderr
+    (library,) = tmp_path.glob("quants-*.so")
+    built_at = library.stat().st_mtime_ns
+    again = _run(_QUANTIZE_AND_REPORT, ORTHOPATCH_CACHE_DIR=str(tmp_path))
+    assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
+    assert list(tmp_path.glob("quants-*.so")) == [library] and library.stat().st_mtime_ns == built_at
+    library.chmod(0o777)
+    refused = _run(_QUANTIZE_AND_REPORT, ORTHOPATCH_CACHE_DIR=str(tmp_path))
+    reason, packed = refused.stdout.splitlines()
+    assert "writable by others" in reason and packed == first.stdout.splitlines()[1]
