@@ -210,7 +210,7 @@ static void put_fp16(uint8_t *out, uint16_t bits) { memcpy(out, &bits, sizeof bi
 
 /* 16 sub-blocks of 16, 2-bit levels, a 4-bit scale code and min code per sub-block against fp16 d, dmin.
  * Block: scales[16], qs[64], d, dmin (84 bytes). */
-OP_EXPORT void orthopatch_quantize_q2_k(const float *x, uint8_t *out, int64_t n_blocks) {
+OP_EXPORT OP_VECTOR_CLONES void orthopatch_quantize_q2_k(const float *x, uint8_t *out, int64_t n_blocks) {
     for (int64_t b = 0; b < n_blocks; b++, x += QK_K, out += 84) {
         struct qkx_fit fits[16 / WIDTH];
         float scales[16], mins[16];
@@ -336,7 +336,7 @@ ALWAYS_INLINE void q45_k_levels(const float *x, int nmax, float rmin, int nstep,
 }
 
 /* Q4_K: 4-bit levels, two sub-blocks' levels sharing each byte. Block: d, dmin, scales[12], qs[128]. */
-OP_EXPORT void orthopatch_quantize_q4_k(const float *x, uint8_t *out, int64_t n_blocks) {
+OP_EXPORT OP_VECTOR_CLONES void orthopatch_quantize_q4_k(const float *x, uint8_t *out, int64_t n_blocks) {
     for (int64_t b = 0; b < n_blocks; b++, x += QK_K, out += 144) {
         uint8_t levels[QK_K];
         q45_k_levels(x, 15, -1.0f, 20, out, levels);
@@ -351,7 +351,7 @@ OP_EXPORT void orthopatch_quantize_q4_k(const float *x, uint8_t *out, int64_t n_
 
 /* Q5_K: as Q4_K with 5-bit levels, the fifth bit of position i of sub-block j at bit j of qh[i].
  * Block: d, dmin, scales[12], qh[32], qs[128]. */
-OP_EXPORT void orthopatch_quantize_q5_k(const float *x, uint8_t *out, int64_t n_blocks) {
+OP_EXPORT OP_VECTOR_CLONES void orthopatch_quantize_q5_k(const float *x, uint8_t *out, int64_t n_blocks) {
     for (int64_t b = 0; b < n_blocks; b++, x += QK_K, out += 176) {
         uint8_t levels[QK_K];
         q45_k_levels(x, 31, -0.5f, 15, out, levels);
