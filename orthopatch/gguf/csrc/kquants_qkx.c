@@ -47,11 +47,12 @@ ALWAYS_INLINE vi clamped(vi level, int nmax) {
     return level - (excess & ~(excess >> 31));
 }
 
-/* op_nearest_int of each lane, clamped to 0..nmax afterwards, as float32. The integer lies within
- * +-2**22, so it converts exactly and clamping after the conversion gives the same value. */
+/* op_nearest_int of each lane, clamped to 0..nmax afterwards, as float32. The integer is the low 23
+ * bits of the rounded sum less 2**22; as the mantissa of a float in [2**23, 2**24) less 1.5 * 2**23, it
+ * comes out exactly, and clamping a whole number after the conversion gives the same value. */
 ALWAYS_INLINE vf clamped_levels(vf scaled, int nmax) {
-    vi level = ((vi)(scaled + vf_splat(12582912.0f)) & vi_splat(0x007FFFFF)) - vi_splat(0x00400000);
-    vf value = __builtin_convertvector(level, vf);
+    vi bits = (vi)(scaled + vf_splat(12582912.0f));
+    vf value = (vf)((bits & vi_splat(0x007FFFFF)) | vi_splat(0x4B000000)) - vf_splat(12582912.0f);
     return vf_min(vf_max(value, vf_splat(0.0f)), vf_splat((float)nmax));
 }
 
