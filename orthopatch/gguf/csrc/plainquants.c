@@ -2,8 +2,9 @@
  *
  * The same rules as orthopatch/gguf/plainquants.py (ggml's reference quantizers): a block's scale from
  * its extreme values, stored as fp16, then each value times the inverse of the unrounded scale, offset
- * and truncated to an integer. Conversions of out-of-range floats (a block of float32 subnormals has an
- * infinite inverse scale) go through int32 as on x86, whose cvttss2si gives INT32_MIN there.
+ * and truncated to an integer. A float out of int32's range (a block of float32 subnormals has an infinite
+ * inverse scale) converts as x86's cvttss2si converts it, to INT32_MIN, whose low byte is 0: written out,
+ * so that no compiler or CPU is left to decide.
  */
 #include <stddef.h>
 
@@ -17,7 +18,10 @@ static inline void put_fp16(uint8_t *out, float value) {
     out[1] = (uint8_t)(bits >> 8);
 }
 
-static inline int8_t truncated(float value) { return (int8_t)(int32_t)value; }
+static inline int8_t truncated(float value) {
+    int32_t whole = fabsf(value) < 2147483648.0f ? (int32_t)value : INT32_MIN;
+    return (int8_t)(uint8_t)((uint32_t)whole & 0xFF);
+}
 
 /* bfloat16 (blocks of one value): the upper half of the float32 rounded to nearest even (NaN kept quiet). */
 OP_EXPORT OP_VECTOR_CLONES void orthopatch_quantize_bf16(const float *x, uint8_t *out, int64_t n_values) {
