@@ -15,6 +15,7 @@ import pytest
 
 from orthopatch.gguf import native
 from orthopatch.gguf.quants import PATCHABLE_TYPES, quantize
+from tests.llama_ref import reference_quantize, requires_llama_cpp
 
 Q = gguf.GGMLQuantizationType
 REPO = Path(__file__).resolve().parents[1]
@@ -111,3 +112,26 @@ def test_the_library_is_built_once_and_a_cache_others_can_write_is_refused(tmp_p
     refused = _run(_QUANTIZE_AND_REPORT, ORTHOPATCH_CACHE_DIR=str(tmp_path))
     reason, packed = refused.stdout.splitlines()
     assert "writable by others" in reason and packed == first.stdout.splitlines()[1]
+
+
+def _extreme_rows() -> np.ndarray:
+    """Wide heavy-tailed rows, then rows whose sub-blocks range from float32 subnormals to 1e38."""
+    rng = np.random.default_rng(11)
+    wide = rng.standard_t(3, size=(16, 4096)) * 0.02
+    scales = 10.0 ** rng.uniform(-44, 37, size=(8, 4096 // 16, 1))
+    extremes = (rng.standard_normal((8, 4096 // 16, 16)) * scales).reshape(8, 4096)
+    return np.concatenate([wide, extremes]).astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda qtype: qtype.name)
+@requires_llama_cpp
+def test_c_quantizers_match_llama_cpp_from_subnormals_to_1e38(qtype: gguf.GGMLQuantizationType) -> None:
+    if native.native_quantizer(qtype.name, *gguf.GGML_QUANT_SIZES[qtype]) is None:
+        pytest.skip(f"no C quantizer for {qtype.name} here")
+    values = _extreme_rows()
+    with np.errstate(all="ignore"):
+        built = native.native_quantizer(qtype.name, *gguf.GGML_QUANT_SIZES[qtype])(values)
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    theirs = reference_quantize(values, qtype).reshape(-1, block_bytes)
+    differing = np.flatnonzero((built.reshape(-1, block_bytes) != theirs).any(axis=1))
+    assert differing.size == 0, f"{differing.size} blocks differ from llama.cpp, the first at block {differing[:1]}"
