@@ -135,3 +135,19 @@ def test_c_quantizers_match_llama_cpp_from_subnormals_to_1e38(qtype: gguf.GGMLQu
     theirs = reference_quantize(values, qtype).reshape(-1, block_bytes)
     differing = np.flatnonzero((built.reshape(-1, block_bytes) != theirs).any(axis=1))
     assert differing.size == 0, f"{differing.size} blocks differ from llama.cpp, the first at block {differing[:1]}"
+
+
+@pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda qtype: qtype.name)
+def test_c_and_numpy_agree_on_any_number_of_blocks(qtype: gguf.GGMLQuantizationType,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block counts that leave a partial group of blocks (the C code takes several blocks at a time)."""
+    if native.unavailable_reason() is not None:
+        pytest.skip(f"the C quantizers are unavailable here: {native.unavailable_reason()}")
+    block_values = max(32, gguf.GGML_QUANT_SIZES[qtype][0])
+    rng = np.random.default_rng(7)
+    for blocks in (1, 2, 3, 7, 9, 17):
+        values = rng.standard_t(3, size=(3, blocks * block_values)).astype(np.float32)
+        monkeypatch.delenv(native.DISABLE_VARIABLE, raising=False)
+        built = quantize(values, qtype)
+        monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
+        assert np.array_equal(built, quantize(values, qtype)), blocks

@@ -112,63 +112,97 @@ static inline __attribute__((always_inline)) void put_levels(const float *x, flo
     }
 }
 
-/* Q4_0 (levels 0..15 around 8) and Q5_0 (0..31 around 16): d = peak / -(half the levels). */
-OP_VECTOR_CLONES static void signed_blocks(const float *x, uint8_t *out, int64_t n_blocks, int bits) {
-    const int half = 1 << (bits - 1), top = (1 << bits) - 1;
-    const size_t block_bytes = 2 + (bits == 5 ? 4 : 0) + BLOCK / 2;
-    const float offset = (float)half + 0.5f;
-    for (int64_t b = 0; b < n_blocks; b++, x += BLOCK, out += block_bytes) {
-        const float d = first_largest_magnitude(x) / (float)-half;
-        const float inverse = d != 0.0f ? 1.0f / d : 0.0f;
-        put_fp16(out, d);
-        if (bits == 5) {
-            put_levels(x, 0.0f, inverse, offset, top, 1, out + 6, out + 2);
-        } else {
-            put_levels(x, 0.0f, inverse, offset, top, 1, out + 2, NULL);
-        }
+/* Blocks are taken GROUP at a time: the scale of one block is two divisions that wait on each other,
+ * those of GROUP blocks run side by side in vector lanes. Each lane does the one block's operations. */
+#define GROUP 8
+
+/* d = numerator / divisor (plus +0.0 with `unsign_zero`, which turns -0.0 into +0.0) and its inverse,
+ * 0 where d is 0, for each block of a group. */
+static inline __attribute__((always_inline)) void group_scales(const float *numerator, float divisor, int unsign_zero,
+                                                               float *d, float *inverse) {
+    for (int k = 0; k < GROUP; k++) {
+        d[k] = unsign_zero ? numerator[k] / divisor + 0.0f : numerator[k] / divisor;
+        float reciprocal = 1.0f / d[k];
+        inverse[k] = d[k] != 0.0f ? reciprocal : 0.0f;
     }
 }
 
-OP_EXPORT void orthopatch_quantize_q4_0(const float *x, uint8_t *out, int64_t n_blocks) {
-    signed_blocks(x, out, n_blocks, 4);
-}
-
-OP_EXPORT void orthopatch_quantize_q5_0(const float *x, uint8_t *out, int64_t n_blocks) {
-    signed_blocks(x, out, n_blocks, 5);
+/* Q4_0 (levels 0..15 around 8) and Q5_0 (0..31 around 16): d = peak / -(half the levels). */
+static inline __attribute__((always_inline)) void signed_group(const float *x, uint8_t *out, int bits) {
+    const int half = 1 << (bits - 1), top = (1 << bits) - 1;
+    const size_t block_bytes = 2 + (bits == 5 ? 4 : 0) + BLOCK / 2;
+    const float offset = (float)half + 0.5f;
+    float peak[GROUP], d[GROUP], inverse[GROUP];
+    for (int k = 0; k < GROUP; k++) peak[k] = first_largest_magnitude(x + k * BLOCK);
+    group_scales(peak, (float)-half, 0, d, inverse);
+    for (int k = 0; k < GROUP; k++, x += BLOCK, out += block_bytes) {
+        put_fp16(out, d[k]);
+        if (bits == 5) {
+            put_levels(x, 0.0f, inverse[k], offset, top, 1, out + 6, out + 2);
+        } else {
+            put_levels(x, 0.0f, inverse[k], offset, top, 1, out + 2, NULL);
+        }
+    }
 }
 
 /* Q4_1 (levels 0..15) and Q5_1 (0..31): d = (max - min) / top and the block's minimum, levels above it.
  * The scan `v < min` keeps the first zero's sign when the minimum is zero, and the minimum is stored. */
-OP_VECTOR_CLONES static void offset_blocks(const float *x, uint8_t *out, int64_t n_blocks, int bits) {
+static inline __attribute__((always_inline)) void offset_group(const float *x, uint8_t *out, int bits) {
     const int top = (1 << bits) - 1;
     const size_t block_bytes = 4 + (bits == 5 ? 4 : 0) + BLOCK / 2;
-    for (int64_t b = 0; b < n_blocks; b++, x += BLOCK, out += block_bytes) {
-        float high, low;
-        extremes(x, &high, &low);
-        if (low == 0.0f) { /* the scan `v < min` keeps the first zero, with its sign */
+    float span[GROUP], low[GROUP], d[GROUP], inverse[GROUP];
+    for (int k = 0; k < GROUP; k++) {
+        const float *block = x + k * BLOCK;
+        float high;
+        extremes(block, &high, &low[k]);
+        if (low[k] == 0.0f) { /* the scan `v < min` keeps the first zero, with its sign */
             for (int j = 0; j < BLOCK; j++) {
-                if (x[j] == 0.0f) {
-                    low = x[j];
+                if (block[j] == 0.0f) {
+                    low[k] = block[j];
                     break;
                 }
             }
         }
-        const float d = (high - low) / (float)top + 0.0f; /* +0.0 in an all-zero block, whichever zeros */
-        const float inverse = d != 0.0f ? 1.0f / d : 0.0f;
-        put_fp16(out, d);
-        put_fp16(out + 2, low);
+        span[k] = high - low[k];
+    }
+    group_scales(span, (float)top, 1, d, inverse); /* +0.0 in an all-zero block, whichever its zeros */
+    for (int k = 0; k < GROUP; k++, x += BLOCK, out += block_bytes) {
+        put_fp16(out, d[k]);
+        put_fp16(out + 2, low[k]);
         if (bits == 5) {
-            put_levels(x, low, inverse, 0.5f, top, 0, out + 8, out + 4);
+            put_levels(x, low[k], inverse[k], 0.5f, top, 0, out + 8, out + 4);
         } else {
-            put_levels(x, low, inverse, 0.5f, top, 1, out + 4, NULL);
+            put_levels(x, low[k], inverse[k], 0.5f, top, 1, out + 4, NULL);
         }
     }
 }
 
-OP_EXPORT void orthopatch_quantize_q4_1(const float *x, uint8_t *out, int64_t n_blocks) {
-    offset_blocks(x, out, n_blocks, 4);
+/* Whole groups in place; the last, partial one through zero-padded copies. */
+#define QUANTIZE_IN_GROUPS(group, bits, block_bytes)                                              \
+    do {                                                                                          \
+        int64_t b = 0;                                                                            \
+        for (; b + GROUP <= n_blocks; b += GROUP) group(x + b * BLOCK, out + b * (block_bytes), bits); \
+        if (b < n_blocks) {                                                                       \
+            float padded[GROUP * BLOCK] = {0};                                                    \
+            uint8_t written[GROUP * (block_bytes)];                                               \
+            memcpy(padded, x + b * BLOCK, (size_t)(n_blocks - b) * BLOCK * sizeof(float));        \
+            group(padded, written, bits);                                                         \
+            memcpy(out + b * (block_bytes), written, (size_t)(n_blocks - b) * (block_bytes));     \
+        }                                                                                         \
+    } while (0)
+
+OP_EXPORT OP_VECTOR_CLONES void orthopatch_quantize_q4_0(const float *x, uint8_t *out, int64_t n_blocks) {
+    QUANTIZE_IN_GROUPS(signed_group, 4, 18);
 }
 
-OP_EXPORT void orthopatch_quantize_q5_1(const float *x, uint8_t *out, int64_t n_blocks) {
-    offset_blocks(x, out, n_blocks, 5);
+OP_EXPORT OP_VECTOR_CLONES void orthopatch_quantize_q5_0(const float *x, uint8_t *out, int64_t n_blocks) {
+    QUANTIZE_IN_GROUPS(signed_group, 5, 22);
+}
+
+OP_EXPORT OP_VECTOR_CLONES void orthopatch_quantize_q4_1(const float *x, uint8_t *out, int64_t n_blocks) {
+    QUANTIZE_IN_GROUPS(offset_group, 4, 20);
+}
+
+OP_EXPORT OP_VECTOR_CLONES void orthopatch_quantize_q5_1(const float *x, uint8_t *out, int64_t n_blocks) {
+    QUANTIZE_IN_GROUPS(offset_group, 5, 24);
 }
