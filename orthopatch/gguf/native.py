@@ -9,7 +9,8 @@ flags and compiler, so later runs only load the library. Every float operation i
 operation in the order written (``-ffp-contract=off``, no ``-ffast-math``), so the bytes depend on
 neither the CPU nor the compiler's vector width. Where no compiler works, or ``ORTHOPATCH_NATIVE=0``
 is set, the numpy quantizers run instead: the same bytes, more slowly. A ctypes call releases the
-GIL, so row ranges quantized on several threads run in parallel.
+GIL, so row ranges quantized on several threads run in parallel. The same library holds dequantizers
+(``csrc/dequants.c``) whose float32 values are gguf-py's ``gguf.quants.dequantize``, bit for bit.
 """
 
 from __future__ import annotations
