@@ -1,8 +1,11 @@
-/* Q2_K, Q4_K and Q5_K without an importance matrix, byte for byte as ggml's reference quantizers.
+/* Q2_K, Q4_K and Q5_K, and with an importance matrix also Q4_1 and Q5_1, byte for byte as ggml's
+ * quantizers (the rules of orthopatch.gguf.kquants and its make_qkx_quants and make_qp_quants).
  *
- * Each sub-block gets a scale and a min from ggml's least-squares search (make_qkx2_quants, the
- * numpy make_qkx_quants); the super-block stores them as small integer codes of two fp16 steps, and
- * the levels are rounded again with the stored, fp16-rounded scale and min.
+ * Each sub-block gets a scale and a min from ggml's least-squares search (make_qkx2_quants, or
+ * make_qkx3_quants with importance weights); a k-quant super-block stores them as small integer codes
+ * of two fp16 steps (relative to the largest, or from make_qp_quants with weights), and the levels are
+ * rounded again with the stored, fp16-rounded scale and min. The weighted legacy types store the
+ * searched scale and min of each 32-value block as fp16 and keep the search's levels.
  *
  * The search runs on eight sub-blocks at once, one per lane of two four-lane vectors. Every lane
  * performs the float32 operations of the scalar search in its order (each sum runs over the positions
@@ -254,13 +257,15 @@ static void sub_block_weights(const float *w, int subs, int size, float *sums) {
     }
 }
 
-/* Rows of row_values values (whole blocks of block_values) and their importance, one weight per column:
- * `quantize_block(x, importance, out)` on every block of every row. */
-#define FOR_EACH_BLOCK(block_values, block_bytes)                                                         \
-    for (int64_t r = 0; r < n_rows; r++)                                                                  \
-        for (int64_t c = 0; c < row_values; c += (block_values))                                          \
-            for (const float *bx = x + r * row_values + c, *bw = importance + c; bx; bx = NULL)           \
-                for (uint8_t *bo = out + (r * row_values + c) / (block_values) * (block_bytes); bo; bo = NULL)
+/* The k-quant block quantizer `block(x, importance, out)` on every super-block of n_rows rows of row_values
+ * values, with the importance of the super-block's columns. */
+#define FOR_EACH_SUPER_BLOCK(block, block_bytes)                                                       \
+    for (int64_t r = 0; r < n_rows; r++) {                                                            \
+        for (int64_t c = 0; c < row_values; c += QK_K) {                                              \
+            block(x + r * row_values + c, importance + c,                                             \
+                  out + (r * row_values + c) / QK_K * (block_bytes));                                   \
+        }                                                                                             \
+    }
 
 /* ---------------------------------------------------------------- Q2_K */
 
@@ -344,22 +349,24 @@ OP_EXPORT OP_VECTOR_CLONES void orthopatch_quantize_q2_k(const float *x, uint8_t
 
 /* Q2_K with an importance matrix: weights importance * sqrt(σ² + x²), the scale and min codes from
  * make_qp_quants weighted by each sub-block's total weight. */
+ALWAYS_INLINE void q2_k_weighted_block(const float *x, const float *importance, uint8_t *out) {
+    float w[QK_K], sub_weights[16], scales[16], mins[16];
+    struct qkx_fit fits[16 / WIDTH];
+    uint8_t scale_codes[16], min_codes[16];
+    op_importance_weights(x, importance, 1, w);
+    q2_k_search(x, w, -0.9f, 0.05f, 36, 0, fits, scales, mins);
+    sub_block_weights(w, 16, 16, sub_weights);
+    uint16_t d = op_fp16_bits(qp_quants(scales, 16, 15, sub_weights, scale_codes));
+    uint16_t dmin = op_fp16_bits(qp_quants(mins, 16, 15, sub_weights, min_codes));
+    for (int j = 0; j < 16; j++) {
+        out[j] = (uint8_t)(scale_codes[j] | (min_codes[j] << 4));
+    }
+    q2_k_finish(x, fits, d, dmin, out);
+}
+
 OP_EXPORT OP_VECTOR_CLONES void orthopatch_quantize_q2_k_weighted(const float *x, const float *importance, uint8_t *out,
                                                                   int64_t n_rows, int64_t row_values) {
-    FOR_EACH_BLOCK(QK_K, 84) {
-        float w[QK_K], sub_weights[16], scales[16], mins[16];
-        struct qkx_fit fits[16 / WIDTH];
-        uint8_t scale_codes[16], min_codes[16];
-        op_importance_weights(bx, bw, 1, w);
-        q2_k_search(bx, w, -0.9f, 0.05f, 36, 0, fits, scales, mins);
-        sub_block_weights(w, 16, 16, sub_weights);
-        uint16_t d = op_fp16_bits(qp_quants(scales, 16, 15, sub_weights, scale_codes));
-        uint16_t dmin = op_fp16_bits(qp_quants(mins, 16, 15, sub_weights, min_codes));
-        for (int j = 0; j < 16; j++) {
-            bo[j] = (uint8_t)(scale_codes[j] | (min_codes[j] << 4));
-        }
-        q2_k_finish(bx, fits, d, dmin, bo);
-    }
+    FOR_EACH_SUPER_BLOCK(q2_k_weighted_block, 84)
 }
 
 /* ---------------------------------------------------------------- Q4_K and Q5_K */
@@ -506,12 +513,12 @@ OP_EXPORT OP_VECTOR_CLONES void orthopatch_quantize_q5_k(const float *x, uint8_t
 
 OP_EXPORT OP_VECTOR_CLONES void orthopatch_quantize_q4_k_weighted(const float *x, const float *importance, uint8_t *out,
                                                                   int64_t n_rows, int64_t row_values) {
-    FOR_EACH_BLOCK(QK_K, 144) { q4_k_block(bx, bw, bo); }
+    FOR_EACH_SUPER_BLOCK(q4_k_block, 144)
 }
 
 OP_EXPORT OP_VECTOR_CLONES void orthopatch_quantize_q5_k_weighted(const float *x, const float *importance, uint8_t *out,
                                                                   int64_t n_rows, int64_t row_values) {
-    FOR_EACH_BLOCK(QK_K, 176) { q5_k_block(bx, bw, bo); }
+    FOR_EACH_SUPER_BLOCK(q5_k_block, 176)
 }
 
 /* ---------------------------------------------------------------- Q4_1 and Q5_1 with an importance matrix */

@@ -1,6 +1,6 @@
-/* Q3_K and Q6_K without an importance matrix: the rules of orthopatch.gguf.kquants.quantize_q3_k and
- * quantize_q6_k (with make_q3_quants and make_qx_quants of orthopatch.gguf.blockmath), on 16-value
- * sub-blocks held on the stack.
+/* Q3_K and Q6_K, and with an importance matrix also Q4_0 and Q5_0: the rules of
+ * orthopatch.gguf.kquants.quantize_q3_k, quantize_q6_k and quantize_q4_0/q5_0_weighted (with
+ * make_q3_quants and make_qx_quants of orthopatch.gguf.blockmath), on sub-blocks held on the stack.
  *
  * Every float operation is the one the numpy code makes, in its order: sums run in index order from the
  * first term, products group left to right as written there, and nearest_int rounds half to even. The
@@ -85,8 +85,8 @@ static inline void scatter_levels(const vf *found, int first, uint8_t *levels) {
 }
 
 /* The start of both searches on n positions: each lane's first largest magnitude (a `>` scan), the
- * weights w (`given`, or x² where that is NULL) and w * x, and which lanes are all zero (their peak is set to 1, which keeps their arithmetic finite; their
- * results are zero). */
+ * weights w (`given`, or x² where that is NULL) and w * x, and which lanes are all zero (their peak is
+ * set to 1, which keeps their arithmetic finite; their results are zero). */
 ALWAYS_INLINE vi weights_and_peak(const vf *xt, int n, const vf *given, vf *w, vf *wx, vf *peak) {
     const vi no_sign = vi_splat(0x7FFFFFFF);
     vf largest = vf_splat(0.0f), found = vf_splat(0.0f);
@@ -140,11 +140,11 @@ __attribute__((always_inline)) static inline void trial_sums_pair(vf (*xt)[QX_MA
     sum_lx[1] = lx_b, sum_l2[1] = l2_b;
 }
 
-/* make_qx_quants weighted by `weights` [group][position] (x² where NULL): the signed scales of two groups of
- * LANES sub-blocks of n values (xt [group][position]) and their levels 0..2*nmax-1 as floats [group][position]. Tries 18 inverse scales around nmax / peak
- * besides the first, keeping the least-squares fit that explains the most weighted energy. Every
- * |inverse * x| of finite values is at most about nmax + 1, so the fast rounding applies unless exact is
- * set (some value is not finite). */
+/* make_qx_quants weighted by `weights` [group][position] (x² where NULL): the signed scales of two
+ * groups of LANES sub-blocks of n values (xt [group][position]) and their levels 0..2*nmax-1 as floats
+ * [group][position]. Tries 18 inverse scales around nmax / peak besides the first, keeping the
+ * least-squares fit that explains the most weighted energy. Every |inverse * x| of finite values is at
+ * most about nmax + 1, so the fast rounding applies unless exact is set (some value is not finite). */
 __attribute__((always_inline)) static inline void qx_quants_pair(vf (*xt)[QX_MAX], int n, int nmax, int exact,
                                                                 vf (*weights)[QX_MAX], vf *scale_out,
                                                                 vf (*levels_out)[QX_MAX]) {
@@ -179,7 +179,8 @@ __attribute__((always_inline)) static inline void qx_quants_pair(vf (*xt)[QX_MAX
     for (int g = 0; g < 2; g++) {
         scale_out[g] = vf_select(all_zero[g], zero, scale[g]);
         for (int i = 0; i < n; i++) {
-            levels_out[g][i] = vf_select(all_zero[g], zero, rounded_levels(chosen[g] * xt[g][i], low, high, exact) + offset);
+            vf level = rounded_levels(chosen[g] * xt[g][i], low, high, exact) + offset;
+            levels_out[g][i] = vf_select(all_zero[g], zero, level);
         }
     }
 }
