@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from orthopatch.gguf import native
 from tests.helpers import Converted, model_and_reference, untouched
 
 
@@ -57,3 +58,15 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tenso
 
     folder = tmp_path_factory.mktemp("planted") / "model"
     return folder, save_planted_model(folder)
+
+
+@pytest.fixture(params=["c", "numpy"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the C quantizers and again with the numpy ones (``ORTHOPATCH_NATIVE=0``)."""
+    if request.param == "numpy":
+        monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
+    else:
+        monkeypatch.delenv(native.DISABLE_VARIABLE, raising=False)
+        if (reason := native.unavailable_reason()) is not None:
+            pytest.skip(f"the C quantizers are unavailable here: {reason}")
+    return request.param

@@ -106,7 +106,8 @@ def raw(t: gguf.ReaderTensor) -> np.ndarray:
 @requires_llama_cpp
 @pytest.mark.parametrize("fmt", ["legacy", "gguf"])
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_1, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
-def test_patched_tensors_are_llama_cpps_weighted_quantization(fmt: str, qtype: Q, tmp_path: Path) -> None:
+def test_patched_tensors_are_llama_cpps_weighted_quantization(fmt: str, qtype: Q, tmp_path: Path,
+                                                              backend: str) -> None:
     src = write_gguf(tmp_path / "tiny.gguf", qtype)
     r_path, u = direction(tmp_path / "refusal_dir.pth")
     imatrix, weights = dense_entries(fmt, tmp_path)
@@ -192,7 +193,7 @@ def write_moe(path: Path, qtype: Q, seed: int = 0) -> Path:
 
 @requires_llama_cpp
 @pytest.mark.parametrize("fmt", ["legacy", "gguf"])
-def test_each_expert_is_quantized_with_its_own_slice(fmt: str, tmp_path: Path) -> None:
+def test_each_expert_is_quantized_with_its_own_slice(fmt: str, tmp_path: Path, backend: str) -> None:
     qtype = Q.Q4_K
     src = write_moe(tmp_path / "moe.gguf", qtype)
     r_path, u = direction(tmp_path / "refusal_dir.pth")

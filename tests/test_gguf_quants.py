@@ -13,7 +13,6 @@ import gguf
 import numpy as np
 import pytest
 
-from orthopatch.gguf import native
 from orthopatch.gguf.quants import IMATRIX_TYPES, PATCHABLE_TYPES, dequantize, quantize
 from tests.llama_ref import reference_quantize, requires_llama_cpp
 
@@ -128,18 +127,6 @@ def squared_error(values: np.ndarray, packed: np.ndarray, qtype: gguf.GGMLQuanti
 # ---------------------------------------------------------------- against llama.cpp
 
 
-@pytest.fixture(params=["c", "numpy"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test with the C quantizers and again with the numpy ones (``ORTHOPATCH_NATIVE=0``)."""
-    if request.param == "numpy":
-        monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
-    else:
-        monkeypatch.delenv(native.DISABLE_VARIABLE, raising=False)
-        if (reason := native.unavailable_reason()) is not None:
-            pytest.skip(f"the C quantizers are unavailable here: {reason}")
-    return request.param
-
-
 @pytest.mark.parametrize("input_name", list(INPUTS))
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda qtype: qtype.name)
 @requires_llama_cpp
@@ -217,7 +204,8 @@ def make_imatrix(name: str) -> np.ndarray:
 @pytest.mark.parametrize("imatrix_name", list(IMATRICES))
 @pytest.mark.parametrize("qtype", sorted(IMATRIX_TYPES, key=lambda qtype: qtype.value), ids=lambda qtype: qtype.name)
 @requires_llama_cpp
-def test_bytes_with_importance_matrix_match_llama_cpp(qtype: gguf.GGMLQuantizationType, imatrix_name: str) -> None:
+def test_bytes_with_importance_matrix_match_llama_cpp(qtype: gguf.GGMLQuantizationType, imatrix_name: str,
+                                                      backend: str) -> None:
     imatrix = make_imatrix(imatrix_name)
     for input_name in INPUTS:
         values = make_input(input_name)

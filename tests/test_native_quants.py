@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from orthopatch.gguf import native
-from orthopatch.gguf.quants import PATCHABLE_TYPES, quantize
+from orthopatch.gguf.quants import IMATRIX_TYPES, PATCHABLE_TYPES, quantize
 from tests.llama_ref import reference_quantize, requires_llama_cpp
 
 Q = gguf.GGMLQuantizationType
@@ -22,6 +22,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 NATIVE_TYPES = sorted(PATCHABLE_TYPES - {Q.F32, Q.F16}, key=lambda qtype: qtype.value)
 """Types with a C quantizer: F32 is a copy, and torch's float16 conversion is faster than a C loop."""
+
+WEIGHTED_TYPES = sorted(IMATRIX_TYPES, key=lambda qtype: qtype.value)
+"""Types with a C quantizer that reads an importance matrix."""
+
+
+def _importance(name: str, columns: int) -> np.ndarray:
+    """An importance matrix: heavy-tailed (gamma), uniform, or sparse (most columns weigh zero)."""
+    rng = np.random.default_rng(list(IMPORTANCE).index(name))
+    if name == "gamma":
+        return rng.gamma(0.5, 1.0, columns).astype(np.float32)
+    if name == "ones":
+        return np.ones(columns, np.float32)
+    return np.where(rng.random(columns) < 0.7, 0.0, rng.gamma(2.0, 1.0, columns)).astype(np.float32)
+
+
+IMPORTANCE = ("gamma", "ones", "sparse")
 
 
 def _a_compiler() -> str | None:
@@ -35,6 +51,8 @@ def test_the_c_quantizers_build_where_a_compiler_exists() -> None:
     assert native.unavailable_reason() is None
     for qtype in NATIVE_TYPES:
         assert native.native_quantizer(qtype.name, *gguf.GGML_QUANT_SIZES[qtype]) is not None, qtype.name
+    for qtype in WEIGHTED_TYPES:
+        assert native.native_weighted_quantizer(qtype.name, *gguf.GGML_QUANT_SIZES[qtype]) is not None, qtype.name
 
 
 def _hostile_rows(seed: int) -> np.ndarray:
@@ -67,6 +85,23 @@ def test_c_and_numpy_quantizers_write_the_same_bytes(qtype: gguf.GGMLQuantizatio
         built = quantize(values, qtype)
         monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
         reference = quantize(values, qtype)
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    differing = np.flatnonzero((built.reshape(-1, block_bytes) != reference.reshape(-1, block_bytes)).any(axis=1))
+    assert differing.size == 0, f"{differing.size} blocks differ, the first at block {differing[:1]}"
+
+
+@pytest.mark.parametrize("importance", IMPORTANCE)
+@pytest.mark.parametrize("qtype", WEIGHTED_TYPES, ids=lambda qtype: qtype.name)
+def test_weighted_c_and_numpy_quantizers_write_the_same_bytes(qtype: gguf.GGMLQuantizationType, importance: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    if native.unavailable_reason() is not None:
+        pytest.skip(f"the C quantizers are unavailable here: {native.unavailable_reason()}")
+    values = np.concatenate([_hostile_rows(seed) for seed in range(3)])
+    imatrix = _importance(importance, values.shape[1])
+    with np.errstate(all="ignore"):
+        built = quantize(values, qtype, imatrix)
+        monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
+        reference = quantize(values, qtype, imatrix)
     block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
     differing = np.flatnonzero((built.reshape(-1, block_bytes) != reference.reshape(-1, block_bytes)).any(axis=1))
     assert differing.size == 0, f"{differing.size} blocks differ, the first at block {differing[:1]}"
@@ -137,6 +172,23 @@ def test_c_quantizers_match_llama_cpp_from_subnormals_to_1e38(qtype: gguf.GGMLQu
     assert differing.size == 0, f"{differing.size} blocks differ from llama.cpp, the first at block {differing[:1]}"
 
 
+@pytest.mark.parametrize("qtype", WEIGHTED_TYPES, ids=lambda qtype: qtype.name)
+@requires_llama_cpp
+def test_weighted_c_quantizers_match_llama_cpp_from_subnormals_to_1e38(qtype: gguf.GGMLQuantizationType) -> None:
+    quantizer = native.native_weighted_quantizer(qtype.name, *gguf.GGML_QUANT_SIZES[qtype])
+    if quantizer is None:
+        pytest.skip(f"no C quantizer for {qtype.name} with an importance matrix here")
+    values = _extreme_rows()
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    for name in IMPORTANCE:
+        imatrix = _importance(name, values.shape[1])
+        with np.errstate(all="ignore"):
+            built = quantizer(values, imatrix)
+        theirs = reference_quantize(values, qtype, imatrix).reshape(-1, block_bytes)
+        differing = np.flatnonzero((built.reshape(-1, block_bytes) != theirs).any(axis=1))
+        assert differing.size == 0, f"{name}: {differing.size} blocks differ from llama.cpp, the first {differing[:1]}"
+
+
 @pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda qtype: qtype.name)
 def test_c_and_numpy_agree_on_any_number_of_blocks(qtype: gguf.GGMLQuantizationType,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,3 +203,21 @@ def test_c_and_numpy_agree_on_any_number_of_blocks(qtype: gguf.GGMLQuantizationT
         built = quantize(values, qtype)
         monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
         assert np.array_equal(built, quantize(values, qtype)), blocks
+
+
+@pytest.mark.parametrize("qtype", WEIGHTED_TYPES, ids=lambda qtype: qtype.name)
+def test_weighted_c_and_numpy_agree_on_any_number_of_blocks(qtype: gguf.GGMLQuantizationType,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows whose block count leaves a partial group (the legacy types search eight blocks at a time)."""
+    if native.unavailable_reason() is not None:
+        pytest.skip(f"the C quantizers are unavailable here: {native.unavailable_reason()}")
+    block_values = gguf.GGML_QUANT_SIZES[qtype][0]
+    rng = np.random.default_rng(9)
+    for blocks in (1, 2, 3, 7, 9, 17):
+        values = rng.standard_t(3, size=(3, blocks * block_values)).astype(np.float32)
+        for name in IMPORTANCE:
+            imatrix = _importance(name, values.shape[1])
+            monkeypatch.delenv(native.DISABLE_VARIABLE, raising=False)
+            built = quantize(values, qtype, imatrix)
+            monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
+            assert np.array_equal(built, quantize(values, qtype, imatrix)), (blocks, name)

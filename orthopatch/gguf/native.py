@@ -96,6 +96,42 @@ def native_quantizer(type_name: str, block_values: int, block_bytes: int) -> Bui
     return quantize
 
 
+WeightedQuantizer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""Float32 rows ``[rows, row_values]`` (whole blocks) and their importance (``row_values`` float32 weights,
+one per column) to the rows' bytes, laid end to end."""
+
+
+def native_weighted_quantizer(type_name: str, block_values: int, block_bytes: int) -> WeightedQuantizer | None:
+    """The C quantizer of GGML type ``type_name`` with an importance matrix (``llama-quantize --imatrix``'s
+    weighted quantizer), or None when there is none or the C quantizers are not available."""
+    if not enabled():
+        return None
+    library = _library()
+    if library is None:
+        return None
+    try:
+        function = getattr(library, f"orthopatch_quantize_{type_name.lower()}_weighted")
+    except AttributeError:
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    function.restype = None
+
+    def quantize(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        values = np.ascontiguousarray(rows, dtype=np.float32)
+        values = values.reshape(-1, values.shape[-1])
+        weights = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
+        n_rows, row_values = values.shape
+        if row_values % block_values or weights.size != row_values:
+            raise ValueError(f"{type_name} needs rows of whole {block_values}-value blocks and one weight per "
+                             f"column, not {row_values} values and {weights.size} weights")
+        out = np.empty(n_rows * (row_values // block_values) * block_bytes, np.uint8)
+        if out.size:
+            function(values.ctypes.data, weights.ctypes.data, out.ctypes.data, n_rows, row_values)
+        return out
+
+    return quantize
+
+
 def native_dequantizer(type_name: str, block_values: int, block_bytes: int) -> BuiltDequantizer | None:
     """The C dequantizer for GGML type ``type_name`` (blocks of ``block_values`` values in ``block_bytes``
     bytes), or None when there is none or the C code is not available. Its values are gguf-py's

@@ -3,10 +3,10 @@
 A patched GGUF tensor is stored again in the type it came in, and must be the file llama.cpp's own
 ``llama-quantize`` would have written from the same float values. This module is the public entry
 point: it lists the types that can be patched, checks the input, and cuts rows into cache-sized
-chunks for the per-type quantizers. F32 is copied. Without an importance matrix, the C quantizers of
-:mod:`orthopatch.gguf.native` run where they could be built; otherwise (and with an importance matrix)
-F16, BF16 and the legacy 32-value blocks come from :mod:`orthopatch.gguf.plainquants`, the k-quants
-and the weighted legacy types from :mod:`orthopatch.gguf.kquants`: the same bytes either way.
+chunks for the per-type quantizers. F32 is copied. The C quantizers of :mod:`orthopatch.gguf.native`,
+with or without an importance matrix, run where they could be built; otherwise F16, BF16 and the
+legacy 32-value blocks come from :mod:`orthopatch.gguf.plainquants`, the k-quants and the weighted
+legacy types from :mod:`orthopatch.gguf.kquants`: the same bytes either way.
 Dequantizing gives gguf-py's values: the C dequantizers where built (bit for bit the same), else gguf-py.
 """
 
@@ -31,7 +31,7 @@ from orthopatch.gguf.kquants import (
     quantize_q5_k,
     quantize_q6_k,
 )
-from orthopatch.gguf.native import native_dequantizer, native_quantizer
+from orthopatch.gguf.native import native_dequantizer, native_quantizer, native_weighted_quantizer
 from orthopatch.gguf.plainquants import PLAIN_TYPES, quantize_plain
 
 Q = gguf.GGMLQuantizationType
@@ -108,8 +108,11 @@ def _quantize_rows(values: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix
     if rows.shape[1] % block_values:
         raise ValueError(f"{qtype.name} needs rows of a multiple of {block_values} values, not {rows.shape[1]}")
     importance = _checked_importance(imatrix, rows.shape[1]) if qtype in IMATRIX_TYPES else None
+    weighted = None if importance is None else native_weighted_quantizer(qtype.name, *gguf.GGML_QUANT_SIZES[qtype])
     built = None if importance is not None else native_quantizer(qtype.name, *gguf.GGML_QUANT_SIZES[qtype])
-    if built is not None:
+    if weighted is not None:
+        packed = weighted(rows, importance)
+    elif built is not None:
         packed = built(rows)
     elif qtype in _K_QUANTIZERS:
         packed = _quantize_in_chunks(rows, SUPER_BLOCK, _K_QUANTIZERS[qtype], importance,

@@ -1,9 +1,9 @@
 """A quantized GGUF tensor patched in bounded memory: dequantized, projected in float64, requantized.
 
 Rows of a GGUF tensor (torch order) are whole quantization blocks, so a tensor is handled in chunks
-of rows: each is dequantized (gguf-py's values, in C where built), projected by the same block kernel as safetensors tensors
-(float64 data is computed in float64), rounded to float32 and quantized again to its own type as
-llama.cpp's quantizer does. A tensor whose residual axis is the row (the token embedding) needs one
+of rows: each is dequantized (gguf-py's values, in C where built), projected by the same block kernel
+as safetensors tensors (float64 data is computed in float64), rounded to float32 and quantized again to
+its own type as llama.cpp's quantizer does. A tensor whose residual axis is the row (the token embedding) needs one
 pass; an output projection ``[n_embd, n_in]`` needs ``uᵀW`` over all its rows first, so its chunks
 are read twice. Memory: a few chunks, whatever the tensor's size.
 """
