@@ -221,3 +221,27 @@ def test_weighted_c_and_numpy_agree_on_any_number_of_blocks(qtype: gguf.GGMLQuan
             built = quantize(values, qtype, imatrix)
             monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
             assert np.array_equal(built, quantize(values, qtype, imatrix)), (blocks, name)
+
+
+def test_checked_copies_round_as_numpy_and_count_what_is_not_finite() -> None:
+    if native.unavailable_reason() is not None:
+        pytest.skip(f"the C code is unavailable here: {native.unavailable_reason()}")
+    rng = np.random.default_rng(11)
+    wide = np.concatenate([
+        rng.standard_normal(1000) * 10.0 ** rng.integers(-50, 50, 1000),  # float32 subnormals, zeros, overflows
+        [np.inf, -np.inf, np.nan, -0.0, 3.4028235677973366e38, 3.4028235677973367e38, 1e-46, 7e-46, 2.0**-150],
+        np.float32(1.0) + np.arange(-5, 5) * 2.0**-24,  # halfway between float32 neighbours: ties to even
+    ])
+    narrow = native.native_checked_copy(np.float64, np.float32)
+    out = np.empty(wide.size, np.float32)
+    with np.errstate(over="ignore"):
+        expected = wide.astype(np.float32)
+    assert narrow(wide, out) == int((~np.isfinite(expected)).sum()) > 3
+    assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
+    widen = native.native_checked_copy(np.float32, np.float64)
+    back = np.empty(out.size, np.float64)
+    assert widen(out, back) == int((~np.isfinite(out)).sum())
+    assert np.array_equal(back.view(np.uint64), out.astype(np.float64).view(np.uint64))
+    with pytest.raises(ValueError, match="one shape"):
+        widen(out, back[:-1])
+    assert native.native_checked_copy(np.float32, np.float16) is None

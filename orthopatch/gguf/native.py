@@ -161,6 +161,36 @@ def native_dequantizer(type_name: str, block_values: int, block_bytes: int) -> B
     return dequantize
 
 
+CheckedCopy = Callable[[np.ndarray, np.ndarray], int]
+"""``(source, target)``: ``target[...] = source`` (same shape, C order), returning how many values of
+``target`` are not finite."""
+
+
+def native_checked_copy(source: np.dtype, target: np.dtype) -> CheckedCopy | None:
+    """The C copy from float32 to float64 (``csrc/convert.c``: widening, exact) or from float64 to float32
+    (rounding to nearest even, as numpy's ``astype``) with the finiteness check in the same pass, or None
+    when it is not available or there is none for these types."""
+    names = {("float32", "float64"): "orthopatch_widen_f32", ("float64", "float32"): "orthopatch_narrow_f64"}
+    name = names.get((np.dtype(source).name, np.dtype(target).name))
+    if name is None or not enabled() or (library := _library()) is None:
+        return None
+    try:
+        function = getattr(library, name)
+    except AttributeError:
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    function.restype = ctypes.c_int64
+
+    def copy(values: np.ndarray, into: np.ndarray) -> int:
+        if values.shape != into.shape or not (values.flags.c_contiguous and into.flags.c_contiguous):
+            raise ValueError("a checked copy needs two C-ordered arrays of one shape")
+        if values.dtype != source or into.dtype != target:
+            raise ValueError(f"a checked copy from {source} to {target}, not {values.dtype} to {into.dtype}")
+        return int(function(values.ctypes.data, into.ctypes.data, values.size)) if values.size else 0
+
+    return copy
+
+
 def _library() -> ctypes.CDLL | None:
     """The loaded library, built on first use; None (with ``_state["reason"]``) when it cannot be."""
     with _lock:

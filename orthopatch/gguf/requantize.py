@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from orthopatch.errors import OrthopatchError
+from orthopatch.gguf.native import native_checked_copy
 from orthopatch.gguf.quants import dequantize, quantize
 from orthopatch.io.filecopy import pread_into
 from orthopatch.patch.kernel import BlockKernel, default_workers
@@ -54,6 +55,16 @@ class _RowParts:
             self.pool.shutdown()
 
 
+def _copy_checked(values: np.ndarray, into: np.ndarray) -> bool:
+    """``into[...] = values`` (float32 widened to float64, or float64 rounded to float32), and whether every
+    value is finite: one pass in C where it is built (``native_checked_copy``), numpy's two otherwise."""
+    copy = native_checked_copy(values.dtype, into.dtype)
+    if copy is not None:
+        return copy(values, into) == 0
+    np.copyto(into, values, casting="same_kind")
+    return bool(np.isfinite(values if values.itemsize < into.itemsize else into).all())
+
+
 def _read_rows(fd: int, target: PatchTarget, row_bytes: int, first: int, count: int, path: str) -> np.ndarray:
     raw = bytearray(count * row_bytes)
     try:
@@ -78,6 +89,7 @@ class _Codec:
         self.parts = _RowParts(workers)
         self.reader = ThreadPoolExecutor(1)
         self.pending: tuple[int, int, Future[np.ndarray]] | None = None
+        self._buffers: dict[str, np.ndarray] = {}
 
     def prefetch(self, first: int, count: int) -> None:
         """Start reading rows ``[first, first + count)``, the chunk :meth:`decoded` will be asked for next."""
@@ -91,12 +103,11 @@ class _Codec:
         else:
             raw = _read_rows(self.fd, self.target, self.row_bytes, first, count, self.path)
         self.pending = None
-        values = np.empty((count, self.layout.width), np.float64)
+        values = self._reused("decoded", (count, self.layout.width), np.float64)
         finite: list[bool] = []
 
         def part(a: int, b: int) -> None:
-            values[a:b] = dequantize(raw[a:b], self.qtype, (b - a, self.layout.width))
-            finite.append(bool(np.isfinite(values[a:b]).all()))
+            finite.append(_copy_checked(dequantize(raw[a:b], self.qtype, (b - a, self.layout.width)), values[a:b]))
 
         self.parts.run(count, part)
         if not all(finite):
@@ -110,11 +121,12 @@ class _Codec:
         with its expert's importance weights: raw bytes ``[rows, row_bytes]``."""
         rows = values.numpy()
         out = np.empty((len(rows), self.row_bytes), np.uint8)
+        rounded = self._reused("rounded", rows.shape, np.float32)
         finite: list[bool] = []
 
         def part(a: int, b: int) -> None:
-            as_f32 = rows[a:b].astype(np.float32)
-            finite.append(bool(np.isfinite(as_f32).all()))
+            as_f32 = rounded[a:b]
+            finite.append(_copy_checked(rows[a:b], as_f32))
             if finite[-1]:
                 for lo, hi, weights in self._by_expert(first + a, first + b):
                     out[lo - first:hi - first] = quantize(as_f32[lo - first - a:hi - first - a], self.qtype, weights)
@@ -123,6 +135,15 @@ class _Codec:
         if not all(finite):
             raise OrthopatchError("the projection overflows float32", path=self.path, tensor=self.target.name)
         return out
+
+    def _reused(self, name: str, shape: tuple[int, int], dtype: type) -> np.ndarray:
+        """A buffer of ``shape`` kept for the next chunk: a new 32 MiB array per chunk costs a page fault per
+        page. The chunk :meth:`decoded` returns is used up (projected and encoded) before the next is decoded."""
+        size = shape[0] * shape[1]
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.size < size or buffer.dtype != dtype:
+            buffer = self._buffers[name] = np.empty(size, dtype)
+        return buffer[:size].reshape(shape)
 
     def _by_expert(self, a: int, b: int) -> list[tuple[int, int, np.ndarray | None]]:
         """Rows ``[a, b)`` cut where the expert changes, each piece with its importance weights (or None)."""

@@ -210,8 +210,11 @@ class BlockKernel:
             if index % LANES % shares != share:
                 continue
             block = chunk[start:start + rows]
-            work = buf[:block.numel()].view(block.shape)
-            work.copy_(block)
+            if block.dtype == dtype and block.is_contiguous():
+                work = block  # already in the compute dtype: the same operations, in place, without two copies
+            else:
+                work = buf[:block.numel()].view(block.shape)
+                work.copy_(block)
             fn(index, start, block, work, scratch)
 
     def _each_block(self, chunk: torch.Tensor, rows: int, fn: BlockFn, first_block: int = 0) -> None:
@@ -243,7 +246,8 @@ class BlockKernel:
 
         def fn(_: int, start: int, block: torch.Tensor, work: torch.Tensor, scratch: torch.Tensor) -> None:
             project_rows_(work, u, strength, self.norm_preserving, scratch)
-            block.copy_(work)
+            if work is not block:
+                block.copy_(work)
 
         self._each_block(chunk, self.block_rows(layout), fn)
 
@@ -269,7 +273,8 @@ class BlockKernel:
 
         def fn(_: int, start: int, block: torch.Tensor, work: torch.Tensor, scratch: torch.Tensor) -> None:
             project_columns_(work, u_part[start:start + work.shape[0]], coeff, strength, factor, scratch)
-            block.copy_(work)
+            if work is not block:
+                block.copy_(work)
 
         self._each_block(chunk, self.block_rows(layout), fn)
 
