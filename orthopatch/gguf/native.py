@@ -26,6 +26,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,32 +69,34 @@ def unavailable_reason() -> str | None:
     return _state.get("reason")  # type: ignore[return-value]
 
 
+_POINTERS_AND_COUNT = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+"""The C signature ``(const void *in, void *out, int64_t count)`` of most functions of the library."""
+
+
+def _function(name: str, argtypes: tuple[type, ...] = _POINTERS_AND_COUNT, restype: type | None = None) -> Any:
+    """The library's function ``name`` with its C signature, or None where the C code is not available
+    or has no such function."""
+    if not enabled() or (library := _library()) is None:
+        return None
+    function = getattr(library, name, None)
+    if function is not None:
+        function.argtypes, function.restype = list(argtypes), restype
+    return function
+
+
+def _whole_blocks(size: int, unit: int, type_name: str, what: str) -> int:
+    """``size // unit``, refusing a ``size`` that is not a whole number of blocks of ``unit`` ``what``."""
+    if size % unit:
+        raise ValueError(f"{type_name} needs a whole number of {unit}-{what} blocks, not {size} {what}s")
+    return size // unit
+
+
 def native_quantizer(type_name: str, block_values: int, block_bytes: int) -> BuiltQuantizer | None:
     """The C quantizer for GGML type ``type_name`` (blocks of ``block_values`` values in ``block_bytes``
     bytes), or None when there is none or the C quantizers are not available."""
-    if not enabled():
-        return None
-    library = _library()
-    if library is None:
-        return None
-    try:
-        function = getattr(library, f"orthopatch_quantize_{type_name.lower()}")
-    except AttributeError:
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    function.restype = None
-
-    def quantize(values: np.ndarray) -> np.ndarray:
-        flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-        blocks = flat.size // block_values
-        if blocks * block_values != flat.size:
-            raise ValueError(f"{type_name} needs a whole number of {block_values}-value blocks, not {flat.size} values")
-        out = np.empty(blocks * block_bytes, np.uint8)
-        if blocks:
-            function(flat.ctypes.data, out.ctypes.data, blocks)
-        return out
-
-    return quantize
+    function = _function(f"orthopatch_quantize_{type_name.lower()}")
+    return None if function is None else _blockwise(function, type_name, np.float32, block_values, np.uint8,
+                                                    block_bytes, "value")
 
 
 WeightedQuantizer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -104,17 +107,10 @@ one per column) to the rows' bytes, laid end to end."""
 def native_weighted_quantizer(type_name: str, block_values: int, block_bytes: int) -> WeightedQuantizer | None:
     """The C quantizer of GGML type ``type_name`` with an importance matrix (``llama-quantize --imatrix``'s
     weighted quantizer), or None when there is none or the C quantizers are not available."""
-    if not enabled():
+    function = _function(f"orthopatch_quantize_{type_name.lower()}_weighted",
+                         (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64))
+    if function is None:
         return None
-    library = _library()
-    if library is None:
-        return None
-    try:
-        function = getattr(library, f"orthopatch_quantize_{type_name.lower()}_weighted")
-    except AttributeError:
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    function.restype = None
 
     def quantize(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
         values = np.ascontiguousarray(rows, dtype=np.float32)
@@ -136,29 +132,25 @@ def native_dequantizer(type_name: str, block_values: int, block_bytes: int) -> B
     """The C dequantizer for GGML type ``type_name`` (blocks of ``block_values`` values in ``block_bytes``
     bytes), or None when there is none or the C code is not available. Its values are gguf-py's
     ``gguf.quants.dequantize``, bit for bit (``csrc/dequants.c``), several times faster."""
-    if not enabled():
-        return None
-    library = _library()
-    if library is None:
-        return None
-    try:
-        function = getattr(library, f"orthopatch_dequantize_{type_name.lower()}")
-    except AttributeError:
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    function.restype = None
+    function = _function(f"orthopatch_dequantize_{type_name.lower()}")
+    return None if function is None else _blockwise(function, type_name, np.uint8, block_bytes, np.float32,
+                                                    block_values, "byte")
 
-    def dequantize(raw: np.ndarray) -> np.ndarray:
-        flat = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
-        blocks = flat.size // block_bytes
-        if blocks * block_bytes != flat.size:
-            raise ValueError(f"{type_name} needs a whole number of {block_bytes}-byte blocks, not {flat.size} bytes")
-        out = np.empty(blocks * block_values, np.float32)
+
+def _blockwise(function: Any, type_name: str, in_dtype: type, in_per_block: int, out_dtype: type,
+               out_per_block: int, unit: str) -> Callable[[np.ndarray], np.ndarray]:
+    """``function(in, out, blocks)`` as a numpy call: input flattened to ``in_dtype``, a whole number of blocks
+    of ``in_per_block`` items, into a new ``out_dtype`` array of ``out_per_block`` items per block."""
+
+    def convert(data: np.ndarray) -> np.ndarray:
+        flat = np.ascontiguousarray(data, dtype=in_dtype).reshape(-1)
+        blocks = _whole_blocks(flat.size, in_per_block, type_name, unit)
+        out = np.empty(blocks * out_per_block, out_dtype)
         if blocks:
             function(flat.ctypes.data, out.ctypes.data, blocks)
         return out
 
-    return dequantize
+    return convert
 
 
 CheckedCopy = Callable[[np.ndarray, np.ndarray], int]
@@ -172,14 +164,9 @@ def native_checked_copy(source: np.dtype, target: np.dtype) -> CheckedCopy | Non
     when it is not available or there is none for these types."""
     names = {("float32", "float64"): "orthopatch_widen_f32", ("float64", "float32"): "orthopatch_narrow_f64"}
     name = names.get((np.dtype(source).name, np.dtype(target).name))
-    if name is None or not enabled() or (library := _library()) is None:
+    function = None if name is None else _function(name, restype=ctypes.c_int64)
+    if function is None:
         return None
-    try:
-        function = getattr(library, name)
-    except AttributeError:
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    function.restype = ctypes.c_int64
 
     def copy(values: np.ndarray, into: np.ndarray) -> int:
         if values.shape != into.shape or not (values.flags.c_contiguous and into.flags.c_contiguous):

@@ -546,18 +546,7 @@ ALWAYS_INLINE void q41_51_row(const float *x, const float *importance, int64_t n
             op_put_fp16(block, op_fp16_bits(fit.scale[s / LANES][s % LANES]));
             op_put_fp16(block + 2, op_fp16_bits(-fit.the_min[s / LANES][s % LANES]));
             searched_levels(xs + 32 * s, 32, &fit, s, nmax, levels);
-            uint8_t *qs = block + 4;
-            if (nmax == 31) {
-                uint32_t high = 0;
-                for (int i = 0; i < 32; i++) {
-                    high |= (uint32_t)(levels[i] >> 4) << i;
-                }
-                memcpy(block + 4, &high, sizeof high); /* little-endian, as ggml's qh */
-                qs = block + 8;
-            }
-            for (int i = 0; i < 16; i++) {
-                qs[i] = (uint8_t)((levels[i] & 0xF) | ((levels[16 + i] & 0xF) << 4));
-            }
+            op_put_levels_32(block + 4, levels, nmax == 31);
         }
     }
 }

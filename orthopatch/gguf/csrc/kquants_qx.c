@@ -270,11 +270,6 @@ static inline void requantize(const float *x, float step, int low, int high, uin
     }
 }
 
-static inline void store_fp16(uint8_t *out, uint16_t bits) {
-    out[0] = (uint8_t)(bits & 0xFF);
-    out[1] = (uint8_t)(bits >> 8);
-}
-
 /* Q3_K's bytes from the sub-blocks' searched levels (kept where a step is 0), their 6-bit codes and d:
  * the values rounded again with the stored steps to 3-bit levels (high bit in hmask). */
 ALWAYS_INLINE void q3_k_finish(const float *x, const int *codes, uint16_t d, uint8_t *levels, uint8_t *out) {
@@ -304,7 +299,7 @@ ALWAYS_INLINE void q3_k_finish(const float *x, const int *codes, uint16_t d, uin
         packed_scales[8 + j] = (uint8_t)((codes[j] >> 4) | ((codes[4 + j] >> 4) << 2) | ((codes[8 + j] >> 4) << 4)
                                          | ((codes[12 + j] >> 4) << 6));
     }
-    store_fp16(out + 108, d);
+    op_put_fp16(out + 108, d);
 }
 
 /* Q3_K: 16 sub-blocks of 16, 3-bit levels, signed 6-bit scales relative to the largest, fp16 d. */
@@ -420,7 +415,7 @@ ALWAYS_INLINE void q6_k_block(const float *x, const float *importance, uint8_t *
                                        | ((half[96 + j] >> 4) << 6));
         }
     }
-    store_fp16(out + 208, d);
+    op_put_fp16(out + 208, d);
 }
 
 OP_EXPORT void orthopatch_quantize_q6_k(const float *x, uint8_t *out, int64_t n_blocks) {
@@ -463,22 +458,12 @@ ALWAYS_INLINE void q40_50_row(const float *x, const float *importance, int64_t n
         }
         qx_quants_checked(xt, 32, nmax, wt, scale, found);
         for (int s = 0; s < count; s++) {
-            uint8_t *block = out + block_bytes * (first + s), *qs = block + 2, levels[32];
-            store_fp16(block, op_fp16_bits(scale[s / LANES][s % LANES]));
+            uint8_t *block = out + block_bytes * (first + s), levels[32];
+            op_put_fp16(block, op_fp16_bits(scale[s / LANES][s % LANES]));
             for (int i = 0; i < 32; i++) {
                 levels[i] = (uint8_t)found[s / LANES][i][s % LANES];
             }
-            if (nmax == 16) {
-                uint32_t high = 0;
-                for (int i = 0; i < 32; i++) {
-                    high |= (uint32_t)(levels[i] >> 4) << i;
-                }
-                memcpy(block + 2, &high, sizeof high); /* little-endian, as ggml's qh */
-                qs = block + 6;
-            }
-            for (int i = 0; i < 16; i++) {
-                qs[i] = (uint8_t)((levels[i] & 0xF) | ((levels[16 + i] & 0xF) << 4));
-            }
+            op_put_levels_32(block + 2, levels, nmax == 16);
         }
     }
 }

@@ -35,6 +35,22 @@ ALWAYS_INLINE vf vf_abs(vf v) { return (vf)((vi)v & vi_splat(0x7FFFFFFF)); }
 
 static inline void op_put_fp16(uint8_t *out, uint16_t bits) { memcpy(out, &bits, sizeof bits); }
 
+/* A 32-value block's levels as Q4/Q5 store them: with `fifth_bits`, bit 4 of level i as bit i of a
+ * little-endian word (ggml's qh), then the low nibbles two per byte, level i low and i + 16 high. */
+static inline void op_put_levels_32(uint8_t *out, const uint8_t *levels, int fifth_bits) {
+    if (fifth_bits) {
+        uint32_t high = 0;
+        for (int i = 0; i < 32; i++) {
+            high |= (uint32_t)(levels[i] >> 4) << i;
+        }
+        memcpy(out, &high, sizeof high);
+        out += sizeof high;
+    }
+    for (int i = 0; i < 16; i++) {
+        out[i] = (uint8_t)((levels[i] & 0xF) | ((levels[16 + i] & 0xF) << 4));
+    }
+}
+
 /* ---------------------------------------------------------------- importance weights */
 
 /* The weights of llama.cpp's weighted k-quants for one 256-value super-block: importance times
