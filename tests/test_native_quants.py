@@ -245,3 +245,43 @@ def test_checked_copies_round_as_numpy_and_count_what_is_not_finite() -> None:
     with pytest.raises(ValueError, match="one shape"):
         widen(out, back[:-1])
     assert native.native_checked_copy(np.float32, np.float16) is None
+
+
+def _every_c_output(values: np.ndarray, importance: np.ndarray) -> dict[str, bytes]:
+    """What every C function writes for ``values``: each type's bytes, with and without ``importance``
+    where the type reads one, those bytes decoded, and the checked copies both ways."""
+    from orthopatch.gguf.quants import dequantize
+
+    outputs: dict[str, bytes] = {}
+    with np.errstate(all="ignore"):
+        for qtype in NATIVE_TYPES:
+            packed = quantize(values, qtype)
+            outputs[qtype.name] = packed.tobytes()
+            outputs[f"{qtype.name} decoded"] = dequantize(packed, qtype, values.shape).tobytes()
+            if qtype in IMATRIX_TYPES:
+                outputs[f"{qtype.name} weighted"] = quantize(values, qtype, importance).tobytes()
+        wide, narrow = np.empty(values.shape, np.float64), np.empty(values.shape, np.float32)
+        outputs["widened"] = (native.native_checked_copy(np.float32, np.float64)(values, wide), wide.tobytes())
+        outputs["narrowed"] = (native.native_checked_copy(np.float64, np.float32)(wide * 1e30, narrow),
+                               narrow.tobytes())  # fmt: skip
+    return outputs
+
+
+@pytest.mark.slow
+def test_every_way_of_building_writes_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AVX2 copies picked on this CPU, the baseline code alone and plain C vector extensions alone
+    (``BUILD_VARIANTS``): the bytes must not depend on which one a CPU or compiler ends up running."""
+    import ctypes
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(f"the C code is unavailable here: {native.unavailable_reason()}")
+    values = _hostile_rows(5)
+    importance = _importance("gamma", values.shape[1])
+    expected = _every_c_output(values, importance)
+    for variant in native.BUILD_VARIANTS:
+        library = tmp_path / f"{variant}.so"
+        native.compile_library(library, variant)
+        monkeypatch.setitem(native._state, "library", ctypes.CDLL(str(library)))
+        found = _every_c_output(values, importance)
+        differing = [name for name in expected if found[name] != expected[name]]
+        assert not differing, f"the {variant} build differs in {differing}"

@@ -233,14 +233,26 @@ def _built_library() -> Path:
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as scratch:
         built = Path(scratch) / target.name
-        sources = [str(p) for p in _sources() if p.suffix == ".c"]
-        result = subprocess.run([*compiler, *FLAGS, "-o", str(built), *sources, "-lm"],
-                                capture_output=True, text=True, timeout=300)  # fmt: skip
-        if result.returncode != 0:
-            detail = (result.stderr.strip().splitlines() or ["no message"])[0]
-            raise OSError(f"{compiler[0]} failed: {detail}")
+        compile_library(built)
         os.replace(built, target)  # whole or absent: a concurrent build replaces it with the same bytes
     return target
+
+
+BUILD_VARIANTS = {"default": (), "baseline": ("-DOP_NO_CLONES",), "portable": ("-DOP_NO_CLONES", "-DOP_NO_INTRINSICS")}
+"""Ways to build the same sources: the default (an AVX2 copy of the hot loops beside the baseline one on
+x86-64, SSE2 intrinsics for lane minima and maxima), the baseline code alone, and plain C vector
+extensions alone. All write the same bytes; the tests build each and compare."""
+
+
+def compile_library(target: Path, variant: str = "default") -> None:
+    """Compile the sources into the shared library ``target``, built the ``variant`` way (:data:`BUILD_VARIANTS`)."""
+    compiler = _compiler()
+    sources = [str(p) for p in _sources() if p.suffix == ".c"]
+    result = subprocess.run([*compiler, *FLAGS, *BUILD_VARIANTS[variant], "-o", str(target), *sources, "-lm"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    if result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or ["no message"])[0]
+        raise OSError(f"{compiler[0]} failed: {detail}")
 
 
 def _check_owned(path: Path) -> None:

@@ -14,7 +14,7 @@
 
 /* Hot loops get an AVX2 version beside the baseline one, picked when the library loads: wider vectors
  * only, the same IEEE float32 operations (FMA contraction stays off), so the same bytes on either. */
-#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 6)
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 6) && !defined(OP_NO_CLONES)
 #define OP_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define OP_VECTOR_CLONES

@@ -5,7 +5,7 @@
 
 #include "ggml_float.h"
 
-#if defined(__SSE2__)
+#if defined(__SSE2__) && !defined(OP_NO_INTRINSICS)
 #include <emmintrin.h>
 #endif
 
@@ -23,7 +23,7 @@ ALWAYS_INLINE vi vi_splat(int32_t v) { return (vi){v, v, v, v}; }
 ALWAYS_INLINE vf vf_select(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
 
 /* Larger and smaller of each lane pair, for values that are neither NaN nor -0 (whole numbers here). */
-#if defined(__SSE2__)
+#if defined(__SSE2__) && !defined(OP_NO_INTRINSICS)
 ALWAYS_INLINE vf vf_max(vf a, vf b) { return (vf)_mm_max_ps((__m128)a, (__m128)b); }
 ALWAYS_INLINE vf vf_min(vf a, vf b) { return (vf)_mm_min_ps((__m128)a, (__m128)b); }
 #else
