@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gguf
@@ -136,13 +137,20 @@ def test_without_a_compiler_the_numpy_quantizers_run_with_a_note(tmp_path: Path)
 def test_the_library_is_built_once_and_a_cache_others_can_write_is_refused(tmp_path: Path) -> None:
     if _a_compiler() is None:
         pytest.skip("no C compiler on this machine")
+    stale, recent = tmp_path / "quants-0000stale.so", tmp_path / "quants-0000recent.so"
+    stale.write_bytes(b"built from other sources")
+    recent.write_bytes(b"built from other sources, loaded lately")
+    month_ago = time.time() - (native.PRUNE_AFTER_DAYS + 1) * 86400
+    os.utime(stale, (month_ago, month_ago))
     first = _run(_QUANTIZE_AND_REPORT, ORTHOPATCH_CACHE_DIR=str(tmp_path))
     assert first.returncode == 0 and first.stdout.splitlines()[0] == "None", first.stderr
+    assert not stale.exists() and recent.exists()  # a new build prunes what nothing loaded for a month
+    recent.unlink()
     (library,) = tmp_path.glob("quants-*.so")
-    built_at = library.stat().st_mtime_ns
+    built_as = library.stat().st_ino
     again = _run(_QUANTIZE_AND_REPORT, ORTHOPATCH_CACHE_DIR=str(tmp_path))
     assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
-    assert list(tmp_path.glob("quants-*.so")) == [library] and library.stat().st_mtime_ns == built_at
+    assert list(tmp_path.glob("quants-*.so")) == [library] and library.stat().st_ino == built_as  # not rebuilt
     library.chmod(0o777)
     refused = _run(_QUANTIZE_AND_REPORT, ORTHOPATCH_CACHE_DIR=str(tmp_path))
     reason, packed = refused.stdout.splitlines()

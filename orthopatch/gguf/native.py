@@ -15,6 +15,7 @@ GIL, so row ranges quantized on several threads run in parallel. The same librar
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -229,13 +231,29 @@ def _built_library() -> Path:
     target = folder / f"quants-{key.hexdigest()[:20]}.so"
     if target.exists():
         _check_owned(target)
+        with contextlib.suppress(OSError):
+            os.utime(target)  # in use: not pruned
         return target
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as scratch:
         built = Path(scratch) / target.name
         compile_library(built)
         os.replace(built, target)  # whole or absent: a concurrent build replaces it with the same bytes
+    _prune(folder, target)
     return target
+
+
+PRUNE_AFTER_DAYS = 30
+"""Libraries built from other sources (another orthopatch version, another compiler) that no process has
+loaded for this long are deleted when a new one is built, so the cache does not grow without bound."""
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    cutoff = time.time() - PRUNE_AFTER_DAYS * 86400
+    for old in folder.glob("quants-*.so"):
+        with contextlib.suppress(OSError):
+            if old != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
 
 
 BUILD_VARIANTS = {"default": (), "baseline": ("-DOP_NO_CLONES",), "portable": ("-DOP_NO_CLONES", "-DOP_NO_INTRINSICS")}
