@@ -88,13 +88,20 @@ def quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType, imatrix: np.n
     """
     rows = np.ascontiguousarray(values, dtype=np.float32)
     rows = rows.reshape(-1, rows.shape[-1]) if rows.ndim else rows
-    if workers > 1 and rows.ndim == 2 and len(rows) > 1:
-        bounds = np.linspace(0, len(rows), min(workers, len(rows)) + 1).astype(int)
-        parts = [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        with ThreadPoolExecutor(len(parts) - 1) as pool:
-            rest = [pool.submit(_quantize_rows, part, qtype, imatrix) for part in parts[1:]]
-            first = _quantize_rows(parts[0], qtype, imatrix)
-            return np.concatenate([first, *(f.result() for f in rest)])
+    # F32 is one copy, bound by memory: threads would only add a second copy of their parts
+    if workers > 1 and rows.ndim == 2 and len(rows) > 1 and qtype != Q.F32:
+        out = np.empty((len(rows), _row_bytes(qtype, rows.shape[1])), np.uint8)
+        bounds = np.linspace(0, len(rows), min(workers, len(rows)) + 1).astype(int).tolist()
+
+        def part(a: int, b: int) -> None:
+            out[a:b] = _quantize_rows(rows[a:b], qtype, imatrix)
+
+        with ThreadPoolExecutor(len(bounds) - 2) as pool:
+            rest = [pool.submit(part, a, b) for a, b in zip(bounds[1:-1], bounds[2:], strict=True)]
+            part(bounds[0], bounds[1])
+            for future in rest:
+                future.result()
+        return out
     return _quantize_rows(values, qtype, imatrix)
 
 
