@@ -29,16 +29,19 @@ WEIGHTED_TYPES = sorted(IMATRIX_TYPES, key=lambda qtype: qtype.value)
 
 
 def _importance(name: str, columns: int) -> np.ndarray:
-    """An importance matrix: heavy-tailed (gamma), uniform, or sparse (most columns weigh zero)."""
+    """An importance matrix: heavy-tailed (gamma), uniform, sparse (most columns weigh zero), or signed (a
+    hostile legacy file's weights can be negative: both quantizers must still agree)."""
     rng = np.random.default_rng(list(IMPORTANCE).index(name))
     if name == "gamma":
         return rng.gamma(0.5, 1.0, columns).astype(np.float32)
     if name == "ones":
         return np.ones(columns, np.float32)
+    if name == "signed":
+        return (rng.standard_normal(columns) * 2).astype(np.float32)
     return np.where(rng.random(columns) < 0.7, 0.0, rng.gamma(2.0, 1.0, columns)).astype(np.float32)
 
 
-IMPORTANCE = ("gamma", "ones", "sparse")
+IMPORTANCE = ("gamma", "ones", "sparse", "signed")
 
 
 def _a_compiler() -> str | None:

@@ -1,4 +1,5 @@
-"""The C quantizers: built once per machine from the package's own sources, loaded through ctypes.
+"""The GGUF path's C code (quantizers, dequantizers, checked conversions): built once per machine from
+the package's own sources, loaded through ctypes.
 
 ggml's quantizers keep each block in registers; numpy has to make whole-array passes for every step
 of a scale search, and is slower than llama.cpp's quantizer on most types. The sources in ``csrc/``
