@@ -71,6 +71,9 @@ static inline float op_fp16_value(uint16_t half) {
     return result;
 }
 
+/* fp16 bits stored in GGUF's little-endian order (the library is built for little-endian hosts). */
+static inline void op_put_fp16(uint8_t *out, uint16_t bits) { memcpy(out, &bits, sizeof bits); }
+
 /* fp16 round trip of a float32: the value a stored fp16 scale takes back. */
 static inline float op_fp16_round(float value) { return op_fp16_value(op_fp16_bits(value)); }
 

@@ -33,7 +33,6 @@ ALWAYS_INLINE vf vf_min(vf a, vf b) { return vf_select(a < b, a, b); }
 
 ALWAYS_INLINE vf vf_abs(vf v) { return (vf)((vi)v & vi_splat(0x7FFFFFFF)); }
 
-static inline void op_put_fp16(uint8_t *out, uint16_t bits) { memcpy(out, &bits, sizeof bits); }
 
 /* A 32-value block's levels as Q4/Q5 store them: with `fifth_bits`, bit 4 of level i as bit i of a
  * little-endian word (ggml's qh), then the low nibbles two per byte, level i low and i + 16 high. */

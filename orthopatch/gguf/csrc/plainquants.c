@@ -12,12 +12,6 @@
 
 #define BLOCK 32
 
-static inline void put_fp16(uint8_t *out, float value) {
-    uint16_t bits = op_fp16_bits(value);
-    out[0] = (uint8_t)(bits & 0xFF);
-    out[1] = (uint8_t)(bits >> 8);
-}
-
 static inline int8_t truncated(float value) {
     int32_t whole = fabsf(value) < 2147483648.0f ? (int32_t)value : INT32_MIN;
     return (int8_t)(uint8_t)((uint32_t)whole & 0xFF);
@@ -45,7 +39,7 @@ OP_EXPORT OP_VECTOR_CLONES void orthopatch_quantize_q8_0(const float *x, uint8_t
         }
         const float d = largest / 127.0f;
         const float inverse = d != 0.0f ? 1.0f / d : 0.0f;
-        put_fp16(out, d);
+        op_put_fp16(out, op_fp16_bits(d));
         for (int j = 0; j < BLOCK; j++) {
             /* adding the float32 just below 0.5 with the value's sign, then truncating, is roundf */
             float scaled = x[j] * inverse;
@@ -136,7 +130,7 @@ static inline __attribute__((always_inline)) void signed_group(const float *x, u
     for (int k = 0; k < GROUP; k++) peak[k] = first_largest_magnitude(x + k * BLOCK);
     group_scales(peak, (float)-half, 0, d, inverse);
     for (int k = 0; k < GROUP; k++, x += BLOCK, out += block_bytes) {
-        put_fp16(out, d[k]);
+        op_put_fp16(out, op_fp16_bits(d[k]));
         if (bits == 5) {
             put_levels(x, 0.0f, inverse[k], offset, top, 1, out + 6, out + 2);
         } else {
@@ -167,8 +161,8 @@ static inline __attribute__((always_inline)) void offset_group(const float *x, u
     }
     group_scales(span, (float)top, 1, d, inverse); /* +0.0 in an all-zero block, whichever its zeros */
     for (int k = 0; k < GROUP; k++, x += BLOCK, out += block_bytes) {
-        put_fp16(out, d[k]);
-        put_fp16(out + 2, low[k]);
+        op_put_fp16(out, op_fp16_bits(d[k]));
+        op_put_fp16(out + 2, op_fp16_bits(low[k]));
         if (bits == 5) {
             put_levels(x, low[k], inverse[k], 0.5f, top, 0, out + 8, out + 4);
         } else {
